@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``llmprune.kernels``. Each kernel will sit beside its torch reference."""

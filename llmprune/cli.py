@@ -1,0 +1,207 @@
+"""Command line: parse, build a Recipe, call one function, print. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from llmprune import __version__
+from llmprune.errors import CholeskyError, UsageError
+from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def build_recipe(config: str | None, **flags) -> Recipe:
+    """Recipe defaults, then the YAML file, then the flags that were given (None = not given)."""
+    base = load_recipe(config) if config else Recipe()
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    merged = base.to_dict() | given
+    return recipe_from_dict(merged, source="options")
+
+
+def _recipe_options(f):
+    opts = [
+        click.option("--method", type=click.Choice(["sparsegpt", "wanda", "magnitude"]), default=None,
+                     help="Pruning method (default sparsegpt)."),
+        click.option("--sparsity", type=float, default=None,
+                     help="Fraction of each linear's weights zeroed (default 0.5; implied by --pattern N:M)."),
+        click.option("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8."),
+        click.option("--calib", default=None,
+                     help="wikitext2 (default), ptb, c4, shakespeare (built in), or a .txt/.jsonl file."),
+        click.option("--nsamples", type=int, default=None, help="Calibration windows (default 128)."),
+        click.option("--seqlen", type=int, default=None, help="Tokens per window (default 2048, capped by context)."),
+        click.option("--seed", type=int, default=None, help="Seed for the calibration windows (default 0)."),
+        click.option("--block-size", "--blocksize", "block_size", type=int, default=None,
+                     help="Columns per lazy-update block (default 128)."),
+        click.option("--damp", "--damp-frac", "damp_frac", type=float, default=None,
+                     help="Hessian damping as a fraction of its mean diagonal (default 0.01)."),
+        click.option("--device", default=None, help="auto (default: cuda if available), cpu, cuda, cuda:N."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
+                     help="Compute and output dtype (default: the checkpoint's)."),
+        click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default 8)."),
+        click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),
+        click.option("--config", type=click.Path(dir_okay=False), default=None,
+                     help="YAML recipe (see configs/); flags override it."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.group()
+@click.version_option(__version__, prog_name="llmprune")
+def cli() -> None:
+    """One-shot pruning of Hugging Face causal LMs: SparseGPT, Wanda, magnitude; unstructured or N:M."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_recipe_options
+def compress(model: str, out: str, overwrite: bool, config: str | None, **flags) -> None:
+    """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
+    recipe = build_recipe(config, **flags)
+    report = run_compress(model, Path(out), recipe, overwrite)
+    click.echo(
+        f"pruned {len(report['layers'])} linears to {report['global_sparsity']:.2%} sparsity "
+        f"({recipe.method}, {recipe.pattern}) in {report['timings']['total_s']:.1f} s -> {out}"
+    )
+
+
+def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False,
+                 eval_model: bool = False) -> dict:
+    """Load, prune, save atomically; return the report. Everything a bad input can break is checked first."""
+    from llmprune.checkpoint import atomic_dir, save_hf
+    from llmprune.compress import calibration_set, check_output_dir, compress_model, resolve_device
+    from llmprune.data import load_text
+    from llmprune.loading import load_model, resolve
+
+    t0 = time.perf_counter()
+    mref = resolve(model_ref)
+    check_output_dir(out, overwrite, mref.local_path)
+    resolve_device(recipe.device)
+    load_text(recipe.calib, "train")  # fail fast on an unreachable dataset, before loading the model
+    model, tokenizer, _ = load_model(mref, recipe.dtype)
+    t_load = time.perf_counter()
+    windows, calib = calibration_set(tokenizer, model, recipe)
+    report = compress_model(model, tokenizer, recipe, windows)
+    report["calibration"] = calib
+    report["model"] = {"source": model_ref, "kind": mref.kind, "type": model.config.model_type,
+                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    report["versions"] = _versions()
+    t_save = time.perf_counter()
+    report["timings"]["load_s"] = round(t_load - t0, 3)
+    with atomic_dir(out) as tmp:
+        from llmprune.checkpoint import write_report
+
+        save_hf(model, tokenizer, tmp, report)
+        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
+        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+        write_report(tmp, report)
+    report["_model"] = model
+    report["_tokenizer"] = tokenizer
+    return report
+
+
+def run_eval(model, tokenizer, dataset: str, seqlen: int, device: str, batch_size: int,
+             max_windows: int | None) -> dict:
+    from llmprune.compress import resolve_device
+    from llmprune.data import eval_windows, load_text, tokenize
+    from llmprune.evaluate import perplexity
+    from llmprune.loading import context_length
+
+    text, description = load_text(dataset, "test")
+    ctx = context_length(model)
+    seqlen = min(seqlen, ctx) if ctx else seqlen
+    if dataset == "c4" and max_windows is None:
+        max_windows = 256
+    windows = eval_windows(tokenize(tokenizer, text), seqlen, dataset, max_windows)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, windows, resolve_device(device), batch_size)
+    return {"dataset": description, "seqlen": seqlen, "windows": int(windows.shape[0]), "ppl": ppl,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@cli.command("eval-ppl")
+@click.argument("model")
+@click.option("--dataset", default="wikitext2", show_default=True,
+              help="wikitext2, ptb, c4, shakespeare (built in, its held-out tail), or a .txt/.jsonl file.")
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
+def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, device: str, dtype: str,
+             batch_size: int, as_json: bool) -> None:
+    """Perplexity of MODEL on a dataset (SparseGPT protocol), streamed block by block."""
+    from llmprune.compress import resolve_device
+    from llmprune.data import load_text
+    from llmprune.loading import load_model
+
+    if seqlen < 2:
+        raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
+    resolve_device(device)
+    load_text(dataset, "test")
+    m, tok, _ = load_model(model, dtype)
+    result = {"model": model} | run_eval(m, tok, dataset, seqlen, device, batch_size, max_windows)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{model}: {result['dataset']} perplexity {result['ppl']:.3f} "
+                   f"({result['windows']} x {result['seqlen']} tokens, {result['seconds']:.1f} s)")
+
+
+@cli.command()
+@click.option("--out", default="out/smollm2-135m-sparsegpt50", show_default=True, type=click.Path(file_okay=False))
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--max-windows", type=int, default=32, show_default=True, help="Evaluation windows.")
+@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool, device: str) -> None:
+    """Offline end to end: SmolLM2-135M pruned 50% by SparseGPT on Shakespeare, dense vs pruned perplexity."""
+    from llmprune.loading import load_model
+
+    recipe = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device=device)
+    click.echo("evaluating the dense model ...")
+    dense, tok, _ = load_model("smollm2-135m")
+    before = run_eval(dense, tok, "shakespeare", seqlen, device, 8, max_windows)
+    del dense
+    click.echo("pruning (SparseGPT, 50% unstructured) ...")
+    report = run_compress("smollm2-135m", Path(out), recipe, overwrite)
+    after = run_eval(report["_model"], tok, "shakespeare", seqlen, device, 8, max_windows)
+    click.echo(f"{'model':<28}{'sparsity':>10}{'perplexity':>12}")
+    click.echo(f"{'SmolLM2-135M dense':<28}{0:>10.2%}{before['ppl']:>12.3f}")
+    click.echo(f"{'SmolLM2-135M SparseGPT':<28}{report['global_sparsity']:>10.2%}{after['ppl']:>12.3f}")
+    click.echo(f"(held-out Shakespeare, {after['windows']} x {after['seqlen']} tokens; "
+               f"pruning took {report['timings']['prune_s']:.1f} s; checkpoint in {out})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
+    except (UsageError, CholeskyError) as exc:
+        click.echo(f"llmprune: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("llmprune: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"llmprune: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code if exc.exit_code else 2)
+    sys.exit(0)

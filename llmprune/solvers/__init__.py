@@ -1,0 +1,19 @@
+"""Layer solvers: pure functions (W, H, sparsity, pattern) -> SolveResult. No hooks, no module state.
+
+``SOLVERS`` is the only indirection: the engine looks a method up by its CLI name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llmprune.solvers.magnitude import magnitude
+from llmprune.solvers.result import SolveResult
+from llmprune.solvers.sparsegpt import sparsegpt
+from llmprune.solvers.wanda import wanda
+
+Solver = Callable[..., SolveResult]
+
+SOLVERS: dict[str, Solver] = {"sparsegpt": sparsegpt, "wanda": wanda, "magnitude": magnitude}
+
+__all__ = ["SOLVERS", "SolveResult", "Solver", "magnitude", "sparsegpt", "wanda"]
