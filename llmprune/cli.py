@@ -74,17 +74,19 @@ def cli() -> None:
 def compress(model: str, out: str, overwrite: bool, config: str | None, **flags) -> None:
     """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
     recipe = build_recipe(config, **flags)
-    report = run_compress(model, Path(out), recipe, overwrite)
+    report, _, _ = run_compress(model, Path(out), recipe, overwrite)
     click.echo(
         f"pruned {len(report['layers'])} linears to {report['global_sparsity']:.2%} sparsity "
         f"({recipe.method}, {recipe.pattern}) in {report['timings']['total_s']:.1f} s -> {out}"
     )
 
 
-def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False,
-                 eval_model: bool = False) -> dict:
-    """Load, prune, save atomically; return the report. Everything a bad input can break is checked first."""
-    from llmprune.checkpoint import atomic_dir, save_hf
+def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False):
+    """Load, prune, save atomically; return (report, pruned model, tokenizer).
+
+    Everything a bad input can break is checked before the model is loaded.
+    """
+    from llmprune.checkpoint import atomic_dir, save_hf, write_report
     from llmprune.compress import calibration_set, check_output_dir, compress_model, resolve_device
     from llmprune.data import load_text
     from llmprune.loading import load_model, resolve
@@ -105,15 +107,11 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
     t_save = time.perf_counter()
     report["timings"]["load_s"] = round(t_load - t0, 3)
     with atomic_dir(out) as tmp:
-        from llmprune.checkpoint import write_report
-
         save_hf(model, tokenizer, tmp, report)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         write_report(tmp, report)
-    report["_model"] = model
-    report["_tokenizer"] = tokenizer
-    return report
+    return report, model, tokenizer
 
 
 def run_eval(model, tokenizer, dataset: str, seqlen: int, device: str, batch_size: int,
@@ -182,8 +180,8 @@ def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool
     before = run_eval(dense, tok, "shakespeare", seqlen, device, 8, max_windows)
     del dense
     click.echo("pruning (SparseGPT, 50% unstructured) ...")
-    report = run_compress("smollm2-135m", Path(out), recipe, overwrite)
-    after = run_eval(report["_model"], tok, "shakespeare", seqlen, device, 8, max_windows)
+    report, pruned, _ = run_compress("smollm2-135m", Path(out), recipe, overwrite)
+    after = run_eval(pruned, tok, "shakespeare", seqlen, device, 8, max_windows)
     click.echo(f"{'model':<28}{'sparsity':>10}{'perplexity':>12}")
     click.echo(f"{'SmolLM2-135M dense':<28}{0:>10.2%}{before['ppl']:>12.3f}")
     click.echo(f"{'SmolLM2-135M SparseGPT':<28}{report['global_sparsity']:>10.2%}{after['ppl']:>12.3f}")

@@ -45,31 +45,32 @@ def sparsegpt(
     for i1, k in zip(starts, counts, strict=True):
         i2 = min(i1 + block_size, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
+        # The block is held transposed, (count, rows), so column i is the contiguous row W1[i].
+        W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
 
         if pattern is None:
-            mask1 = smallest_k_mask(W1**2 / d1.unsqueeze(0) ** 2, k)
+            mask1 = smallest_k_mask(W1**2 / d1.unsqueeze(1) ** 2, k)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
+        scale1 = mask1 / d1.unsqueeze(1)
 
         for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
             if pattern is not None and i % pattern.m == 0:
-                tmp = W1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].unsqueeze(0) ** 2
-                mask1[:, i : i + pattern.m] = nm_mask(tmp, pattern)
-            q = w.masked_fill(mask1[:, i], 0)
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err1
+                j = i + pattern.m
+                tmp = W1[i:j] ** 2 / d1[i:j].unsqueeze(1) ** 2  # (m, rows)
+                mask1[i:j] = nm_mask(tmp.t(), pattern).t()
+                scale1[i:j] = mask1[i:j] / d1[i:j].unsqueeze(1)
+            torch.mul(W1[i], scale1[i], out=Err1[i])
+            # rank-1 update of the rest of the block; W1[i] itself becomes q (0 where pruned, w elsewhere)
+            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
 
-        W[:, i1:i2] = Q1
-        M[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
+        W[:, i1:i2] = W1.t()
+        M[:, i1:i2] = mask1.t()
+        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
 
     return SolveResult(weight=W.to(dtype), mask=M, damp_frac=damp_used, retries=retries)
