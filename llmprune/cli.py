@@ -87,15 +87,16 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
     Everything a bad input can break is checked before the model is loaded.
     """
     from llmprune.checkpoint import atomic_dir, save_hf, write_report
-    from llmprune.compress import calibration_set, check_output_dir, compress_model, resolve_device
+    from llmprune.compress import calibration_set, check_output_dir, compress_model, prunable_linears, resolve_device
     from llmprune.data import load_text
-    from llmprune.loading import load_model, resolve
+    from llmprune.loading import load_model, resolve, skeleton
 
     t0 = time.perf_counter()
     mref = resolve(model_ref)
     check_output_dir(out, overwrite, mref.local_path)
     resolve_device(recipe.device)
     load_text(recipe.calib, "train")  # fail fast on an unreachable dataset, before loading the model
+    prunable_linears(skeleton(mref), recipe)  # and on a pattern some layer cannot hold
     model, tokenizer, _ = load_model(mref, recipe.dtype)
     t_load = time.perf_counter()
     windows, calib = calibration_set(tokenizer, model, recipe)

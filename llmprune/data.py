@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -52,7 +53,19 @@ def _read_local(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def _quiet_hub() -> None:
+    """Retry chatter from the hub clients would turn our one-line errors into a page."""
+    import datasets
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity_error()
+    for name in ("fsspec", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _hub_text(name: str, split: str) -> str:
+    _quiet_hub()
     try:
         from datasets import load_dataset
 

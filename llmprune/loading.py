@@ -73,6 +73,21 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
             pass
 
 
+def skeleton(mref: ModelRef) -> nn.Module:
+    """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"gguf_file": mref.gguf_file} if mref.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(mref.location, **kwargs)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        hint = "check the id and your connection, or pass a local directory / .gguf file"
+        raise UsageError(f"cannot load model {mref.ref!r} ({first}): {hint}") from None
+
+
 def load_model(ref: str | ModelRef, dtype: str = "auto"):
     """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,7 +95,12 @@ def load_model(ref: str | ModelRef, dtype: str = "auto"):
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
     kwargs = {"gguf_file": mref.gguf_file} if mref.gguf_file else {}
     torch_dtype = DTYPES.get(dtype, "auto")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         tokenizer = AutoTokenizer.from_pretrained(mref.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(mref.location, dtype=torch_dtype, **kwargs)
