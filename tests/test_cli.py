@@ -130,3 +130,11 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, o
     assert message in lines[0] and "Traceback" not in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_strictly(path):
+    from llmprune.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    assert 0 < recipe.target_sparsity < 1
