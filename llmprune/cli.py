@@ -51,6 +51,8 @@ def _recipe_options(f):
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
                      help="Compute and output dtype (default: the checkpoint's)."),
         click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default 8)."),
+        click.option("--hessian-dtype", type=click.Choice(["auto", "fp32"]), default=None,
+                     help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate."),
         click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),
         click.option("--config", type=click.Path(dir_okay=False), default=None,
                      help="YAML recipe (see configs/); flags override it."),
@@ -173,16 +175,22 @@ def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, dev
 @click.option("--device", default="auto", show_default=True)
 def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool, device: str) -> None:
     """Offline end to end: SmolLM2-135M pruned 50% by SparseGPT on Shakespeare, dense vs pruned perplexity."""
+    from llmprune.checkpoint import atomic_dir, save_hf
+    from llmprune.compress import check_output_dir, compress_model
     from llmprune.loading import load_model
 
     recipe = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device=device)
+    check_output_dir(Path(out), overwrite, None)
+    model, tok, _ = load_model("smollm2-135m")
     click.echo("evaluating the dense model ...")
-    dense, tok, _ = load_model("smollm2-135m")
-    before = run_eval(dense, tok, "shakespeare", seqlen, device, 8, max_windows)
-    del dense
+    before = run_eval(model, tok, "shakespeare", seqlen, device, 8, max_windows)
     click.echo("pruning (SparseGPT, 50% unstructured) ...")
-    report, pruned, _ = run_compress("smollm2-135m", Path(out), recipe, overwrite)
-    after = run_eval(pruned, tok, "shakespeare", seqlen, device, 8, max_windows)
+    report = compress_model(model, tok, recipe)
+    report["model"] = {"source": "smollm2-135m", "kind": "builtin", "type": model.config.model_type}
+    report["versions"] = _versions()
+    with atomic_dir(Path(out)) as tmp:
+        save_hf(model, tok, tmp, report)
+    after = run_eval(model, tok, "shakespeare", seqlen, device, 8, max_windows)
     click.echo(f"{'model':<28}{'sparsity':>10}{'perplexity':>12}")
     click.echo(f"{'SmolLM2-135M dense':<28}{0:>10.2%}{before['ppl']:>12.3f}")
     click.echo(f"{'SmolLM2-135M SparseGPT':<28}{report['global_sparsity']:>10.2%}{after['ppl']:>12.3f}")

@@ -72,7 +72,7 @@ def compress_block(block_prefix: str, linears: dict[str, nn.Module], forward_all
     """Hessians of every linear in one pass over the calibration data, then one solver call per linear."""
     solver = SOLVERS[recipe.method]
     needs_h = recipe.method != "magnitude"
-    collector = HessianCollector(linears)
+    collector = HessianCollector(linears, hessian_dtype=recipe.hessian_dtype)
     if needs_h:
         with collector:
             forward_all()

@@ -6,25 +6,38 @@ the identity of the hook inputs, so no per-architecture name table is needed.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-def hessian_update(H: Tensor, n: int, x: Tensor) -> tuple[Tensor, int]:
+
+def gram(x: Tensor, hessian_dtype: str = "auto", dtype: torch.dtype = torch.float32) -> Tensor:
+    """xᵀx in ``dtype`` (fp32, or wider) for x (tokens, cols).
+
+    ``auto`` with fp16/bf16 activations on CUDA multiplies on the tensor cores with fp32 accumulation: the
+    product of two 16-bit floats is exact in fp32, so this equals the fp32 product up to summation order, at
+    many times the fp32 rate. ``fp32`` (and every CPU run) upcasts first.
+    """
+    if hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and dtype == torch.float32:
+        return torch.mm(x.t(), x, out_dtype=torch.float32)
+    x = x.to(dtype)
+    return x.t() @ x
+
+
+def hessian_update(H: Tensor, n: int, x: Tensor, hessian_dtype: str = "auto") -> tuple[Tensor, int]:
     """Fold a batch of inputs ``x`` (tokens, cols) into the running average H = 2/n Σ x xᵀ, in place.
 
     Rescaling H before adding keeps every term O(1): no overflow over many samples and no loss of the
-    small late terms against a huge running sum.
+    small late terms against a huge running sum. The batch's own xᵀx is formed unscaled (scaling a 16-bit x
+    by sqrt(2/n) first would round it) and scaled in fp32.
     """
     b = x.shape[0]
     if b == 0:
         return H, n
     H.mul_(n / (n + b))
     n += b
-    x = x.to(H.dtype) * math.sqrt(2 / n)
-    H.addmm_(x.t(), x)
+    H.add_(gram(x, hessian_dtype, H.dtype), alpha=2 / n)
     return H, n
 
 
@@ -42,9 +55,11 @@ class HessianCollector:
     (inputs compared with ``is``); later passes accumulate only on each group's leader.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device: torch.device | str | None = None):
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device | str | None = None,
+                 hessian_dtype: str = "auto"):
         self.linears = linears
         self.device = device
+        self.hessian_dtype = hessian_dtype
         self.H: dict[str, Tensor] = {}
         self.n: dict[str, int] = {}
         self.leader: dict[str, str] = {}
@@ -79,7 +94,7 @@ class HessianCollector:
                 self.H[name] = torch.zeros(cols, cols, dtype=torch.float32, device=self.device or x.device)
                 self.n[name] = 0
             flat = x.detach().reshape(-1, cols).to(self.H[name].device)
-            self.H[name], self.n[name] = hessian_update(self.H[name], self.n[name], flat)
+            self.H[name], self.n[name] = hessian_update(self.H[name], self.n[name], flat, self.hessian_dtype)
 
         return hook
 

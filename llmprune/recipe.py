@@ -73,6 +73,8 @@ class Recipe:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = the checkpoint's dtype
     batch_size: int = 8  # calibration windows per forward pass through a block
+    # auto: X·Xᵀ from fp16/bf16 activations on CUDA tensor cores with fp32 accumulation; fp32: upcast first
+    hessian_dtype: str = "auto"
     skip: tuple[str, ...] = field(default=())  # regexes of linear names to leave dense
 
     def __post_init__(self) -> None:
@@ -94,6 +96,8 @@ class Recipe:
             raise UsageError(f"block_size {self.block_size} is not a multiple of M={pat.m}: pick e.g. 128")
         if not (0.0 < self.damp_frac < 10.0):
             raise UsageError(f"damp_frac {self.damp_frac} must be in (0, 10): the paper uses 0.01")
+        if self.hessian_dtype not in ("auto", "fp32"):
+            raise UsageError(f"unknown hessian_dtype {self.hessian_dtype!r}: choose auto or fp32")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise UsageError(f"unknown dtype {self.dtype!r}: choose auto, float32, float16 or bfloat16")
         for rx in self.skip:

@@ -77,3 +77,21 @@ def test_linears_reading_one_input_share_one_hessian():
             for _ in range(2):
                 block(hidden, position_embeddings=rope, attention_mask=None)
         assert torch.equal(single.hessian(name), hc.hessian(name)), name
+
+
+def test_low_precision_inputs_accumulate_to_the_float64_hessian():
+    """bf16 activations: their products are exact in fp32, so H from them matches a float64 reference.
+
+    On CUDA the product runs on tensor cores with fp32 accumulation; on CPU the same update upcasts first.
+    Outlier features (x100) check that the running average neither overflows nor drowns small terms.
+    """
+    torch.manual_seed(0)
+    X = torch.randn(4096, 64)
+    X[:, :4] *= 100
+    X = X.bfloat16()
+    H, n = torch.zeros(64, 64), 0
+    for chunk in X.split(128):  # 32 batches
+        H, n = hessian_update(H, n, chunk)
+    ref = 2 / 4096 * X.double().T @ X.double()
+    rel = (H.double() - ref).norm() / ref.norm()
+    assert rel < 1e-5, float(rel)
