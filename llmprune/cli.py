@@ -151,13 +151,14 @@ def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, dev
     """Perplexity of MODEL on a dataset (SparseGPT protocol), streamed block by block."""
     from llmprune.compress import resolve_device
     from llmprune.data import load_text
-    from llmprune.loading import load_model
+    from llmprune.loading import load_model, resolve
 
     if seqlen < 2:
         raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
+    mref = resolve(model)
     resolve_device(device)
     load_text(dataset, "test")
-    m, tok, _ = load_model(model, dtype)
+    m, tok, _ = load_model(mref, dtype)
     result = {"model": model} | run_eval(m, tok, dataset, seqlen, device, batch_size, max_windows)
     if as_json:
         click.echo(json.dumps(result))
