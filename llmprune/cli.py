@@ -88,8 +88,7 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
 
     Everything a bad input can break is checked before the model is loaded.
     """
-    from llmprune.checkpoint import atomic_dir, save_hf, write_report
-    from llmprune.compress import calibration_set, check_output_dir, compress_model, prunable_linears, resolve_device
+    from llmprune.compress import check_output_dir, compress_model, prunable_linears, resolve_device
     from llmprune.data import load_text
     from llmprune.loading import load_model, resolve, skeleton
 
@@ -100,21 +99,28 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
     load_text(recipe.calib, "train")  # fail fast on an unreachable dataset, before loading the model
     prunable_linears(skeleton(mref), recipe)  # and on a pattern some layer cannot hold
     model, tokenizer, _ = load_model(mref, recipe.dtype)
-    t_load = time.perf_counter()
-    windows, calib = calibration_set(tokenizer, model, recipe)
-    report = compress_model(model, tokenizer, recipe, windows)
-    report["calibration"] = calib
-    report["model"] = {"source": model_ref, "kind": mref.kind, "type": model.config.model_type,
+    load_s = time.perf_counter() - t0
+    report = compress_model(model, tokenizer, recipe)
+    report["timings"]["load_s"] = round(load_s, 3)
+    save_checkpoint(out, model, tokenizer, report, model_ref, mref.kind, t0)
+    return report, model, tokenizer
+
+
+def save_checkpoint(out: Path, model, tokenizer, report: dict, source: str, kind: str,
+                    t_start: float | None = None) -> None:
+    """Complete the report (model, versions, save and total time) and publish the directory atomically."""
+    from llmprune.checkpoint import atomic_dir, save_hf, write_report
+
+    report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
                        "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     report["versions"] = _versions()
     t_save = time.perf_counter()
-    report["timings"]["load_s"] = round(t_load - t0, 3)
     with atomic_dir(out) as tmp:
         save_hf(model, tokenizer, tmp, report)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
-        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-        write_report(tmp, report)
-    return report, model, tokenizer
+        if t_start is not None:
+            report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        write_report(tmp, report)  # again, now with the save time
 
 
 def run_eval(model, tokenizer, dataset: str, seqlen: int, device: str, batch_size: int,
@@ -176,7 +182,6 @@ def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, dev
 @click.option("--device", default="auto", show_default=True)
 def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool, device: str) -> None:
     """Offline end to end: SmolLM2-135M pruned 50% by SparseGPT on Shakespeare, dense vs pruned perplexity."""
-    from llmprune.checkpoint import atomic_dir, save_hf
     from llmprune.compress import check_output_dir, compress_model
     from llmprune.loading import load_model
 
@@ -187,10 +192,7 @@ def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool
     before = run_eval(model, tok, "shakespeare", seqlen, device, 8, max_windows)
     click.echo("pruning (SparseGPT, 50% unstructured) ...")
     report = compress_model(model, tok, recipe)
-    report["model"] = {"source": "smollm2-135m", "kind": "builtin", "type": model.config.model_type}
-    report["versions"] = _versions()
-    with atomic_dir(Path(out)) as tmp:
-        save_hf(model, tok, tmp, report)
+    save_checkpoint(Path(out), model, tok, report, "smollm2-135m", "builtin")
     after = run_eval(model, tok, "shakespeare", seqlen, device, 8, max_windows)
     click.echo(f"{'model':<28}{'sparsity':>10}{'perplexity':>12}")
     click.echo(f"{'SmolLM2-135M dense':<28}{0:>10.2%}{before['ppl']:>12.3f}")

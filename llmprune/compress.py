@@ -25,7 +25,8 @@ from llmprune.solvers.result import relative_error
 class LayerReport:
     name: str
     shape: tuple[int, int]
-    sparsity: float  # achieved: zeros / numel after pruning
+    zeros: int  # exact count of zero weights after pruning
+    sparsity: float  # zeros / numel
     rel_error: float | None  # ||WX - ŴX||² / ||WX||² on the calibration inputs
     damp_frac: float
     retries: int
@@ -94,13 +95,15 @@ def compress_block(block_prefix: str, linears: dict[str, nn.Module], forward_all
             torch.cuda.synchronize(W.device)
         seconds = time.perf_counter() - t0
         err = relative_error(W, res.weight, H) if H is not None else None
+        zeros = int((res.weight == 0).sum())
         set_weight(mod, res.weight)
         lead = collector.leader.get(name)
         reports.append(
             LayerReport(
                 name=full,
                 shape=tuple(W.shape),
-                sparsity=float((res.weight == 0).float().mean()),
+                zeros=zeros,
+                sparsity=zeros / W.numel(),
                 rel_error=err,
                 damp_frac=res.damp_frac,
                 retries=res.retries,
@@ -150,7 +153,7 @@ def compress_model(model: nn.Module, tokenizer, recipe: Recipe, windows: torch.T
 
     stream.run(on_block, desc=f"{recipe.method} {recipe.pattern if recipe.nm else recipe.target_sparsity}")
     t_done = time.perf_counter()
-    zeros = sum(round(r.sparsity * r.shape[0] * r.shape[1]) for r in layers)
+    zeros = sum(r.zeros for r in layers)
     total = sum(r.shape[0] * r.shape[1] for r in layers)
     return {
         "recipe": recipe.to_dict(),
