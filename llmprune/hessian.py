@@ -55,10 +55,8 @@ class HessianCollector:
     (inputs compared with ``is``); later passes accumulate only on each group's leader.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device: torch.device | str | None = None,
-                 hessian_dtype: str = "auto"):
+    def __init__(self, linears: dict[str, nn.Module], hessian_dtype: str = "auto"):
         self.linears = linears
-        self.device = device
         self.hessian_dtype = hessian_dtype
         self.H: dict[str, Tensor] = {}
         self.n: dict[str, int] = {}
@@ -91,9 +89,9 @@ class HessianCollector:
                 return
             cols = layer_input_width(mod)
             if name not in self.H:
-                self.H[name] = torch.zeros(cols, cols, dtype=torch.float32, device=self.device or x.device)
+                self.H[name] = torch.zeros(cols, cols, dtype=torch.float32, device=x.device)
                 self.n[name] = 0
-            flat = x.detach().reshape(-1, cols).to(self.H[name].device)
+            flat = x.detach().reshape(-1, cols)
             self.H[name], self.n[name] = hessian_update(self.H[name], self.n[name], flat, self.hessian_dtype)
 
         return hook
