@@ -33,10 +33,12 @@ def build_recipe(config: str | None, **flags) -> Recipe:
 
 def _recipe_options(f):
     opts = [
-        click.option("--method", type=click.Choice(["sparsegpt", "wanda", "magnitude"]), default=None,
-                     help="Pruning method (default sparsegpt)."),
+        click.option("--method", type=click.Choice(["sparsegpt", "wanda", "magnitude", "rtn"]), default=None,
+                     help="sparsegpt (default; with --wbits: joint pruning + GPTQ quantization in one pass), wanda,"
+                          " magnitude, rtn (magnitude mask + round to nearest)."),
         click.option("--sparsity", type=float, default=None,
-                     help="Fraction of each linear's weights zeroed (default 0.5; implied by --pattern N:M)."),
+                     help="Fraction of each linear's weights zeroed (default 0.5, or 0 with --wbits; implied by"
+                          " --pattern N:M)."),
         click.option("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8."),
         click.option("--calib", default=None,
                      help="wikitext2 (default), ptb, c4, shakespeare (built in), or a .txt/.jsonl file."),
@@ -54,6 +56,16 @@ def _recipe_options(f):
         click.option("--hessian-dtype", type=click.Choice(["auto", "fp32"]), default=None,
                      help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate."),
         click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),
+        click.option("--wbits", type=int, default=None, help="Quantize kept weights to 2..8 bits (default: no)."),
+        click.option("--group-size", type=int, default=None,
+                     help="Input columns per quantization scale; -1 (default) = one per output channel."),
+        click.option("--sym/--asym", default=None, help="Symmetric grid (default) or asymmetric with zero points."),
+        click.option("--quant-search", type=click.Choice(["minmax", "mse"]), default=None,
+                     help="Grid range: minmax (default) or mse (shrink the range to minimise rounding error)."),
+        click.option("--act-order", is_flag=True, default=None,
+                     help="GPTQ's column order by descending Hessian diagonal (sparsegpt; not with N:M)."),
+        click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,
+                     help="dense (default): dequantized weights; compressed-tensors: pack-quantized ints."),
         click.option("--config", type=click.Path(dir_okay=False), default=None,
                      help="YAML recipe (see configs/); flags override it."),
     ]
@@ -77,9 +89,11 @@ def compress(model: str, out: str, overwrite: bool, config: str | None, **flags)
     """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
     recipe = build_recipe(config, **flags)
     report, _, _ = run_compress(model, Path(out), recipe, overwrite)
+    ckpt = report["checkpoint"]
     click.echo(
-        f"pruned {len(report['layers'])} linears to {report['global_sparsity']:.2%} sparsity "
-        f"({recipe.method}, {recipe.pattern}) in {report['timings']['total_s']:.1f} s -> {out}"
+        f"compressed {len(report['layers'])} linears ({recipe.label}): {report['global_sparsity']:.2%} zeros,"
+        f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']}, in {report['timings']['total_s']:.1f} s"
+        f" -> {out}"
     )
 
 
@@ -100,27 +114,37 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
     prunable_linears(skeleton(mref), recipe)  # and on a pattern some layer cannot hold
     model, tokenizer, _ = load_model(mref, recipe.dtype)
     load_s = time.perf_counter() - t0
-    report = compress_model(model, tokenizer, recipe)
+    grids: dict = {}
+    report = compress_model(model, tokenizer, recipe, grids=grids)
     report["timings"]["load_s"] = round(load_s, 3)
-    save_checkpoint(out, model, tokenizer, report, model_ref, mref.kind, t0)
+    save_checkpoint(out, model, tokenizer, report, model_ref, mref.kind, t0, grids)
     return report, model, tokenizer
 
 
 def save_checkpoint(out: Path, model, tokenizer, report: dict, source: str, kind: str,
-                    t_start: float | None = None) -> None:
-    """Complete the report (model, versions, save and total time) and publish the directory atomically."""
-    from llmprune.checkpoint import atomic_dir, save_hf, write_report
+                    t_start: float | None = None, grids: dict | None = None) -> None:
+    """Complete the report (model, versions, checkpoint size, save and total time) and publish the directory
+    atomically, in the recipe's format."""
+    from llmprune.checkpoint import atomic_dir, save_compressed_tensors, save_hf, write_report
 
+    dtype = next(model.parameters()).dtype
     report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
-                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                       "dtype": str(dtype).removeprefix("torch.")}
     report["versions"] = _versions()
+    recipe = report["recipe"]
     t_save = time.perf_counter()
     with atomic_dir(out) as tmp:
-        save_hf(model, tokenizer, tmp, report)
+        if recipe["format"] == "compressed-tensors":
+            report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids or {},
+                                                           act_order=recipe["act_order"])
+        else:
+            save_hf(model, tokenizer, tmp, report)
+            report["checkpoint"] = {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
+                                    "bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
         if t_start is not None:
             report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-        write_report(tmp, report)  # again, now with the save time
+        write_report(tmp, report)  # again, now with the checkpoint and the save time
 
 
 def run_eval(model, tokenizer, dataset: str, seqlen: int, device: str, batch_size: int,

@@ -16,9 +16,10 @@ from llmprune.engine import Stream, default_device
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.hessian import HessianCollector
 from llmprune.loading import context_length
+from llmprune.quant import QuantParams
 from llmprune.recipe import Recipe
 from llmprune.solvers import SOLVERS
-from llmprune.solvers.result import relative_error
+from llmprune.solvers.result import output_error
 
 
 @dataclass
@@ -28,6 +29,8 @@ class LayerReport:
     zeros: int  # exact count of zero weights after pruning
     sparsity: float  # zeros / numel
     rel_error: float | None  # ||WX - ŴX||² / ||WX||² on the calibration inputs
+    quant_error: float | None  # the part of rel_error due to rounding the kept weights (None: not quantized)
+    bits: float | None  # bits per weight as stored (codes + scales + zero points), None: not quantized
     damp_frac: float
     retries: int
     seconds: float
@@ -47,9 +50,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn.Module]]:
-    """block path prefix -> {name in block: linear}, with recipe.skip applied and N:M fit checked."""
+    """block path prefix -> {name in block: linear}, with recipe.skip applied and N:M / group fit checked."""
     path, blocks = find_blocks(model)
     pattern = recipe.nm
+    quant = recipe.quant
     out: dict[str, dict[str, nn.Module]] = {}
     for i, block in enumerate(blocks):
         prefix = f"{path}.{i}"
@@ -64,15 +68,40 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
                     f"layer {full} has {cols} inputs, not a multiple of {pattern.m}, so it cannot hold"
                     f" {pattern}: skip it with --skip '{re.escape(name)}$' or use another pattern"
                 )
+            if quant is not None and quant.group_size > 0 and cols % quant.group_size:
+                raise UsageError(
+                    f"--group-size {quant.group_size} does not divide the {cols} inputs of layer {full}: pick a"
+                    f" divisor of {cols} (e.g. 64 or 32), -1 for per-channel, or --skip '{re.escape(name)}$'"
+                )
+            if recipe.format == "compressed-tensors" and not isinstance(mod, nn.Linear):
+                raise UsageError(
+                    f"layer {full} is a {type(mod).__name__}, which compressed-tensors cannot store:"
+                    " use --format dense"
+                )
             chosen[name] = mod
         out[prefix] = chosen
     return out
 
 
-def compress_block(block_prefix: str, linears: dict[str, nn.Module], forward_all, recipe: Recipe) -> list[LayerReport]:
-    """Hessians of every linear in one pass over the calibration data, then one solver call per linear."""
+def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -> float:
+    """Bits per weight on disk: the codes, plus each group's scale and (asymmetric) its packed zero point."""
+    rows, cols = shape
+    groups = params.spec.groups(cols)
+    extra = groups * rows * (8 * scale_bytes + (0 if params.spec.sym else params.spec.wbits))
+    return params.spec.wbits + extra / (rows * cols)
+
+
+def compress_block(
+    block_prefix: str, linears: dict[str, nn.Module], forward_all, recipe: Recipe,
+    grids: dict[str, QuantParams] | None = None,
+) -> list[LayerReport]:
+    """Hessians of every linear in one pass over the calibration data, then one solver call per linear.
+
+    ``grids``, when given, receives each quantized linear's grid under its full name (checkpoint writers
+    need it to store integer codes).
+    """
     solver = SOLVERS[recipe.method]
-    needs_h = recipe.method != "magnitude"
+    needs_h = recipe.method not in ("magnitude", "rtn")
     collector = HessianCollector(linears, hessian_dtype=recipe.hessian_dtype)
     if needs_h:
         with collector:
@@ -87,15 +116,20 @@ def compress_block(block_prefix: str, linears: dict[str, nn.Module], forward_all
         t0 = time.perf_counter()
         try:
             res = solver(
-                W, H, recipe.target_sparsity, recipe.nm, block_size=recipe.block_size, damp_frac=recipe.damp_frac
+                W, H, recipe.target_sparsity, recipe.nm, recipe.quant,
+                block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
             )
         except CholeskyError as exc:
             raise CholeskyError(f"{full}: {exc}") from None
         if W.device.type == "cuda":
             torch.cuda.synchronize(W.device)
         seconds = time.perf_counter() - t0
-        err = relative_error(W, res.weight, H) if H is not None else None
+        den = output_error(W, W.new_zeros(()), H) if H is not None else 0.0
+        err = output_error(W, res.weight, H) / den if den > 0 else None
+        q_err = res.quant_loss / den if res.quant_loss is not None and den > 0 else None
         zeros = int((res.weight == 0).sum())
+        if res.quant is not None and grids is not None:
+            grids[full] = QuantParams(res.quant.scale.cpu(), res.quant.zero.cpu(), res.quant.spec)
         set_weight(mod, res.weight)
         lead = collector.leader.get(name)
         reports.append(
@@ -105,6 +139,8 @@ def compress_block(block_prefix: str, linears: dict[str, nn.Module], forward_all
                 zeros=zeros,
                 sparsity=zeros / W.numel(),
                 rel_error=err,
+                quant_error=q_err,
+                bits=stored_bits(res.quant, tuple(W.shape), W.element_size()) if res.quant is not None else None,
                 damp_frac=res.damp_frac,
                 retries=res.retries,
                 seconds=round(seconds, 4),
@@ -133,8 +169,14 @@ def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.
     return windows, info
 
 
-def compress_model(model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None) -> dict:
-    """Prune ``model`` in place as the recipe says; return the run report (without the output path)."""
+def compress_model(
+    model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
+    grids: dict[str, QuantParams] | None = None,
+) -> dict:
+    """Prune (and quantize) ``model`` in place as the recipe says; return the run report.
+
+    ``grids``, when given, receives the quantization grid of every quantized linear by full name.
+    """
     t_start = time.perf_counter()
     device = resolve_device(recipe.device)
     linears = prunable_linears(model, recipe)
@@ -149,9 +191,9 @@ def compress_model(model: nn.Module, tokenizer, recipe: Recipe, windows: torch.T
     layers: list[LayerReport] = []
 
     def on_block(i: int, block: nn.Module, forward_all) -> None:
-        layers.extend(compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe))
+        layers.extend(compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe, grids))
 
-    stream.run(on_block, desc=f"{recipe.method} {recipe.pattern if recipe.nm else recipe.target_sparsity}")
+    stream.run(on_block, desc=recipe.label)
     t_done = time.perf_counter()
     zeros = sum(r.zeros for r in layers)
     total = sum(r.shape[0] * r.shape[1] for r in layers)
@@ -160,6 +202,7 @@ def compress_model(model: nn.Module, tokenizer, recipe: Recipe, windows: torch.T
         "device": str(device),
         "calibration": calib,
         "global_sparsity": zeros / total if total else 0.0,
+        "target_sparsity": recipe.target_sparsity,
         "pruned_params": total,
         "layers": [asdict(r) for r in layers],
         "timings": {"calibration_s": round(t_calib - t_start, 3), "prune_s": round(t_done - t_calib, 3)},

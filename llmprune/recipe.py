@@ -17,8 +17,10 @@ from typing import Any
 import yaml
 
 from llmprune.errors import UsageError
+from llmprune.quant import SEARCHES, QuantSpec
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
+METHODS = ("sparsegpt", "wanda", "magnitude", "rtn")
+FORMATS = ("dense", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ def n_pruned(sparsity: float, numel: int) -> int:
 class Recipe:
     """A compression run. Defaults follow the SparseGPT paper's protocol."""
 
-    method: str = "sparsegpt"
-    # fraction of each pruned linear's weights set to zero; None = 0.5, or the pattern's own (2:4 -> 0.5)
+    method: str = "sparsegpt"  # sparsegpt (joint with quantization), wanda, magnitude, rtn (magnitude mask + RTN)
+    # fraction of each pruned linear's weights set to zero; None = the pattern's own (2:4 -> 0.5), else 0.5
+    # when only pruning and 0 when quantizing (--wbits 4 alone is GPTQ)
     sparsity: float | None = None
     # "unstructured" or "N:M"
     pattern: str = "unstructured"
@@ -76,6 +79,13 @@ class Recipe:
     # auto: X·Xᵀ from fp16/bf16 activations on CUDA tensor cores with fp32 accumulation; fp32: upcast first
     hessian_dtype: str = "auto"
     skip: tuple[str, ...] = field(default=())  # regexes of linear names to leave dense
+    wbits: int | None = None  # quantize the kept weights to this many bits (2..8); None = no quantization
+    group_size: int = -1  # input columns sharing a scale; -1 = one scale per output channel
+    sym: bool = True  # symmetric grid (no zero point) or asymmetric
+    quant_search: str = "minmax"  # minmax, or mse: shrink each grid's range to minimise the rounding error
+    act_order: bool = False  # GPTQ's column order by descending Hessian diagonal (sparsegpt, no N:M pattern)
+    # dense: dequantized weights in the model dtype; compressed-tensors: pack-quantized ints (vLLM, transformers)
+    format: str = "dense"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -100,22 +110,71 @@ class Recipe:
             raise UsageError(f"unknown hessian_dtype {self.hessian_dtype!r}: choose auto or fp32")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise UsageError(f"unknown dtype {self.dtype!r}: choose auto, float32, float16 or bfloat16")
+        self._check_quant()
         for rx in self.skip:
             try:
                 re.compile(rx)
             except re.error as exc:
                 raise UsageError(f"skip pattern {rx!r} is not a valid regex: {exc}") from None
 
+    def _check_quant(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown format {self.format!r}: choose {' or '.join(FORMATS)}")
+        if self.wbits is None:
+            if self.format != "dense":
+                raise UsageError(f"--format {self.format} stores quantized weights: add --wbits (e.g. --wbits 4)")
+            if self.method == "rtn":
+                raise UsageError("--method rtn rounds to a grid: add --wbits (e.g. --wbits 4)")
+            if self.act_order:
+                raise UsageError("--act-order orders the quantization sweep: add --wbits (e.g. --wbits 4)")
+            if self.nm is None and self.sparsity is not None and float(self.sparsity) == 0:
+                raise UsageError("nothing to do at sparsity 0 without quantization: raise --sparsity or add --wbits")
+            return
+        if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) or not (2 <= self.wbits <= 8):
+            raise UsageError(f"wbits {self.wbits!r} is outside 2..8: pass e.g. --wbits 4")
+        if self.group_size != -1 and self.group_size < 1:
+            raise UsageError(f"group_size {self.group_size} must be -1 (per channel) or positive, e.g. 128")
+        if self.group_size > 0 and self.block_size % self.group_size and self.group_size % self.block_size:
+            raise UsageError(
+                f"group_size {self.group_size} and block_size {self.block_size}: one must be a multiple of the other"
+                " (a group's grid is chosen inside one block): e.g. --group-size 128 --block-size 128"
+            )
+        if self.quant_search not in SEARCHES:
+            raise UsageError(f"unknown quant_search {self.quant_search!r}: choose {' or '.join(SEARCHES)}")
+        if self.act_order and self.method != "sparsegpt":
+            raise UsageError(f"--act-order orders SparseGPT/GPTQ's sweep; --method {self.method} has none: drop it")
+        if self.act_order and self.nm is not None:
+            raise UsageError(
+                f"--act-order permutes columns, which breaks the {self.pattern} pattern: drop --act-order"
+            )
+
     @property
     def nm(self) -> Pattern | None:
         return parse_pattern(self.pattern)
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        if self.wbits is None:
+            return None
+        return QuantSpec(self.wbits, self.group_size, self.sym, self.quant_search)
 
     @property
     def target_sparsity(self) -> float:
         pat = self.nm
         if pat is not None:
             return pat.sparsity
-        return 0.5 if self.sparsity is None else float(self.sparsity)
+        if self.sparsity is not None:
+            return float(self.sparsity)
+        return 0.0 if self.wbits is not None else 0.5
+
+    @property
+    def label(self) -> str:
+        """Short human description, e.g. 'sparsegpt 2:4 + 4-bit g128'."""
+        parts = [self.method, self.pattern if self.nm else f"{self.target_sparsity:g}"]
+        if self.wbits is not None:
+            g = "channel" if self.group_size == -1 else f"g{self.group_size}"
+            parts.append(f"+ {self.wbits}-bit {g}{'' if self.sym else ' asym'}")
+        return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -140,7 +199,13 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         elif key_norm == "sparsity":
             if value is not None and not isinstance(value, int | float):
                 raise UsageError(f"{source}: {key} must be a number, got {value!r}")
-        elif isinstance(default, bool) or not isinstance(value, type(default)):
+        elif key_norm == "wbits":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UsageError(f"{source}: {key} must be an integer 2..8, got {value!r}")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise UsageError(f"{source}: {key} must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, type(default)):
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             else:

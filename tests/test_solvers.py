@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmprune.errors import CholeskyError
+from llmprune.quant import fake_quant, find_params
 from llmprune.recipe import Pattern, n_pruned
 from llmprune.solvers import magnitude, sparsegpt, wanda
 from llmprune.solvers.hinv import inverse_hessian_cholesky
@@ -23,8 +24,11 @@ def correlated_layer(rows: int, cols: int, tokens: int = 2048, seed: int | None 
     return W, 2 / tokens * X.T @ X
 
 
-def reference_sparsegpt(W, H, sparsity, pattern=None, block_size=128, damp_frac=0.01):
-    """Algorithm 1 written the plain way (one column at a time, no tricks), in the same fp32 as the solver."""
+def reference_sparsegpt(W, H, sparsity, pattern=None, block_size=128, damp_frac=0.01, quant=None):
+    """Algorithm 1 written the plain way (one column at a time, no tricks), in the same fp32 as the solver.
+
+    Quantizing: each kept weight is rounded to its group's grid, the grid chosen from the current (updated)
+    weights when the sweep reaches the group's first column, or from W up front per channel."""
     W = W.float().clone()
     H = H.float().clone()
     dead = torch.diag(H) == 0
@@ -33,6 +37,8 @@ def reference_sparsegpt(W, H, sparsity, pattern=None, block_size=128, damp_frac=
     H += damp_frac * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     rows, cols = W.shape
+    if quant is not None and quant.group_size == -1:
+        scale, zero = find_params(W, quant)
     counts = split_counts([rows * (min(i + block_size, cols) - i) for i in range(0, cols, block_size)], sparsity)
     for b, i1 in enumerate(range(0, cols, block_size)):
         i2 = min(i1 + block_size, cols)
@@ -45,7 +51,12 @@ def reference_sparsegpt(W, H, sparsity, pattern=None, block_size=128, damp_frac=
             if pattern is not None and (i - i1) % pattern.m == 0:
                 j = i + pattern.m
                 mask[:, i - i1 : j - i1] = nm_mask(W[:, i:j] ** 2 / torch.diag(Hinv)[i:j] ** 2, pattern)
-            q = torch.where(mask[:, i - i1], 0.0, W[:, i])
+            q = W[:, i]
+            if quant is not None:
+                if quant.group_size != -1 and i % quant.group_size == 0:
+                    scale, zero = find_params(W[:, i : i + quant.group_size], quant)
+                q = fake_quant(q, scale, zero, quant.maxq)
+            q = torch.where(mask[:, i - i1], 0.0, q)
             err = (W[:, i] - q) / Hinv[i, i]
             W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
             W[:, i] = q

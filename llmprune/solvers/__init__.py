@@ -1,4 +1,4 @@
-"""Layer solvers: pure functions (W, H, sparsity, pattern) -> SolveResult. No hooks, no module state.
+"""Layer solvers: pure functions (W, H, sparsity, pattern, quant) -> SolveResult. No hooks, no module state.
 
 ``SOLVERS`` is the only indirection: the engine looks a method up by its CLI name.
 """
@@ -9,11 +9,17 @@ from collections.abc import Callable
 
 from llmprune.solvers.magnitude import magnitude
 from llmprune.solvers.result import SolveResult
+from llmprune.solvers.rtn import round_to_nearest
 from llmprune.solvers.sparsegpt import sparsegpt
 from llmprune.solvers.wanda import wanda
 
 Solver = Callable[..., SolveResult]
 
-SOLVERS: dict[str, Solver] = {"sparsegpt": sparsegpt, "wanda": wanda, "magnitude": magnitude}
+SOLVERS: dict[str, Solver] = {
+    "sparsegpt": sparsegpt,
+    "wanda": wanda,
+    "magnitude": magnitude,
+    "rtn": round_to_nearest,
+}
 
-__all__ = ["SOLVERS", "SolveResult", "Solver", "magnitude", "sparsegpt", "wanda"]
+__all__ = ["SOLVERS", "SolveResult", "Solver", "magnitude", "round_to_nearest", "sparsegpt", "wanda"]

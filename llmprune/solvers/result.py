@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from llmprune.quant import QuantParams
+
 
 @dataclass
 class SolveResult:
@@ -13,16 +15,22 @@ class SolveResult:
     mask: Tensor  # bool, True where the weight was pruned
     damp_frac: float = 0.0  # damping finally used (after retries); 0 for solvers without a Hessian inverse
     retries: int = 0  # Cholesky retries at higher damping
+    quant: QuantParams | None = None  # the grids the weights lie on, when quantized
+    # the part of ||WX - ŴX||² (in H's units, as relative_error's numerator) due to rounding the kept weights
+    quant_loss: float | None = None
 
     @property
     def sparsity(self) -> float:
         return float(self.mask.float().mean())
 
 
+def output_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ), i.e. ||W X - Ŵ X||² up to H's scale."""
+    D = W.float() - W_new.float()
+    return float(((D @ H) * D).sum())
+
+
 def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     """||W X - Ŵ X||² / ||W X||², from H ∝ X Xᵀ alone (the scale of H cancels)."""
-    W = W.float()
-    D = W - W_new.float()
-    num = ((D @ H) * D).sum()
-    den = ((W @ H) * W).sum()
-    return float(num / den) if den > 0 else 0.0
+    den = output_error(W, W.new_zeros(()), H)
+    return output_error(W, W_new, H) / den if den > 0 else 0.0

@@ -1,6 +1,10 @@
 """SparseGPT (Frantar & Alistarh 2023), Algorithm 1: prune columns left to right, fixing the error of each
 pruned weight with the inverse-Hessian row, in blocks of ``block_size`` columns with a lazy trailing update.
 
+With a ``QuantSpec`` the same sweep also quantizes the weights it keeps (joint sparsity + quantization in
+one pass); with sparsity 0 that is exactly GPTQ (Frantar et al. 2022), and ``act_order`` is GPTQ's
+descending-Hessian-diagonal column order.
+
 Names follow the paper and the reference code: W1/Q1/Err1/Hinv1 are the current block, i1:i2 its columns.
 """
 
@@ -9,10 +13,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmprune.quant import QuantParams, QuantSpec, fake_quant, find_params, layer_params
 from llmprune.recipe import Pattern
 from llmprune.solvers.hinv import inverse_hessian_cholesky, prepare_hessian
 from llmprune.solvers.masks import nm_mask, smallest_k_mask, split_counts
 from llmprune.solvers.result import SolveResult
+
+
+def check_quant_fit(cols: int, quant: QuantSpec, block_size: int) -> None:
+    """Groups must tile the columns, and a group must lie inside one block or start one (so its grid is
+    chosen from fully updated weights)."""
+    g = quant.group_cols(cols)
+    if cols % g:
+        raise ValueError(f"group_size {g} does not divide the {cols} input columns")
+    if quant.group_size != -1 and block_size % g and g % block_size:
+        raise ValueError(f"group_size {g} and block_size {block_size}: one must be a multiple of the other")
 
 
 def sparsegpt(
@@ -20,27 +35,54 @@ def sparsegpt(
     H: Tensor,
     sparsity: float,
     pattern: Pattern | None = None,
+    quant: QuantSpec | None = None,
     *,
     block_size: int = 128,
     damp_frac: float = 0.01,
+    act_order: bool = False,
 ) -> SolveResult:
-    """Prune ``W`` (rows, cols) given the Hessian ``H`` (cols, cols) = 2/n Σ x xᵀ of its inputs.
+    """Prune (and quantize) ``W`` (rows, cols) given the Hessian ``H`` (cols, cols) = 2/n Σ x xᵀ of its inputs.
 
     Unstructured: each block's mask is the lowest w²/[H⁻¹]_ii² over the whole block, with counts split so the
     layer has exactly floor(sparsity · numel) zeros. N:M: at every M-th column, per row, the M−N lowest of
     the *updated* weights in the next M columns. With H = I the update is zero and this is magnitude
-    pruning within each block.
+    pruning within each block (and round-to-nearest when quantizing).
+
+    Quantization grids: per channel, or with ``act_order``, from W before any update ("static" groups, kept
+    in the original column order so groups stay contiguous on disk); otherwise each group's grid is chosen
+    from the updated weights when the sweep reaches its first column, as GPTQ does.
     """
     dtype = W.dtype
     W, H = prepare_hessian(W, H)
     rows, cols = W.shape
     if pattern is not None and cols % pattern.m:
         raise ValueError(f"{cols} input columns cannot hold {pattern}: not a multiple of {pattern.m}")
+    if act_order and (quant is None or pattern is not None):
+        raise ValueError("act_order needs quantization and no N:M pattern (the pattern is in the original order)")
+
+    if quant is not None:
+        check_quant_fit(cols, quant, block_size)
+        g = quant.group_cols(cols)
+        static = quant.group_size == -1 or act_order
+        if static:
+            p = layer_params(W, quant, dtype)
+            scaleT, zeroT = p.scale.t().float().contiguous(), p.zero.t().float().contiguous()  # (groups, rows)
+        else:
+            scaleT = torch.empty(cols // g, rows, device=W.device)
+            zeroT = torch.empty_like(scaleT)
+        gidx = torch.arange(cols, device=W.device) // g  # group of each column, in the sweep's order
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H, gidx = W[:, perm], H[perm][:, perm], gidx[perm]
+        gidx_host = gidx.tolist()
+
     Hinv, damp_used, retries = inverse_hessian_cholesky(H, damp_frac)
 
     starts = list(range(0, cols, block_size))
     counts = split_counts([rows * (min(i1 + block_size, cols) - i1) for i1 in starts], sparsity)
     M = torch.zeros_like(W, dtype=torch.bool)
+    quant_loss = torch.zeros((), device=W.device)
 
     for i1, k in zip(starts, counts, strict=True):
         i2 = min(i1 + block_size, cols)
@@ -57,6 +99,8 @@ def sparsegpt(
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
         scale1 = mask1 / d1.unsqueeze(1)
+        if quant is not None:
+            Q1 = torch.zeros_like(W1)
 
         for i in range(count):
             if pattern is not None and i % pattern.m == 0:
@@ -64,13 +108,41 @@ def sparsegpt(
                 tmp = W1[i:j] ** 2 / d1[i:j].unsqueeze(1) ** 2  # (m, rows)
                 mask1[i:j] = nm_mask(tmp.t(), pattern).t()
                 scale1[i:j] = mask1[i:j] / d1[i:j].unsqueeze(1)
-            torch.mul(W1[i], scale1[i], out=Err1[i])
+            if quant is None:
+                torch.mul(W1[i], scale1[i], out=Err1[i])
+            else:
+                c = i1 + i
+                if not static and c % g == 0:
+                    # the group's columns: inside this block (updated in W1) or starting it (W is current)
+                    group = W[:, c : c + g] if i == 0 else W1[i : i + g].t()
+                    scaleT[c // g], zeroT[c // g] = find_params(group, quant, dtype)
+                gi = gidx_host[c] if perm is not None else c // g
+                q = fake_quant(W1[i], scaleT[gi], zeroT[gi], quant.maxq).masked_fill_(mask1[i], 0)
+                Q1[i] = q
+                torch.sub(W1[i], q, out=Err1[i]).div_(d1[i])
             # rank-1 update of the rest of the block; W1[i] itself becomes q (0 where pruned, w elsewhere)
             W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
 
-        W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
+        if quant is None:
+            W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
+        else:
+            W1 = Q1  # exact grid values, not w - err * d
+            quant_loss += Err1.square().masked_fill_(mask1, 0).sum()
         W[:, i1:i2] = W1.t()
         M[:, i1:i2] = mask1.t()
         W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
 
-    return SolveResult(weight=W.to(dtype), mask=M, damp_frac=damp_used, retries=retries)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        W, M = W[:, inv], M[:, inv]
+    params = None
+    if quant is not None:
+        params = QuantParams(scaleT.t().to(dtype), zeroT.t().to(torch.uint8), quant)
+    return SolveResult(
+        weight=W.to(dtype),
+        mask=M,
+        damp_frac=damp_used,
+        retries=retries,
+        quant=params,
+        quant_loss=float(quant_loss) if quant is not None else None,
+    )

@@ -1,0 +1,31 @@
+"""Round to nearest: quantization with no error feedback, the baseline GPTQ and joint SparseGPT must beat.
+
+As a method (``--method rtn``) it prunes by magnitude first when asked for sparsity; Wanda and magnitude
+masks are followed by it when the recipe quantizes.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from llmprune.quant import QuantSpec, rtn
+from llmprune.solvers.result import SolveResult, output_error
+
+
+def then_rtn(res: SolveResult, quant: QuantSpec | None, H: Tensor | None) -> SolveResult:
+    """Quantize a pruned result's weights to nearest on per-group min/max (or mse) grids; zeros stay 0."""
+    if quant is None:
+        return res
+    Wq, params = rtn(res.weight, quant)
+    loss = output_error(res.weight, Wq, H) if H is not None else None
+    return SolveResult(weight=Wq, mask=res.mask, damp_frac=res.damp_frac, retries=res.retries, quant=params,
+                       quant_loss=loss)
+
+
+def round_to_nearest(
+    W: Tensor, H: Tensor | None, sparsity: float, pattern=None, quant: QuantSpec | None = None, **kw: object
+) -> SolveResult:
+    """Magnitude mask (none at sparsity 0), then round to nearest."""
+    from llmprune.solvers.magnitude import magnitude
+
+    return magnitude(W, H, sparsity, pattern, quant, **kw)
