@@ -91,10 +91,13 @@ def compress(model: str, out: str, overwrite: bool, config: str | None, **flags)
     report, _, _ = run_compress(model, Path(out), recipe, overwrite)
     ckpt = report["checkpoint"]
     click.echo(
-        f"compressed {len(report['layers'])} linears ({recipe.label}): {report['global_sparsity']:.2%} zeros,"
+        f"compressed {len(report['layers'])} linears ({recipe.label}): {report['global_sparsity']:.2%} sparsity,"
         f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']}, in {report['timings']['total_s']:.1f} s"
         f" -> {out}"
     )
+    if recipe.format == "compressed-tensors" and not recipe.sym:
+        click.echo("note: vLLM reads asymmetric pack-quantized checkpoints; transformers 5.x cannot yet"
+                   " (vllm-project/llm-compressor#1618): use --sym to load it there", err=True)
 
 
 def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False):

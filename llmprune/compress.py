@@ -29,7 +29,7 @@ class LayerReport:
     zeros: int  # exact count of zero weights after pruning
     sparsity: float  # zeros / numel
     rel_error: float | None  # ||WX - ŴX||² / ||WX||² on the calibration inputs
-    quant_error: float | None  # the part of rel_error due to rounding the kept weights (None: not quantized)
+    quant_error: float | None  # the part of rel_error due to rounding the kept weights, by the steps' losses
     bits: float | None  # bits per weight as stored (codes + scales + zero points), None: not quantized
     damp_frac: float
     retries: int
@@ -126,7 +126,7 @@ def compress_block(
         seconds = time.perf_counter() - t0
         den = output_error(W, W.new_zeros(()), H) if H is not None else 0.0
         err = output_error(W, res.weight, H) / den if den > 0 else None
-        q_err = res.quant_loss / den if res.quant_loss is not None and den > 0 else None
+        q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
         zeros = int((res.weight == 0).sum())
         if res.quant is not None and grids is not None:
             grids[full] = QuantParams(res.quant.scale.cpu(), res.quant.zero.cpu(), res.quant.spec)

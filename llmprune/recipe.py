@@ -170,7 +170,10 @@ class Recipe:
     @property
     def label(self) -> str:
         """Short human description, e.g. 'sparsegpt 2:4 + 4-bit g128'."""
-        parts = [self.method, self.pattern if self.nm else f"{self.target_sparsity:g}"]
+        if self.method == "sparsegpt" and self.target_sparsity == 0:
+            parts = ["gptq"]  # the same sweep with nothing to prune
+        else:
+            parts = [self.method, self.pattern if self.nm else f"{self.target_sparsity:g}"]
         if self.wbits is not None:
             g = "channel" if self.group_size == -1 else f"g{self.group_size}"
             parts.append(f"+ {self.wbits}-bit {g}{'' if self.sym else ' asym'}")

@@ -69,6 +69,14 @@ def test_config_file_and_flag_override(tiny_model_dir, calib_txt, tmp_path, caps
 
 
 @pytest.fixture
+def gpt2_model_dir(tmp_path, tiny_tokenizer) -> Path:
+    d = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
 def odd_model_dir(tmp_path, tiny_tokenizer) -> Path:
     """A tiny llama whose MLP width (100) is not a multiple of 8."""
     model = tiny_model("llama")
@@ -102,12 +110,29 @@ BAD = {
     "unknown dataset": (["eval-ppl", "{model}", "--dataset", "nosuchset"], "unknown dataset"),
     "unknown config key": (["compress", "{model}", "--out", "{tmp}/o", "--config", "{badcfg}"], "unknown key"),
     "bad flag value": (["compress", "{model}", "--out", "{tmp}/o", "--sparsity", "abc"], "abc"),
+    "wbits too high": (["compress", "{model}", "--out", "{tmp}/o", "--wbits", "9"], "outside 2..8"),
+    "wbits too low": (["compress", "{model}", "--out", "{tmp}/o", "--wbits", "1"], "outside 2..8"),
+    "group size the layer cannot hold": (["compress", "{model}", "--out", "{tmp}/o", "--wbits", "4", "--group-size",
+                                          "256", "--calib", "{calib}"], "does not divide the 64 inputs of layer"),
+    "group size across blocks": (["compress", "{model}", "--out", "{tmp}/o", "--wbits", "4", "--group-size", "48"],
+                                 "one must be a multiple of the other"),
+    "compressed-tensors without bits": (["compress", "{model}", "--out", "{tmp}/o", "--format",
+                                         "compressed-tensors"], "add --wbits"),
+    "act-order with N:M": (["compress", "{model}", "--out", "{tmp}/o", "--wbits", "4", "--pattern", "2:4",
+                            "--act-order"], "breaks the 2:4 pattern"),
+    "act-order with wanda": (["compress", "{model}", "--out", "{tmp}/o", "--wbits", "4", "--method", "wanda",
+                              "--act-order"], "--method wanda has none"),
+    "act-order without bits": (["compress", "{model}", "--out", "{tmp}/o", "--act-order"], "add --wbits"),
+    "rtn without bits": (["compress", "{model}", "--out", "{tmp}/o", "--method", "rtn"], "add --wbits"),
+    "nothing to do": (["compress", "{model}", "--out", "{tmp}/o", "--sparsity", "0"], "nothing to do"),
+    "compressed-tensors of Conv1D": (["compress", "{gpt2}", "--out", "{tmp}/o", "--wbits", "4", "--format",
+                                      "compressed-tensors", "--calib", "{calib}"], "use --format dense"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, odd_model_dir, calib_txt, tmp_path,
-                                                          capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, odd_model_dir, gpt2_model_dir,
+                                                          calib_txt, tmp_path, capsys):
     args, message = BAD[case]
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("precious")
@@ -115,7 +140,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, o
     (tmp_path / "bad.yaml").write_text("sparsty: 0.5\n")
     model_copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_copy)
-    subst = {"{tmp}": str(tmp_path), "{model}": str(model_copy), "{odd}": str(odd_model_dir),
+    subst = {"{tmp}": str(tmp_path), "{model}": str(model_copy), "{odd}": str(odd_model_dir), "{gpt2}": str(gpt2_model_dir),
              "{calib}": str(calib_txt), "{full}": str(tmp_path / "full"), "{short}": str(tmp_path / "short.txt"),
              "{badcfg}": str(tmp_path / "bad.yaml")}
     for i, a in enumerate(args):
@@ -137,4 +162,4 @@ def test_shipped_recipes_load_strictly(path):
     from llmprune.recipe import load_recipe
 
     recipe = load_recipe(path)
-    assert 0 < recipe.target_sparsity < 1
+    assert 0 <= recipe.target_sparsity < 1 and (recipe.target_sparsity > 0 or recipe.wbits is not None)

@@ -19,4 +19,4 @@ def magnitude(
     nearest when quantizing. H is not used."""
     score = W.abs().float()
     mask = nm_mask(score, pattern) if pattern else smallest_k_mask(score, n_pruned(sparsity, W.numel()))
-    return then_rtn(SolveResult(weight=W.masked_fill(mask, 0), mask=mask), quant, H)
+    return then_rtn(W, SolveResult(weight=W.masked_fill(mask, 0), mask=mask), quant, H)

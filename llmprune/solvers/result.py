@@ -16,8 +16,9 @@ class SolveResult:
     damp_frac: float = 0.0  # damping finally used (after retries); 0 for solvers without a Hessian inverse
     retries: int = 0  # Cholesky retries at higher damping
     quant: QuantParams | None = None  # the grids the weights lie on, when quantized
-    # the part of ||WX - ŴX||² (in H's units, as relative_error's numerator) due to rounding the kept weights
-    quant_loss: float | None = None
+    # share of the output error ||WX - ŴX||² due to rounding the kept weights (the rest is pruning's), from
+    # the losses of each step; None when not quantized or without a Hessian
+    quant_share: float | None = None
 
     @property
     def sparsity(self) -> float:

@@ -12,14 +12,19 @@ from llmprune.quant import QuantSpec, rtn
 from llmprune.solvers.result import SolveResult, output_error
 
 
-def then_rtn(res: SolveResult, quant: QuantSpec | None, H: Tensor | None) -> SolveResult:
-    """Quantize a pruned result's weights to nearest on per-group min/max (or mse) grids; zeros stay 0."""
+def then_rtn(W: Tensor, res: SolveResult, quant: QuantSpec | None, H: Tensor | None) -> SolveResult:
+    """Quantize a pruned result's weights to nearest on per-group min/max (or mse) grids; zeros stay 0.
+
+    The error is attributed by the two steps' own losses: pruning W -> Wp, rounding Wp -> Wq."""
     if quant is None:
         return res
     Wq, params = rtn(res.weight, quant)
-    loss = output_error(res.weight, Wq, H) if H is not None else None
+    share = None
+    if H is not None:
+        q, p = output_error(res.weight, Wq, H), output_error(W, res.weight, H)
+        share = q / (q + p) if q + p > 0 else None
     return SolveResult(weight=Wq, mask=res.mask, damp_frac=res.damp_frac, retries=res.retries, quant=params,
-                       quant_loss=loss)
+                       quant_share=share)
 
 
 def round_to_nearest(

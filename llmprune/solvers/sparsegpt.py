@@ -82,7 +82,8 @@ def sparsegpt(
     starts = list(range(0, cols, block_size))
     counts = split_counts([rows * (min(i1 + block_size, cols) - i1) for i1 in starts], sparsity)
     M = torch.zeros_like(W, dtype=torch.bool)
-    quant_loss = torch.zeros((), device=W.device)
+    quant_loss = torch.zeros((), device=W.device)  # OBS losses err² of the rounding steps, and of all steps
+    total_loss = torch.zeros((), device=W.device)
 
     for i1, k in zip(starts, counts, strict=True):
         i2 = min(i1 + block_size, cols)
@@ -127,7 +128,9 @@ def sparsegpt(
             W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
         else:
             W1 = Q1  # exact grid values, not w - err * d
-            quant_loss += Err1.square().masked_fill_(mask1, 0).sum()
+            losses = Err1.square()
+            total_loss += losses.sum()
+            quant_loss += losses.masked_fill_(mask1, 0).sum()
         W[:, i1:i2] = W1.t()
         M[:, i1:i2] = mask1.t()
         W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
@@ -144,5 +147,5 @@ def sparsegpt(
         damp_frac=damp_used,
         retries=retries,
         quant=params,
-        quant_loss=float(quant_loss) if quant is not None else None,
+        quant_share=float(quant_loss / total_loss) if quant is not None and total_loss > 0 else None,
     )

@@ -24,4 +24,4 @@ def wanda(
     """
     score = W.abs().float() * torch.sqrt(torch.diag(H).float().clamp_min(0)).unsqueeze(0)
     mask = nm_mask(score, pattern) if pattern else row_balanced_mask(score, sparsity)
-    return then_rtn(SolveResult(weight=W.masked_fill(mask, 0), mask=mask), quant, H)
+    return then_rtn(W, SolveResult(weight=W.masked_fill(mask, 0), mask=mask), quant, H)
