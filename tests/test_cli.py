@@ -140,7 +140,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, o
     (tmp_path / "bad.yaml").write_text("sparsty: 0.5\n")
     model_copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_copy)
-    subst = {"{tmp}": str(tmp_path), "{model}": str(model_copy), "{odd}": str(odd_model_dir), "{gpt2}": str(gpt2_model_dir),
+    subst = {"{tmp}": str(tmp_path), "{model}": str(model_copy), "{odd}": str(odd_model_dir),
+             "{gpt2}": str(gpt2_model_dir),
              "{calib}": str(calib_txt), "{full}": str(tmp_path / "full"), "{short}": str(tmp_path / "short.txt"),
              "{badcfg}": str(tmp_path / "bad.yaml")}
     for i, a in enumerate(args):
