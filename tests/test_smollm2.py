@@ -75,3 +75,56 @@ def test_saved_directory_loads_and_gives_the_same_logits(smollm2, tmp_path):
         assert (tmp_path / "llmprune.json").is_file() and (tmp_path / "tokenizer.json").is_file()
     finally:
         model.load_state_dict(pristine)
+
+
+QUANT = {  # 4-bit, groups of 64 (SmolLM2's hidden size 576 is not a multiple of 128)
+    "rtn w4g64": dict(method="rtn", wbits=4, group_size=64),
+    "gptq w4g64": dict(method="sparsegpt", wbits=4, group_size=64),
+    "magnitude 50% + rtn w4g64": dict(method="magnitude", sparsity=0.5, wbits=4, group_size=64),
+    "sparsegpt 50% + w4g64 joint": dict(method="sparsegpt", sparsity=0.5, wbits=4, group_size=64),
+}
+
+
+@pytest.fixture(scope="module")
+def quant_ppl(smollm2, held_out):
+    model, tokenizer, pristine = smollm2
+    recipe = Recipe(calib="shakespeare", nsamples=16, seqlen=SEQLEN, device="cpu")
+    windows, _ = calibration_set(tokenizer, model, recipe)
+    results = {}
+    for name, changes in QUANT.items():
+        compress_model(model, tokenizer, recipe.replace(**changes), windows)
+        results[name] = perplexity(model, held_out, torch.device("cpu"))
+        model.load_state_dict(pristine)
+    print("\nheld-out perplexity (quantized):", {k: round(v, 2) for k, v in results.items()})
+    return results
+
+
+def test_gptq_beats_round_to_nearest(quant_ppl):
+    assert quant_ppl["gptq w4g64"] < quant_ppl["rtn w4g64"]
+
+
+def test_joint_beats_magnitude_then_round(quant_ppl):
+    assert quant_ppl["sparsegpt 50% + w4g64 joint"] < 0.5 * quant_ppl["magnitude 50% + rtn w4g64"]
+
+
+def test_compressed_tensors_checkpoint_loads_with_the_same_logits(smollm2, tmp_path):
+    """Joint 50% + 4-bit g64 written as pack-quantized: transformers (with compressed-tensors) gives our logits."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.checkpoint import save_compressed_tensors
+
+    model, tokenizer, pristine = smollm2
+    recipe = Recipe(calib="shakespeare", nsamples=4, seqlen=128, device="cpu", sparsity=0.5, wbits=4, group_size=64,
+                    format="compressed-tensors")
+    grids: dict = {}
+    try:
+        report = compress_model(model, tokenizer, recipe, grids=grids)
+        info = save_compressed_tensors(model, tokenizer, tmp_path, report, grids)
+        assert len(grids) == 30 * 7 and info["bits_per_weight"] == pytest.approx(4 + 32 / 64)  # fp32 scales
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        ids = torch.randint(0, model.config.vocab_size, (2, 64))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    finally:
+        model.load_state_dict(pristine)
