@@ -64,6 +64,11 @@ def _recipe_options(f):
                      help="Grid range: minmax (default) or mse (shrink the range to minimise rounding error)."),
         click.option("--act-order", is_flag=True, default=None,
                      help="GPTQ's column order by descending Hessian diagonal (sparsegpt; not with N:M)."),
+        click.option("--allocation", type=click.Choice(["uniform", "owl", "dp"]), default=None,
+                     help="Per-layer sparsity under the global target: uniform (default), owl, dp."),
+        click.option("--owl-m", type=float, default=None, help="OWL outlier threshold, x the mean score (default 5)."),
+        click.option("--owl-lambda", type=float, default=None,
+                     help="OWL: block sparsities within target ± lambda (default 0.08)."),
         click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,
                      help="dense (default): dequantized weights; compressed-tensors: pack-quantized ints."),
         click.option("--config", type=click.Path(dir_okay=False), default=None,
@@ -84,11 +89,14 @@ def cli() -> None:
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--reuse-errors", type=click.Path(), default=None,
+              help="With --allocation dp: the llmprune.json (or its directory) of an earlier dp run of this model;"
+                   " its error tables are reused instead of measured.")
 @_recipe_options
-def compress(model: str, out: str, overwrite: bool, config: str | None, **flags) -> None:
+def compress(model: str, out: str, overwrite: bool, reuse_errors: str | None, config: str | None, **flags) -> None:
     """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
     recipe = build_recipe(config, **flags)
-    report, _, _ = run_compress(model, Path(out), recipe, overwrite)
+    report, _, _ = run_compress(model, Path(out), recipe, overwrite, reuse_errors)
     ckpt = report["checkpoint"]
     click.echo(
         f"compressed {len(report['layers'])} linears ({recipe.label}): {report['global_sparsity']:.2%} sparsity,"
@@ -100,7 +108,24 @@ def compress(model: str, out: str, overwrite: bool, config: str | None, **flags)
                    " (vllm-project/llm-compressor#1618): use --sym to load it there", err=True)
 
 
-def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False):
+def read_error_tables(path: str, recipe: Recipe) -> dict:
+    """The ``allocation`` entry (with error tables) of an earlier dp run's report."""
+    from llmprune.checkpoint import REPORT
+
+    p = Path(path)
+    p = p / REPORT if p.is_dir() else p
+    if recipe.allocation != "dp":
+        raise UsageError("--reuse-errors reuses dp error tables: add --allocation dp")
+    try:
+        alloc = json.loads(p.read_text()).get("allocation") or {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--reuse-errors {path!r} is not a readable run report ({exc.__class__.__name__})") from None
+    if not alloc.get("tables"):
+        raise UsageError(f"--reuse-errors {path!r} holds no error tables: it must come from an --allocation dp run")
+    return alloc
+
+
+def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False, reuse_errors: str | None = None):
     """Load, prune, save atomically; return (report, pruned model, tokenizer).
 
     Everything a bad input can break is checked before the model is loaded.
@@ -113,12 +138,13 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
     mref = resolve(model_ref)
     check_output_dir(out, overwrite, mref.local_path)
     resolve_device(recipe.device)
+    reuse = read_error_tables(reuse_errors, recipe) if reuse_errors else None
     load_text(recipe.calib, "train")  # fail fast on an unreachable dataset, before loading the model
     prunable_linears(skeleton(mref), recipe)  # and on a pattern some layer cannot hold
     model, tokenizer, _ = load_model(mref, recipe.dtype)
     load_s = time.perf_counter() - t0
     grids: dict = {}
-    report = compress_model(model, tokenizer, recipe, grids=grids)
+    report = compress_model(model, tokenizer, recipe, grids=grids, reuse_errors=reuse)
     report["timings"]["load_s"] = round(load_s, 3)
     save_checkpoint(out, model, tokenizer, report, model_ref, mref.kind, t0, grids)
     return report, model, tokenizer

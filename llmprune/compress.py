@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmprune import allocate
 from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
 from llmprune.data import batched, calibration_windows, load_text, tokenize, windows_hash
 from llmprune.engine import Stream, default_device
@@ -19,7 +20,7 @@ from llmprune.loading import context_length
 from llmprune.quant import QuantParams
 from llmprune.recipe import Recipe
 from llmprune.solvers import SOLVERS
-from llmprune.solvers.result import output_error
+from llmprune.solvers.result import output_error, relative_error
 
 
 @dataclass
@@ -93,12 +94,12 @@ def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -
 
 def compress_block(
     block_prefix: str, linears: dict[str, nn.Module], forward_all, recipe: Recipe,
-    grids: dict[str, QuantParams] | None = None,
+    grids: dict[str, QuantParams] | None = None, sparsities: dict[str, float] | None = None,
 ) -> list[LayerReport]:
     """Hessians of every linear in one pass over the calibration data, then one solver call per linear.
 
     ``grids``, when given, receives each quantized linear's grid under its full name (checkpoint writers
-    need it to store integer codes).
+    need it to store integer codes); ``sparsities`` overrides the recipe's sparsity per full name.
     """
     solver = SOLVERS[recipe.method]
     needs_h = recipe.method not in ("magnitude", "rtn")
@@ -116,7 +117,7 @@ def compress_block(
         t0 = time.perf_counter()
         try:
             res = solver(
-                W, H, recipe.target_sparsity, recipe.nm, recipe.quant,
+                W, H, (sparsities or {}).get(full, recipe.target_sparsity), recipe.nm, recipe.quant,
                 block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
             )
         except CholeskyError as exc:
@@ -169,13 +170,74 @@ def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.
     return windows, info
 
 
+def plan_sparsities(
+    model: nn.Module, windows: torch.Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
+    device: torch.device, reuse: dict | None = None,
+) -> dict:
+    """Per-layer sparsities for a non-uniform allocation, from one streamed pass over the dense model.
+
+    owl: each block's outlier ratio of Wanda scores -> block sparsities. dp: each linear's relative error at
+    every candidate sparsity (the recipe's solver on that linear's Hessian) -> a dynamic program. ``reuse``:
+    error tables of an earlier run (its report's ``allocation``), which skips the pass.
+    Returns the report's ``allocation`` entry; its ``sparsities`` maps full linear names to sparsities.
+    """
+    target = recipe.target_sparsity
+    numel = {f"{p}.{n}": get_weight(m).numel() for p, lin in linears.items() for n, m in lin.items()}
+    if reuse is not None:
+        tables = reuse.get("tables")
+        if not tables or {k: t["numel"] for k, t in tables.items()} != numel:
+            raise UsageError("--reuse-errors: its error tables do not match this model's layers (names and"
+                             " sizes): reuse a report of the same model and --skip list")
+        return {"method": "dp", "target": target, "tables": tables, "sparsities": _dp(tables, target)}
+
+    prefixes = list(linears)
+    ratios: list[float] = []
+    tables: dict[str, dict] = {}
+    solver = SOLVERS[recipe.method]
+    cands = allocate.candidates(target)
+
+    def on_block(i: int, block: nn.Module, forward_all) -> None:
+        lin = linears[prefixes[i]]
+        collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype)
+        with collector:
+            forward_all()
+        pairs = [(get_weight(m), collector.hessian(n)) for n, m in lin.items() if n in collector.leader]
+        if recipe.allocation == "owl":
+            ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
+            return
+        for (name, _), (W, H) in zip([(n, m) for n, m in lin.items() if n in collector.leader], pairs, strict=True):
+            errors = {}
+            for s in cands:
+                res = solver(W, H, s, None, recipe.quant, block_size=recipe.block_size, damp_frac=recipe.damp_frac,
+                             act_order=recipe.act_order)
+                errors[str(s)] = relative_error(W, res.weight, H)
+            tables[f"{prefixes[i]}.{name}"] = {"numel": W.numel(), "errors": errors}
+
+    Stream(model, batched(windows, recipe.batch_size), device).run(on_block, desc=f"{recipe.allocation} plan")
+    if recipe.allocation == "owl":
+        sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
+        per_block = allocate.owl(ratios, sizes, target, recipe.owl_lambda)
+        sparsities = {f"{p}.{n}": s for p, s in zip(prefixes, per_block, strict=True) for n in linears[p]}
+        return {"method": "owl", "target": target, "block_outlier_ratios": dict(zip(prefixes, ratios, strict=True)),
+                "sparsities": sparsities}
+    return {"method": "dp", "target": target, "tables": tables, "sparsities": _dp(tables, target)}
+
+
+def _dp(tables: dict[str, dict], target: float) -> dict[str, float]:
+    try:
+        return allocate.dp(tables, target)
+    except ValueError as exc:
+        raise UsageError(f"--allocation dp: {exc}: pick a target within the tables' candidates") from None
+
+
 def compress_model(
     model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
-    grids: dict[str, QuantParams] | None = None,
+    grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None,
 ) -> dict:
     """Prune (and quantize) ``model`` in place as the recipe says; return the run report.
 
-    ``grids``, when given, receives the quantization grid of every quantized linear by full name.
+    ``grids``, when given, receives the quantization grid of every quantized linear by full name;
+    ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables.
     """
     t_start = time.perf_counter()
     device = resolve_device(recipe.device)
@@ -186,12 +248,17 @@ def compress_model(
         calib = {"source": "given", "nsamples": windows.shape[0], "seqlen": windows.shape[1],
                  "sha256": windows_hash(windows), "tokens": int(windows.numel())}
     t_calib = time.perf_counter()
+    allocation = None
+    if recipe.allocation != "uniform":
+        allocation = plan_sparsities(model, windows, recipe, linears, device, reuse_errors)
+    t_plan = time.perf_counter()
     stream = Stream(model, batched(windows, recipe.batch_size), device)
     prefixes = list(linears)
     layers: list[LayerReport] = []
 
     def on_block(i: int, block: nn.Module, forward_all) -> None:
-        layers.extend(compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe, grids))
+        layers.extend(compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe, grids,
+                                     allocation["sparsities"] if allocation else None))
 
     stream.run(on_block, desc=recipe.label)
     t_done = time.perf_counter()
@@ -205,7 +272,9 @@ def compress_model(
         "target_sparsity": recipe.target_sparsity,
         "pruned_params": total,
         "layers": [asdict(r) for r in layers],
-        "timings": {"calibration_s": round(t_calib - t_start, 3), "prune_s": round(t_done - t_calib, 3)},
+        "allocation": allocation,
+        "timings": {"calibration_s": round(t_calib - t_start, 3), "plan_s": round(t_plan - t_calib, 3),
+                    "prune_s": round(t_done - t_plan, 3)},
     }
 
 

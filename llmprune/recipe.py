@@ -20,6 +20,7 @@ from llmprune.errors import UsageError
 from llmprune.quant import SEARCHES, QuantSpec
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "rtn")
+ALLOCATIONS = ("uniform", "owl", "dp")
 FORMATS = ("dense", "compressed-tensors")
 
 
@@ -86,6 +87,11 @@ class Recipe:
     act_order: bool = False  # GPTQ's column order by descending Hessian diagonal (sparsegpt, no N:M pattern)
     # dense: dequantized weights in the model dtype; compressed-tensors: pack-quantized ints (vLLM, transformers)
     format: str = "dense"
+    # per-layer sparsity under the global target: uniform, owl (outlier-weighted, per block), dp (per layer,
+    # a dynamic program over measured error tables)
+    allocation: str = "uniform"
+    owl_m: float = 5.0  # OWL: a Wanda score above owl_m x its block's mean counts as an outlier
+    owl_lambda: float = 0.08  # OWL: block sparsities lie in target ± owl_lambda
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -111,6 +117,7 @@ class Recipe:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise UsageError(f"unknown dtype {self.dtype!r}: choose auto, float32, float16 or bfloat16")
         self._check_quant()
+        self._check_allocation()
         for rx in self.skip:
             try:
                 re.compile(rx)
@@ -148,6 +155,19 @@ class Recipe:
                 f"--act-order permutes columns, which breaks the {self.pattern} pattern: drop --act-order"
             )
 
+    def _check_allocation(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocation!r}: choose {', '.join(ALLOCATIONS)}")
+        if self.allocation == "uniform":
+            return
+        if self.nm is not None:
+            raise UsageError(f"--allocation {self.allocation} varies the sparsity per layer, which a {self.pattern}"
+                             " pattern fixes: use unstructured sparsity or --allocation uniform")
+        if self.target_sparsity == 0:
+            raise UsageError(f"--allocation {self.allocation} distributes a sparsity: pass e.g. --sparsity 0.7")
+        if not (0 < self.owl_lambda < 0.5) or self.owl_m <= 0:
+            raise UsageError(f"owl_lambda {self.owl_lambda} must be in (0, 0.5) and owl_m {self.owl_m} positive")
+
     @property
     def nm(self) -> Pattern | None:
         return parse_pattern(self.pattern)
@@ -174,6 +194,8 @@ class Recipe:
             parts = ["gptq"]  # the same sweep with nothing to prune
         else:
             parts = [self.method, self.pattern if self.nm else f"{self.target_sparsity:g}"]
+            if self.allocation != "uniform":
+                parts.append(self.allocation)
         if self.wbits is not None:
             g = "channel" if self.group_size == -1 else f"g{self.group_size}"
             parts.append(f"+ {self.wbits}-bit {g}{'' if self.sym else ' asym'}")

@@ -55,11 +55,15 @@ def test_joint_sweep_matches_plain_algorithm(group_size, sparsity, pattern):
     spec = QuantSpec(4, group_size)
     got = sparsegpt(W, H, sparsity, pattern, spec, block_size=64)
     ref = reference_sparsegpt(W, H, sparsity, pattern, block_size=64, quant=spec)
-    # the two fp32 summation orders differ in the last bits: grids chosen from updated weights move by as
-    # much, and a weight right at a half step may round the other way (one step off) in rare cases
-    diff = (got.weight - ref).abs()
-    assert (diff > 1e-4).float().mean() < 0.01
-    assert float(diff.max()) <= float(got.quant.scale.float().max()) * 1.01
+    if group_size == -1:  # grids fixed up front: the same weights to fp32 rounding
+        torch.testing.assert_close(got.weight, ref, rtol=1e-4, atol=1e-4)
+    else:
+        # grids chosen from updated weights move with the last bits of two fp32 summation orders, so a weight
+        # at a half step may round the other way and the sweep continues from there: few weights differ,
+        # and the layer error is the same
+        assert ((got.weight - ref).abs() > 1e-4).float().mean() < 0.06
+        e_got, e_ref = relative_error(W, got.weight, H), relative_error(W, ref, H)
+        assert abs(e_got - e_ref) < 0.05 * e_ref
     assert on_grid(got.weight, got.quant)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.quant import QuantParams, QuantSpec, fake_quant, find_params, layer_params
+from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
 from llmprune.recipe import Pattern
 from llmprune.solvers.hinv import inverse_hessian_cholesky, prepare_hessian
 from llmprune.solvers.masks import nm_mask, smallest_k_mask, split_counts
@@ -28,6 +28,13 @@ def check_quant_fit(cols: int, quant: QuantSpec, block_size: int) -> None:
         raise ValueError(f"group_size {g} does not divide the {cols} input columns")
     if quant.group_size != -1 and block_size % g and g % block_size:
         raise ValueError(f"group_size {g} and block_size {block_size}: one must be a multiple of the other")
+
+
+def _nm_chunk(W1: Tensor, d1: Tensor, i: int, pattern: Pattern) -> Tensor:
+    """The N:M mask of block columns i..i+M (held as rows of W1), by w²/d² of the updated weights."""
+    j = i + pattern.m
+    tmp = W1[i:j] ** 2 / d1[i:j].unsqueeze(1) ** 2  # (m, rows)
+    return nm_mask(tmp.t(), pattern).t()
 
 
 def sparsegpt(
@@ -75,7 +82,6 @@ def sparsegpt(
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H, gidx = W[:, perm], H[perm][:, perm], gidx[perm]
-        gidx_host = gidx.tolist()
 
     Hinv, damp_used, retries = inverse_hessian_cholesky(H, damp_frac)
 
@@ -98,36 +104,49 @@ def sparsegpt(
             mask1 = smallest_k_mask(W1**2 / d1.unsqueeze(1) ** 2, k)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
-        scale1 = mask1 / d1.unsqueeze(1)
-        if quant is not None:
-            Q1 = torch.zeros_like(W1)
-
-        for i in range(count):
-            if pattern is not None and i % pattern.m == 0:
-                j = i + pattern.m
-                tmp = W1[i:j] ** 2 / d1[i:j].unsqueeze(1) ** 2  # (m, rows)
-                mask1[i:j] = nm_mask(tmp.t(), pattern).t()
-                scale1[i:j] = mask1[i:j] / d1[i:j].unsqueeze(1)
-            if quant is None:
+        if quant is None:
+            # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
+            scale1 = mask1 / d1.unsqueeze(1)
+            for i in range(count):
+                if pattern is not None and i % pattern.m == 0:
+                    mask1[i : i + pattern.m] = _nm_chunk(W1, d1, i, pattern)
+                    scale1[i : i + pattern.m] = mask1[i : i + pattern.m] / d1[i : i + pattern.m].unsqueeze(1)
                 torch.mul(W1[i], scale1[i], out=Err1[i])
-            else:
+                # rank-1 update of the rest of the block; W1[i] itself becomes 0 where pruned, w elsewhere
+                W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
+            W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
+        else:
+            # Per column: q = clamp(round(w / s), -z, maxq - z) * s (0 where pruned), then W1[i:] -= (w - q) ⊗
+            # Hinv1[i, i:] / d_i. The grids of the block's columns are laid out as rows S1/LO1/HI1 and the
+            # pruned ones folded into K1 = S1 · keep, so one column is six tensor ops.
+            Q1 = torch.zeros_like(W1)
+            D1 = torch.zeros_like(W1)  # w - q, unscaled
+            Hs1 = Hinv1 / d1.unsqueeze(1)
+            cols1 = gidx[i1:i2]
+            S1, Z1 = scaleT[cols1], zeroT[cols1]  # (count, rows); groups not reached yet are filled below
+            LO1, HI1 = -Z1, quant.maxq - Z1
+            K1 = S1 * ~mask1
+            tmp = torch.empty(rows, device=W.device)
+            for i in range(count):
+                if pattern is not None and i % pattern.m == 0:
+                    j = i + pattern.m
+                    mask1[i:j] = _nm_chunk(W1, d1, i, pattern)
+                    K1[i:j] = S1[i:j] * ~mask1[i:j]
                 c = i1 + i
                 if not static and c % g == 0:
                     # the group's columns: inside this block (updated in W1) or starting it (W is current)
                     group = W[:, c : c + g] if i == 0 else W1[i : i + g].t()
-                    scaleT[c // g], zeroT[c // g] = find_params(group, quant, dtype)
-                gi = gidx_host[c] if perm is not None else c // g
-                q = fake_quant(W1[i], scaleT[gi], zeroT[gi], quant.maxq).masked_fill_(mask1[i], 0)
-                Q1[i] = q
-                torch.sub(W1[i], q, out=Err1[i]).div_(d1[i])
-            # rank-1 update of the rest of the block; W1[i] itself becomes q (0 where pruned, w elsewhere)
-            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
-
-        if quant is None:
-            W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
-        else:
-            W1 = Q1  # exact grid values, not w - err * d
+                    sc, zc = find_params(group, quant, dtype)
+                    scaleT[c // g], zeroT[c // g] = sc, zc
+                    e = min(i + g, count)
+                    S1[i:e], LO1[i:e], HI1[i:e] = sc, -zc, quant.maxq - zc
+                    K1[i:e] = S1[i:e] * ~mask1[i:e]
+                torch.div(W1[i], S1[i], out=tmp).round_().clamp_(min=LO1[i], max=HI1[i])
+                torch.mul(tmp, K1[i], out=Q1[i])
+                torch.sub(W1[i], Q1[i], out=D1[i])
+                W1[i:].addr_(Hs1[i, i:], D1[i], alpha=-1)
+            W1 = Q1.masked_fill_(mask1, 0)  # exact grid values (and +0, not -0, where pruned)
+            torch.div(D1, d1.unsqueeze(1), out=Err1)
             losses = Err1.square()
             total_loss += losses.sum()
             quant_loss += losses.masked_fill_(mask1, 0).sum()
