@@ -38,6 +38,9 @@ RECIPES = {
     "wanda 50% + rtn w4g64": dict(method="wanda", sparsity=0.5, wbits=4, group_size=64),
     "sparsegpt 50% + w4g64 joint": dict(sparsity=0.5, wbits=4, group_size=64),
     "sparsegpt 2:4 + w4g64 joint": dict(pattern="2:4", wbits=4, group_size=64),
+    "sparsegpt 70% uniform": dict(sparsity=0.7),
+    "sparsegpt 70% owl": dict(sparsity=0.7, allocation="owl"),
+    "sparsegpt 70% dp": dict(sparsity=0.7, allocation="dp"),
 }
 
 

@@ -125,6 +125,12 @@ BAD = {
     "act-order without bits": (["compress", "{model}", "--out", "{tmp}/o", "--act-order"], "add --wbits"),
     "rtn without bits": (["compress", "{model}", "--out", "{tmp}/o", "--method", "rtn"], "add --wbits"),
     "nothing to do": (["compress", "{model}", "--out", "{tmp}/o", "--sparsity", "0"], "nothing to do"),
+    "allocation with N:M": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "owl", "--pattern", "2:4"],
+                            "varies the sparsity per layer"),
+    "reuse-errors without dp": (["compress", "{model}", "--out", "{tmp}/o", "--reuse-errors", "{badcfg}"],
+                                "add --allocation dp"),
+    "reuse-errors without tables": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "dp",
+                                     "--reuse-errors", "{badcfg}"], "is not a readable run report"),
     "compressed-tensors of Conv1D": (["compress", "{gpt2}", "--out", "{tmp}/o", "--wbits", "4", "--format",
                                       "compressed-tensors", "--calib", "{calib}"], "use --format dense"),
 }
