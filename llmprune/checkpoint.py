@@ -18,13 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from llmprune.bitpack import pack_int32
+from llmprune.bitpack import pack_int32, unpack_int32
+from llmprune.errors import UsageError
 from llmprune.quant import QuantParams, QuantSpec, codes, dequantize
 
 REPORT = "llmprune.json"
+GRIDS = "llmprune-grids.safetensors"  # dense checkpoints of quantized runs: each layer's scales and zero points
 
 
 @contextlib.contextmanager
@@ -50,12 +53,123 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_hf(model: nn.Module, tokenizer, directory: Path, report: dict, max_shard_size: str = "2GB") -> None:
-    """Sharded safetensors, config, generation config, tokenizer, and the run report."""
+def save_hf(model: nn.Module, tokenizer, directory: Path, report: dict, max_shard_size: str = "2GB",
+            grids: dict[str, QuantParams] | None = None) -> None:
+    """Sharded safetensors, config, generation config, tokenizer, and the run report; with ``grids``
+    also their scales and zero points (``GRIDS``), so ``llmprune pack`` can store integer codes later."""
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    if grids:
+        write_grids(directory, grids)
     write_report(directory, report)
+
+
+def write_grids(directory: Path, grids: dict[str, QuantParams]) -> None:
+    tensors = {}
+    for name, p in grids.items():
+        tensors[f"{name}.weight_scale"] = p.scale.contiguous()
+        tensors[f"{name}.weight_zero_point"] = p.zero.contiguous()
+    spec = next(iter(grids.values())).spec
+    meta = {"wbits": str(spec.wbits), "group_size": str(spec.group_size), "sym": str(spec.sym),
+            "search": spec.search}
+    save_file(tensors, str(directory / GRIDS), metadata=meta)
+
+
+def read_grids(directory: Path) -> dict[str, QuantParams]:
+    """The grids ``write_grids`` stored (empty when the file is absent)."""
+    path = Path(directory) / GRIDS
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        spec = QuantSpec(int(meta["wbits"]), int(meta["group_size"]), meta["sym"] == "True", meta["search"])
+        names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
+        return {n: QuantParams(f.get_tensor(f"{n}.weight_scale"), f.get_tensor(f"{n}.weight_zero_point"), spec)
+                for n in names}
+
+
+class TensorReader:
+    """Tensors of a safetensors checkpoint (one file, or shards with an index), read one at a time.
+
+    A missing or unreadable shard is a UsageError naming the file.
+    """
+
+    def __init__(self, directory: Path, prefix: str = "model"):
+        self.directory = Path(directory)
+        self._files: dict[str, object] = {}
+        index = self.directory / f"{prefix}.safetensors.index.json"
+        single = self.directory / f"{prefix}.safetensors"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            self.where = dict.fromkeys(self._open(single.name).keys(), single.name)
+        else:
+            self.where = {}
+
+    def _open(self, fname: str):
+        if fname not in self._files:
+            try:
+                self._files[fname] = safe_open(str(self.directory / fname), "pt")
+            except Exception as exc:
+                raise UsageError(f"cannot read {self.directory / fname} ({type(exc).__name__}): the file is"
+                                 " missing, truncated or not safetensors; re-create it") from None
+        return self._files[fname]
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> Tensor:
+        try:
+            return self._open(self.where[key]).get_tensor(key)
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"cannot read tensor {key} from {self.directory / self.where[key]}"
+                             f" ({type(exc).__name__}): the file is truncated or corrupt") from None
+
+    def nbytes(self, key: str) -> int:
+        sl = self._open(self.where[key]).get_slice(key)
+        shape, dtype = sl.get_shape(), sl.get_dtype()
+        size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+        n = 1
+        for d in shape:
+            n *= d
+        return n * size.get(dtype, 4)
+
+
+def decode_pack_quantized(reader: TensorReader, name: str, spec: QuantSpec) -> tuple[Tensor, QuantParams]:
+    """One compressed-tensors pack-quantized linear back to (dense weight in the scale dtype, its grid)."""
+    rows, cols = (int(v) for v in reader.get(f"{name}.weight_shape"))
+    scale = reader.get(f"{name}.weight_scale")
+    c = unpack_int32(reader.get(f"{name}.weight_packed"), spec.wbits, cols)
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) // 2, dtype=torch.uint8)
+    else:
+        zp = reader.get(f"{name}.weight_zero_point")  # packed along the output dimension
+        zero = unpack_int32(zp.t().contiguous(), spec.wbits, rows).t().contiguous()
+    params = QuantParams(scale, zero, spec)
+    s, z = params.columns(cols)
+    return dequantize(c.float(), s, z).to(scale.dtype), params
+
+
+def quant_spec_from_config(config: dict) -> QuantSpec | None:
+    """The weights' QuantSpec of a compressed-tensors ``quantization_config`` (pack-quantized, int)."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+        raise UsageError(f"unsupported quantization_config ({qc.get('quant_method')}/{qc.get('format')}):"
+                         " llmprune reads dense and compressed-tensors pack-quantized checkpoints")
+    groups = list(qc["config_groups"].values())
+    w = groups[0]["weights"]
+    if len(groups) != 1 or w.get("type") != "int":
+        raise UsageError("unsupported compressed-tensors scheme: one int weight group is supported")
+    return QuantSpec(int(w["num_bits"]), int(w["group_size"] or -1), bool(w["symmetric"]),
+                     "mse" if w.get("observer") == "mse" else "minmax")
 
 
 def write_report(directory: Path, report: dict) -> None:
@@ -67,7 +181,8 @@ def read_report(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+def write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: int = 2 * 1024**3,
+                 prefix: str = "model") -> None:
     """Safetensors shards named as transformers names them, plus the index when there are several."""
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -80,15 +195,15 @@ def write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: i
         size += nbytes
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        save_file(shards[0], str(directory / f"{prefix}.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        fname = f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -167,7 +167,7 @@ def save_checkpoint(out: Path, model, tokenizer, report: dict, source: str, kind
             report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids or {},
                                                            act_order=recipe["act_order"])
         else:
-            save_hf(model, tokenizer, tmp, report)
+            save_hf(model, tokenizer, tmp, report, grids=grids)
             report["checkpoint"] = {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
                                     "bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
@@ -224,6 +224,73 @@ def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, dev
     else:
         click.echo(f"{model}: {result['dataset']} perplexity {result['ppl']:.3f} "
                    f"({result['windows']} x {result['seqlen']} tokens, {result['seconds']:.1f} s)")
+
+
+def _checkpoint_dir(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise UsageError(f"{path} is not a model directory (no config.json): pass a directory written by"
+                         " `llmprune compress`")
+    return p
+
+
+_kernels = click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto",
+                        show_default=True, help="Triton kernels (auto: on CUDA) or their torch twins.")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--pattern", required=True, help="2:4 (4:8 layers are stored as 2:4 where they also hold 2:4).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--skip-nonconforming", is_flag=True, help="Keep layers that do not hold 2:4 dense (and list them).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_kernels
+def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite: bool, kernels: str) -> None:
+    """Store the 2:4 linears of MODEL (a compressed checkpoint directory) as kept values + 2-bit positions."""
+    from llmprune.checkpoint import atomic_dir
+    from llmprune.compress import check_output_dir
+    from llmprune.pack import pack_checkpoint
+
+    src = _checkpoint_dir(model)
+    check_output_dir(Path(out), overwrite, src)
+    with atomic_dir(Path(out)) as tmp:
+        manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels)
+    ratio = manifest["packed_bytes"] / manifest["dense_fp16_bytes"]
+    click.echo(f"packed {len(manifest['layers'])} linears as 2:4: {manifest['packed_bytes']:,} bytes,"
+               f" {ratio:.3f} of their dense fp16 size -> {out}")
+    if manifest["dense_layers"]:
+        click.echo(f"kept dense (not 2:4): {', '.join(manifest['dense_layers'])}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dense model directory.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_kernels
+def unpack(model: str, out: str, overwrite: bool, kernels: str) -> None:
+    """Write a packed MODEL directory back as a dense Hugging Face model directory (exact)."""
+    from llmprune.checkpoint import atomic_dir
+    from llmprune.compress import check_output_dir
+    from llmprune.pack import is_packed, unpack_checkpoint
+
+    src = _checkpoint_dir(model)
+    if not is_packed(src):
+        raise UsageError(f"{model} is not a packed directory (no llmprune-pack.json): it is already dense")
+    check_output_dir(Path(out), overwrite, src)
+    with atomic_dir(Path(out)) as tmp:
+        unpack_checkpoint(src, tmp, kernels)
+    click.echo(f"unpacked {model} -> {out}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
+def inspect(model: str, as_json: bool) -> None:
+    """Per linear and in total: format, pattern, sparsity, bits, bytes on disk vs dense fp16."""
+    from llmprune.inspect import format_table, inspect_dir
+
+    info = inspect_dir(_checkpoint_dir(model))
+    click.echo(json.dumps(info) if as_json else format_table(info))
 
 
 @cli.command()

@@ -108,6 +108,12 @@ def load_model(ref: str | ModelRef, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
+    if mref.kind == "dir":
+        from llmprune.pack import is_packed, load
+
+        if is_packed(Path(mref.location)):
+            model, tokenizer = load(mref.location, dtype=dtype)
+            return model, tokenizer, mref
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
         tokenizer = AutoTokenizer.from_pretrained(mref.location, **mref.kwargs)

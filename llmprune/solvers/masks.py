@@ -76,3 +76,11 @@ def row_balanced_mask(score: Tensor, sparsity: float) -> Tensor:
         chosen = smallest_k_mask(nxt_score, extra).nonzero().squeeze(1)
         mask[chosen, nxt[chosen]] = True
     return mask
+
+
+def holds(W: Tensor, pattern: Pattern) -> bool:
+    """Whether every row of ``W`` has at most ``n`` nonzeros in each group of ``m`` consecutive columns."""
+    rows, cols = W.shape
+    if cols % pattern.m:
+        return False
+    return bool(((W.reshape(rows, cols // pattern.m, pattern.m) != 0).sum(-1) <= pattern.n).all())
