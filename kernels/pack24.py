@@ -15,8 +15,9 @@ Example, one row ``[0, 5, 0, 7,  3, 0, 0, 0]``: values ``[5, 7, 3, 0]``, nibbles
 from __future__ import annotations
 
 import torch
-from llmprune.kernels import tl, triton
 from torch import Tensor
+
+from llmprune.kernels import tl, triton
 
 BLOCK_ROWS = 16
 BLOCK_PAIRS = 32  # byte columns per program: 2 groups of 4 weights each

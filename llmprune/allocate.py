@@ -42,7 +42,7 @@ def owl(block_ratios: list[float], block_sizes: list[int], target: float, lam: f
     return [float(x) for x in s]
 
 
-def candidates(target: float, radius: float = 0.3, step: float = 0.05) -> list[float]:
+def candidates(target: float, radius: float = 0.1, step: float = 0.025) -> list[float]:
     """target ± radius in steps of ``step``, inside [0, 0.99)."""
     k = round(radius / step)
     out = [round(target + i * step, 6) for i in range(-k, k + 1)]

@@ -69,8 +69,12 @@ def _recipe_options(f):
         click.option("--owl-m", type=float, default=None, help="OWL outlier threshold, x the mean score (default 5)."),
         click.option("--owl-lambda", type=float, default=None,
                      help="OWL: block sparsities within target ± lambda (default 0.08)."),
+        click.option("--dp-radius", type=float, default=None,
+                     help="dp: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
         click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,
                      help="dense (default): dequantized weights; compressed-tensors: pack-quantized ints."),
+        click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default=None,
+                     help="SparseGPT's block loop: auto (default; fused Triton kernel on CUDA), triton, torch."),
         click.option("--config", type=click.Path(dir_okay=False), default=None,
                      help="YAML recipe (see configs/); flags override it."),
     ]
@@ -125,6 +129,16 @@ def read_error_tables(path: str, recipe: Recipe) -> dict:
     return alloc
 
 
+def check_kernels(mode: str, device) -> None:
+    """--kernels triton where Triton cannot run is bad input, said before any work."""
+    from llmprune.kernels import use_triton
+
+    try:
+        use_triton(mode, device)
+    except RuntimeError as exc:
+        raise UsageError(f"{exc}, or use --kernels torch") from None
+
+
 def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False, reuse_errors: str | None = None):
     """Load, prune, save atomically; return (report, pruned model, tokenizer).
 
@@ -137,7 +151,7 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
     t0 = time.perf_counter()
     mref = resolve(model_ref)
     check_output_dir(out, overwrite, mref.local_path)
-    resolve_device(recipe.device)
+    check_kernels(recipe.kernels, resolve_device(recipe.device))
     reuse = read_error_tables(reuse_errors, recipe) if reuse_errors else None
     load_text(recipe.calib, "train")  # fail fast on an unreachable dataset, before loading the model
     prunable_linears(skeleton(mref), recipe)  # and on a pattern some layer cannot hold
@@ -252,6 +266,7 @@ def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite
     from llmprune.pack import pack_checkpoint
 
     src = _checkpoint_dir(model)
+    check_kernels(kernels, "cpu")
     check_output_dir(Path(out), overwrite, src)
     with atomic_dir(Path(out)) as tmp:
         manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels)
@@ -276,6 +291,7 @@ def unpack(model: str, out: str, overwrite: bool, kernels: str) -> None:
     src = _checkpoint_dir(model)
     if not is_packed(src):
         raise UsageError(f"{model} is not a packed directory (no llmprune-pack.json): it is already dense")
+    check_kernels(kernels, "cpu")
     check_output_dir(Path(out), overwrite, src)
     with atomic_dir(Path(out)) as tmp:
         unpack_checkpoint(src, tmp, kernels)

@@ -119,6 +119,7 @@ def compress_block(
             res = solver(
                 W, H, (sparsities or {}).get(full, recipe.target_sparsity), recipe.nm, recipe.quant,
                 block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
+                kernels=recipe.kernels,
             )
         except CholeskyError as exc:
             raise CholeskyError(f"{full}: {exc}") from None
@@ -194,7 +195,7 @@ def plan_sparsities(
     ratios: list[float] = []
     tables: dict[str, dict] = {}
     solver = SOLVERS[recipe.method]
-    cands = allocate.candidates(target)
+    cands = allocate.candidates(target, recipe.dp_radius)
 
     def on_block(i: int, block: nn.Module, forward_all) -> None:
         lin = linears[prefixes[i]]
@@ -209,7 +210,7 @@ def plan_sparsities(
             errors = {}
             for s in cands:
                 res = solver(W, H, s, None, recipe.quant, block_size=recipe.block_size, damp_frac=recipe.damp_frac,
-                             act_order=recipe.act_order)
+                             act_order=recipe.act_order, kernels=recipe.kernels)
                 errors[str(s)] = relative_error(W, res.weight, H)
             tables[f"{prefixes[i]}.{name}"] = {"numel": W.numel(), "errors": errors}
 

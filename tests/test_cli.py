@@ -127,6 +127,10 @@ BAD = {
     "nothing to do": (["compress", "{model}", "--out", "{tmp}/o", "--sparsity", "0"], "nothing to do"),
     "allocation with N:M": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "owl", "--pattern", "2:4"],
                             "varies the sparsity per layer"),
+    "dp radius": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "dp", "--dp-radius", "0.7"],
+                  "dp_radius 0.7 must be in (0, 0.5]"),
+    "unknown kernels in a recipe": (["compress", "{model}", "--out", "{tmp}/o", "--config", "{kernelscfg}"],
+                                    "unknown kernels 'fast'"),
     "reuse-errors without dp": (["compress", "{model}", "--out", "{tmp}/o", "--reuse-errors", "{badcfg}"],
                                 "add --allocation dp"),
     "reuse-errors without tables": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "dp",
@@ -144,12 +148,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, o
     (tmp_path / "full" / "keep.txt").write_text("precious")
     (tmp_path / "short.txt").write_text("too short")
     (tmp_path / "bad.yaml").write_text("sparsty: 0.5\n")
+    (tmp_path / "kernels.yaml").write_text("kernels: fast\n")
     model_copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_copy)
     subst = {"{tmp}": str(tmp_path), "{model}": str(model_copy), "{odd}": str(odd_model_dir),
              "{gpt2}": str(gpt2_model_dir),
              "{calib}": str(calib_txt), "{full}": str(tmp_path / "full"), "{short}": str(tmp_path / "short.txt"),
-             "{badcfg}": str(tmp_path / "bad.yaml")}
+             "{badcfg}": str(tmp_path / "bad.yaml"), "{kernelscfg}": str(tmp_path / "kernels.yaml")}
     for i, a in enumerate(args):
         for k, v in subst.items():
             a = a.replace(k, v)

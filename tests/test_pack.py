@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from llmprune.kernels.pack24 import check24, pack24, pack24_torch, unpack24, unpack24_torch
 from safetensors.torch import load_file, save_file
 
 from llmprune.cli import main
 from llmprune.data import builtin_text_path
+from llmprune.kernels.pack24 import check24, pack24, pack24_torch, unpack24, unpack24_torch
 
 
 def random_24(rows: int, cols: int, dtype=torch.float32, extra_zeros: float = 0.2) -> torch.Tensor:

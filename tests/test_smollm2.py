@@ -128,3 +128,36 @@ def test_compressed_tensors_checkpoint_loads_with_the_same_logits(smollm2, tmp_p
             torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     finally:
         model.load_state_dict(pristine)
+
+
+@pytest.mark.parametrize("extra,bound", [((), 0.57), (("--wbits", "4", "--group-size", "64"), 0.21)])
+def test_packed_24_checkpoint_is_small_and_loads_exactly(tmp_path, extra, bound, capsys):
+    """SmolLM2 pruned 2:4 (and 2:4 + int4 g64) in fp16, packed: the same weights and logits, from the files
+    at most 0.57 (0.21) of the packed layers' dense fp16 size."""
+    from safetensors.torch import load_file
+
+    from llmprune.cli import main
+    from llmprune.loading import load_model
+
+    def cli(*args) -> None:
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        assert exc.value.code == 0, capsys.readouterr().err
+
+    cli("compress", "smollm2-135m", "--pattern", "2:4", "--dtype", "float16", "--calib", "shakespeare",
+        "--nsamples", 4, "--seqlen", 128, "--device", "cpu", "--out", tmp_path / "c", *extra)
+    cli("pack", tmp_path / "c", "--pattern", "2:4", "--out", tmp_path / "p")
+    dense, _, _ = load_model(str(tmp_path / "c"))
+    packed, _, _ = load_model(str(tmp_path / "p"))
+    a, b = dense.state_dict(), packed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, dense.config.vocab_size, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=0, atol=0)
+    tensors = {}
+    for f in (tmp_path / "p").glob("packed24*.safetensors"):
+        tensors.update(load_file(f))
+    layers = {k.rsplit(".", 1)[0] for k in tensors}
+    assert len(layers) == 30 * 7
+    fp16 = sum(2 * a[f"{n}.weight"].numel() for n in layers)
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) <= bound * fp16

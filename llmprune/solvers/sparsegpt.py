@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmprune.kernels import use_triton
 from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
 from llmprune.recipe import Pattern
 from llmprune.solvers.hinv import inverse_hessian_cholesky, prepare_hessian
@@ -47,6 +48,7 @@ def sparsegpt(
     block_size: int = 128,
     damp_frac: float = 0.01,
     act_order: bool = False,
+    kernels: str = "auto",
 ) -> SolveResult:
     """Prune (and quantize) ``W`` (rows, cols) given the Hessian ``H`` (cols, cols) = 2/n Σ x xᵀ of its inputs.
 
@@ -58,6 +60,8 @@ def sparsegpt(
     Quantization grids: per channel, or with ``act_order``, from W before any update ("static" groups, kept
     in the original column order so groups stay contiguous on disk); otherwise each group's grid is chosen
     from the updated weights when the sweep reaches its first column, as GPTQ does.
+
+    ``kernels``: the column loop of each block in one fused Triton kernel (``auto``: on CUDA) or in torch.
     """
     dtype = W.dtype
     W, H = prepare_hessian(W, H)
@@ -84,6 +88,7 @@ def sparsegpt(
         W, H, gidx = W[:, perm], H[perm][:, perm], gidx[perm]
 
     Hinv, damp_used, retries = inverse_hessian_cholesky(H, damp_frac)
+    fused = use_triton(kernels, W.device)
 
     starts = list(range(0, cols, block_size))
     counts = split_counts([rows * (min(i1 + block_size, cols) - i1) for i1 in starts], sparsity)
@@ -104,6 +109,35 @@ def sparsegpt(
             mask1 = smallest_k_mask(W1**2 / d1.unsqueeze(1) ** 2, k)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if fused:
+            from llmprune.kernels.obs_update import BlockState, obs_update
+
+            state = BlockState(W[:, i1:i2], mask1.t() if pattern is None else None)
+            nm = (pattern.n, pattern.m) if pattern is not None else None
+            if quant is None:
+                obs_update(state, Hinv1, d1, 0, count, nm)
+            else:
+                Hs1 = Hinv1 / d1.unsqueeze(1)
+                cols1 = gidx[i1:i2]
+                S1, Z1 = scaleT[cols1], zeroT[cols1]
+                LO1, HI1 = -Z1, quant.maxq - Z1
+                cuts = sorted({0, count} | ({i for i in range(count) if (i1 + i) % g == 0} if not static else set()))
+                for a, b in zip(cuts, cuts[1:], strict=False):
+                    c = i1 + a
+                    if not static and c % g == 0:  # as in the torch loop below
+                        group = W[:, c : c + g] if a == 0 else state.W[:, a : a + g]
+                        sc, zc = find_params(group, quant, dtype)
+                        scaleT[c // g], zeroT[c // g] = sc, zc
+                        e = min(a + g, count)
+                        S1[a:e], LO1[a:e], HI1[a:e] = sc, -zc, quant.maxq - zc
+                    obs_update(state, Hs1, d1, a, b, nm, (S1, LO1, HI1))
+                total_loss += state.losses[:, 0].sum()
+                quant_loss += state.losses[:, 1].sum()
+            mask1 = state.mask.bool()
+            W[:, i1:i2] = state.Q.masked_fill_(mask1, 0)
+            M[:, i1:i2] = mask1
+            W[:, i2:] -= state.E @ Hinv[i1:i2, i2:]
+            continue
         if quant is None:
             # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
             scale1 = mask1 / d1.unsqueeze(1)

@@ -1,0 +1,121 @@
+"""The fused OBS block update (Triton, run on CPU by TRITON_INTERPRET=1) against its torch twin and against the
+solver's torch loop: same masks, N:M patterns and codes, weights equal to fp32 rounding.
+
+Shapes are small on purpose (the interpreter executes every program in Python) but awkward: rows not a
+multiple of the 16-row tile, columns not a multiple of the block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune.kernels import use_triton
+from llmprune.kernels.obs_update import BlockState, obs_update, obs_update_torch
+from llmprune.quant import QuantSpec, codes, layer_params
+from llmprune.recipe import Pattern
+from llmprune.solvers.hinv import inverse_hessian_cholesky
+from llmprune.solvers.masks import holds, smallest_k_mask
+from llmprune.solvers.sparsegpt import sparsegpt
+
+
+def problem(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(cols, 3 * cols, generator=g)
+    X[: cols // 4] *= 3  # uneven input scales, as in real activations
+    return torch.randn(rows, cols, generator=g), X @ X.T / X.shape[1]
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+@pytest.mark.parametrize("quant", [False, True])
+def test_kernel_block_equals_its_torch_twin_bit_for_bit(nm, quant):
+    rows, count = 19, 24
+    W, H = problem(rows, count, seed=1 + 3 * quant + (nm or (0, 0))[1])
+    Hinv, _, _ = inverse_hessian_cholesky(H, 0.01)
+    d = torch.diag(Hinv)
+    mask = None if nm else smallest_k_mask((W**2 / d**2).t(), rows * count // 2).t()
+    grid, H1 = None, Hinv
+    if quant:
+        p = layer_params(W, QuantSpec(3), torch.float32)
+        S = p.scale.t().repeat(count, 1)  # (count, rows): per-channel grid on every column
+        Z = p.zero.t().float().repeat(count, 1)
+        grid, H1 = (S, -Z, 7 - Z), Hinv / d.unsqueeze(1)
+    a, b = BlockState(W, mask), BlockState(W, mask)
+    # two launches split at column 8, as the solver does where a quantization group starts
+    for c0, c1 in ((0, 8), (8, count)):
+        obs_update(a, H1, d, c0, c1, nm, grid)
+        obs_update_torch(b, H1, d, c0, c1, nm, grid)
+    for name in ("mask", "Q", "E", "W", "losses"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    if nm:
+        assert holds(a.Q, Pattern(*nm)) and int((a.mask != 0).sum()) == rows * count * (nm[1] - nm[0]) // nm[1]
+
+
+CASES = [  # (rows, cols, block_size, pattern, quant)
+    (19, 72, 32, None, None),
+    (21, 40, 16, Pattern(2, 4), None),
+    (17, 48, 16, Pattern(4, 8), None),
+    (19, 72, 32, None, QuantSpec(4)),
+    (17, 64, 16, Pattern(2, 4), QuantSpec(4, 32)),  # group spans two blocks: grid chosen between launches
+    (18, 64, 32, None, QuantSpec(3, 16, sym=False)),  # two groups inside each block
+    (9, 256, 128, None, QuantSpec(4, 128)),
+]
+
+
+@pytest.mark.parametrize("rows,cols,block_size,pattern,quant", CASES)
+def test_fused_solver_matches_the_torch_loop(rows, cols, block_size, pattern, quant):
+    W, H = problem(rows, cols, seed=rows + cols)
+    kw = dict(block_size=block_size)
+    ref = sparsegpt(W, H, 0.5, pattern, quant, kernels="torch", **kw)
+    got = sparsegpt(W, H, 0.5, pattern, quant, kernels="triton", **kw)
+    assert torch.equal(got.mask, ref.mask)
+    if pattern is not None:
+        assert holds(got.weight, pattern)
+    assert int(got.mask.sum()) == rows * cols // 2
+    torch.testing.assert_close(got.weight, ref.weight, rtol=1e-5, atol=1e-5)
+    if quant is not None:
+        torch.testing.assert_close(got.quant.scale, ref.quant.scale, rtol=1e-5, atol=0)
+        assert torch.equal(got.quant.zero, ref.quant.zero)
+        assert torch.equal(codes(got.weight, got.quant), codes(ref.weight, ref.quant))
+        assert got.quant_share == pytest.approx(ref.quant_share, rel=1e-4)
+
+
+def test_kernels_option_is_checked():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        use_triton("fast", "cpu")
+    assert use_triton("torch", "cuda") is False
+    assert use_triton("auto", "cpu") is False  # CPU runs the torch loop unless forced
+
+
+def test_compress_with_the_fused_kernel_matches_torch(tiny_model_dir, tmp_path):
+    """The CLI end to end (joint 50% + 4-bit): --kernels triton (interpreted here) and torch agree."""
+    from safetensors.torch import load_file
+
+    from llmprune.cli import main
+    from llmprune.data import builtin_text_path
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(builtin_text_path().read_text()[:30_000])
+    out = {}
+    for mode in ("torch", "triton"):
+        with pytest.raises(SystemExit) as exc:
+            main(["compress", str(tiny_model_dir), "--out", str(tmp_path / mode), "--calib", str(calib),
+                  "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--wbits", "4", "--sparsity", "0.5",
+                  "--kernels", mode])
+        assert exc.value.code == 0
+        out[mode] = load_file(tmp_path / mode / "model.safetensors")
+    for k, t in out["torch"].items():
+        assert torch.equal(t == 0, out["triton"][k] == 0), k
+        torch.testing.assert_close(out["triton"][k], t, rtol=1e-4, atol=1e-5)
+
+
+def test_forcing_triton_on_cpu_without_the_interpreter_is_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from llmprune.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calib", "shakespeare",
+              "--device", "cpu", "--kernels", "triton"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "TRITON_INTERPRET=1" in err and "--kernels torch" in err
+    assert not (tmp_path / "o").exists()
