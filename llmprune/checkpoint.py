@@ -116,6 +116,11 @@ class TensorReader:
                                  " missing, truncated or not safetensors; re-create it") from None
         return self._files[fname]
 
+    def check(self) -> None:
+        """Open every shard now (headers and sizes are validated), so a truncated file fails before any work."""
+        for fname in sorted(set(self.where.values())):
+            self._open(fname)
+
     def keys(self) -> list[str]:
         return list(self.where)
 

@@ -93,14 +93,18 @@ def cli() -> None:
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--lazy/--no-lazy", default=True, show_default=True,
+              help="Local safetensors directories: read each block's weights when its turn comes and write each"
+                   " finished block to OUT.partial/ (resumable: re-run the same command after a crash).")
 @click.option("--reuse-errors", type=click.Path(), default=None,
               help="With --allocation dp: the llmprune.json (or its directory) of an earlier dp run of this model;"
                    " its error tables are reused instead of measured.")
 @_recipe_options
-def compress(model: str, out: str, overwrite: bool, reuse_errors: str | None, config: str | None, **flags) -> None:
+def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: str | None, config: str | None,
+             **flags) -> None:
     """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
     recipe = build_recipe(config, **flags)
-    report, _, _ = run_compress(model, Path(out), recipe, overwrite, reuse_errors)
+    report, _, _ = run_compress(model, Path(out), recipe, overwrite, reuse_errors, lazy)
     ckpt = report["checkpoint"]
     click.echo(
         f"compressed {len(report['layers'])} linears ({recipe.label}): {report['global_sparsity']:.2%} sparsity,"
@@ -139,10 +143,12 @@ def check_kernels(mode: str, device) -> None:
         raise UsageError(f"{exc}, or use --kernels torch") from None
 
 
-def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False, reuse_errors: str | None = None):
+def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False, reuse_errors: str | None = None,
+                 lazy: bool = True):
     """Load, prune, save atomically; return (report, pruned model, tokenizer).
 
-    Everything a bad input can break is checked before the model is loaded.
+    Everything a bad input can break is checked before the model is loaded. Local safetensors directories
+    (dense output) go the lazy, resumable way (``run_compress_lazy``); the rest is loaded whole.
     """
     from llmprune.compress import check_output_dir, compress_model, prunable_linears, resolve_device
     from llmprune.data import load_text
@@ -155,12 +161,70 @@ def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = Fa
     reuse = read_error_tables(reuse_errors, recipe) if reuse_errors else None
     load_text(recipe.calib, "train")  # fail fast on an unreachable dataset, before loading the model
     prunable_linears(skeleton(mref), recipe)  # and on a pattern some layer cannot hold
+    from llmprune.lazy import can_load_lazily
+
+    if lazy and mref.kind == "dir" and recipe.format == "dense" and can_load_lazily(Path(mref.location)):
+        return run_compress_lazy(mref, out, recipe, overwrite, reuse, t0)
     model, tokenizer, _ = load_model(mref, recipe.dtype)
     load_s = time.perf_counter() - t0
     grids: dict = {}
     report = compress_model(model, tokenizer, recipe, grids=grids, reuse_errors=reuse)
     report["timings"]["load_s"] = round(load_s, 3)
     save_checkpoint(out, model, tokenizer, report, model_ref, mref.kind, t0, grids)
+    return report, model, tokenizer
+
+
+def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float):
+    """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
+    publish it as ``out``."""
+    import hashlib
+
+    from llmprune.arch import find_blocks
+    from llmprune.checkpoint import write_report
+    from llmprune.compress import calibration_set, compress_model
+    from llmprune.lazy import load_lazy
+    from llmprune.resume import PartialOutput
+
+    path = Path(mref.location)
+    model, tokenizer = load_lazy(path, recipe.dtype)
+    load_s = time.perf_counter() - t0
+    windows, calib = calibration_set(tokenizer, model, recipe)
+    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"], "model": str(path),
+            "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
+    partial = PartialOutput(out, spec)
+    if partial.finished:
+        click.echo(f"resuming {partial.dir}: {len(partial.finished)} blocks already done", err=True)
+    report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial)
+    report["calibration"] = calib
+    report["timings"]["load_s"] = round(load_s, 3)
+    dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
+    report["model"] = {"source": mref.ref, "kind": mref.kind, "type": model.config.model_type,
+                       "dtype": str(dtype).removeprefix("torch."), "lazy": True}
+    report["versions"] = _versions()
+    block_path, _ = find_blocks(model)
+    rest, seen = {}, set()
+    for name, t in model.state_dict().items():
+        if name.startswith(f"{block_path}.") or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:  # tied embeddings once
+            seen.add(key)
+            rest[name] = t
+    t_save = time.perf_counter()
+
+    def write_meta(directory: Path) -> None:
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        report["checkpoint"] = {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
+                                "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
+        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+        write_report(directory, report)
+
+    partial.publish(rest, write_meta, overwrite)
     return report, model, tokenizer
 
 
@@ -231,7 +295,12 @@ def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, dev
     mref = resolve(model)
     resolve_device(device)
     load_text(dataset, "test")
-    m, tok, _ = load_model(mref, dtype)
+    from llmprune.lazy import can_load_lazily, load_lazy
+
+    if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
+        m, tok = load_lazy(Path(mref.location), dtype)  # blocks read from disk one at a time
+    else:
+        m, tok, _ = load_model(mref, dtype)
     result = {"model": model} | run_eval(m, tok, dataset, seqlen, device, batch_size, max_windows)
     if as_json:
         click.echo(json.dumps(result))

@@ -233,12 +233,14 @@ def _dp(tables: dict[str, dict], target: float) -> dict[str, float]:
 
 def compress_model(
     model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
-    grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None,
+    grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None, sink=None,
 ) -> dict:
     """Prune (and quantize) ``model`` in place as the recipe says; return the run report.
 
     ``grids``, when given, receives the quantization grid of every quantized linear by full name;
-    ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables.
+    ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables;
+    ``sink``: a ``resume.PartialOutput`` that receives each finished block, and whose finished blocks are
+    only propagated (read back compressed through the model's ``block_source``), not compressed again.
     """
     t_start = time.perf_counter()
     device = resolve_device(recipe.device)
@@ -251,15 +253,37 @@ def compress_model(
     t_calib = time.perf_counter()
     allocation = None
     if recipe.allocation != "uniform":
-        allocation = plan_sparsities(model, windows, recipe, linears, device, reuse_errors)
+        allocation = sink.allocation if sink is not None else None
+        if allocation is None:
+            allocation = plan_sparsities(model, windows, recipe, linears, device, reuse_errors)
+            if sink is not None:
+                sink.set_allocation(allocation)
     t_plan = time.perf_counter()
     stream = Stream(model, batched(windows, recipe.batch_size), device)
+    source = getattr(model, "block_source", None)
+    if sink is not None:
+        if source is None:
+            raise ValueError("resumable output needs a lazily loaded model (lazy.load_lazy)")
+        for i in sink.finished:
+            source.overrides[i] = sink.reader(i)
     prefixes = list(linears)
     layers: list[LayerReport] = []
 
     def on_block(i: int, block: nn.Module, forward_all) -> None:
-        layers.extend(compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe, grids,
-                                     allocation["sparsities"] if allocation else None))
+        if sink is not None and sink.done(i):
+            layers.extend(LayerReport(**r) for r in sink.layers(i))
+            if grids is not None:
+                grids.update(sink.grids(i))
+            return
+        block_grids: dict[str, QuantParams] = {}
+        reports = compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe, block_grids,
+                                 allocation["sparsities"] if allocation else None)
+        layers.extend(reports)
+        if grids is not None:
+            grids.update(block_grids)
+        if sink is not None:
+            tensors = {f"{stream.path}.{i}.{k}": v for k, v in block.state_dict().items()}
+            sink.finish_block(i, tensors, [asdict(r) for r in reports], block_grids)
 
     stream.run(on_block, desc=recipe.label)
     t_done = time.perf_counter()

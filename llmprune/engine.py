@@ -176,15 +176,20 @@ class Stream:
 
         Returns the hidden states after the last block (before the final norm), one tensor per batch.
         """
+        source = getattr(self.model, "block_source", None)  # lazy models: weights read per block (lazy.py)
         with self.non_block_modules_on_device():
             self.capture()
         for i in tqdm(range(len(self.blocks)), desc=desc, unit="block", leave=False):
             block = self.blocks[i]
+            if source is not None:
+                source.load(i, block)
             block.to(self.device)
             if on_block is not None:
                 on_block(i, block, lambda i=i, block=block: self.forward_block(i, block, keep=False))
             self.hidden = self.forward_block(i, block, keep=True)
             block.to("cpu")
+            if source is not None:
+                source.release(i, block)
         return self.hidden
 
     @torch.no_grad()

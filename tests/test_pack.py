@@ -165,9 +165,10 @@ def test_inspect_shows_per_layer_sparsities_of_an_allocation(tiny_model_dir, cal
 
 def test_a_layer_breaking_24_is_refused_by_name_or_kept_dense(tiny_model_dir, calib, tmp_path, capsys):
     src = compressed(tiny_model_dir, tmp_path / "c", calib, "--pattern", "2:4")
-    shard = src / "model.safetensors"
-    tensors = load_file(shard)
     name = "model.layers.1.mlp.up_proj"
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"][f"{name}.weight"]
+    tensors = load_file(shard)
     tensors[f"{name}.weight"][7, 4:8] = 1.0
     save_file(tensors, str(shard), metadata={"format": "pt"})
     code, out, err = run(["pack", src, "--pattern", "2:4", "--out", tmp_path / "p"], capsys)

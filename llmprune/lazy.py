@@ -1,0 +1,130 @@
+"""Lazy loading: a model whose decoder blocks stay on disk until the engine reaches them.
+
+The skeleton is built without weights (parameters on the meta device; buffers such as rotary tables are
+computed as usual), everything outside the blocks (embeddings, final norm, head) is read at once, and each
+block's tensors are read from the safetensors shards when its turn comes, then dropped again. Host memory
+is about one block plus the embeddings, whatever the model's size.
+
+The engine calls ``BlockSource.load(i, block)`` / ``release(i, block)`` around each block when the model
+carries a ``block_source`` attribute; it knows nothing else about where weights come from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from llmprune.arch import find_blocks
+from llmprune.checkpoint import TensorReader
+from llmprune.errors import UsageError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def can_load_lazily(directory: Path) -> bool:
+    """A plain safetensors model directory (no quantization_config, not packed), single file or sharded."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() or (directory / "llmprune-pack.json").is_file():
+        return False
+    if "quantization_config" in json.loads((directory / "config.json").read_text()):
+        return False
+    return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+
+
+def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+class BlockSource:
+    """Reads block ``i``'s tensors from ``reader`` (or from an override, e.g. an already compressed block)."""
+
+    def __init__(self, reader: TensorReader, path: str, dtype: torch.dtype):
+        self.reader = reader
+        self.path = path
+        self.dtype = dtype
+        self.overrides: dict[int, TensorReader] = {}
+
+    def keys(self, i: int, block: nn.Module) -> dict[str, str]:
+        """Block-local name -> checkpoint key, for every parameter and persistent buffer."""
+        return {name: f"{self.path}.{i}.{name}" for name in block.state_dict()}
+
+    def load(self, i: int, block: nn.Module) -> None:
+        reader = self.overrides.get(i, self.reader)
+        for name, key in self.keys(i, block).items():
+            if key not in reader:
+                raise UsageError(f"{key} is missing from {reader.directory}: the checkpoint does not match its"
+                                 " config; re-save it with save_pretrained")
+            t = reader.get(key)
+            _set_tensor(block, name, t.to(self.dtype) if t.is_floating_point() else t)
+
+    def release(self, i: int, block: nn.Module) -> None:
+        for name, t in block.state_dict().items():
+            _set_tensor(block, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+
+def load_lazy(directory: Path, dtype: str = "auto"):
+    """(model with its blocks on the meta device and ``model.block_source`` set, tokenizer)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    reader = TensorReader(directory)
+    reader.check()
+    config = AutoConfig.from_pretrained(directory)
+    torch_dtype = DTYPES.get(dtype) or _stored_dtype(config, reader)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval()
+    model.config.use_cache = False
+    path, blocks = find_blocks(model)
+    inside = f"{path}."
+    tied = _tied_keys(model)
+    for name in model.state_dict():
+        if name.startswith(inside):
+            continue
+        if name not in reader:
+            if name in tied:
+                continue  # the output embedding, tied to the input embedding: stored once
+            raise UsageError(f"{name} is missing from {directory}: the checkpoint does not match its config")
+        v = reader.get(name)
+        _set_tensor(model, name, v.to(torch_dtype) if v.is_floating_point() else v)
+    model.tie_weights()
+    model.block_source = BlockSource(reader, path, torch_dtype)
+    for i, block in enumerate(blocks):  # check the keys up front, not at block 57
+        missing = [k for k in model.block_source.keys(i, block).values() if k not in reader]
+        if missing:
+            raise UsageError(f"{missing[0]} is missing from {directory}: the checkpoint does not match its config")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception:
+        tokenizer = None
+    return model, tokenizer
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """The output embedding's weight key when the config ties it to the input embedding."""
+    out = model.get_output_embeddings()
+    if out is None or not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {f"{n}.weight" for n, m in model.named_modules() if m is out}
+
+
+def _stored_dtype(config, reader: TensorReader) -> torch.dtype:
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    if isinstance(dt, str) and dt in DTYPES:
+        return DTYPES[dt]
+    for k in reader.keys():
+        t = reader.get(k)
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32

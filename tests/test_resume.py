@@ -1,0 +1,177 @@
+"""Models larger than memory: lazy block loading, incremental writing to OUT.partial/, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmprune.cli import main
+from llmprune.data import builtin_text_path
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny 6-block llama saved as several shards (with an index), plus a calibration file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("sharded")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(d / "model", max_shard_size="200KB")
+    tiny_tokenizer.save_pretrained(d / "model")
+    (d / "calib.txt").write_text(builtin_text_path().read_text()[:60_000])
+    assert (d / "model" / "model.safetensors.index.json").is_file()
+    return d
+
+
+def args(d: Path, out: Path, *extra) -> list[str]:
+    return ["compress", str(d / "model"), "--out", str(out), "--calib", str(d / "calib.txt"), "--nsamples", "8",
+            "--seqlen", "64", "--device", "cpu", *extra]
+
+
+def run(argv, capsys=None) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every weight file, the index and the config, byte for byte (the report holds timings)."""
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())
+            if f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json", "config.json")}
+
+
+def state(directory: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory).state_dict()
+
+
+@pytest.mark.parametrize("extra", [(), ("--wbits", "4", "--group-size", "32"), ("--sparsity", "0.6", "--allocation",
+                                                                                  "owl")])
+def test_lazy_and_eager_give_the_same_model(sharded, tmp_path, extra):
+    assert run(args(sharded, tmp_path / "lazy", *extra)) == 0
+    assert run(args(sharded, tmp_path / "eager", "--no-lazy", *extra)) == 0
+    a, b = state(tmp_path / "lazy"), state(tmp_path / "eager")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "lazy" / "llmprune.json").read_text())
+    assert report["model"]["lazy"] and len(report["layers"]) == 6 * 7
+    assert not (tmp_path / "lazy.partial").exists()
+    if "--wbits" in extra:  # the grids are kept, so the checkpoint can be packed later
+        assert (tmp_path / "lazy" / "llmprune-grids.safetensors").is_file()
+
+
+def test_eval_ppl_streams_from_disk_with_the_same_result(sharded, capsys):
+    from llmprune.evaluate import perplexity
+    from llmprune.loading import load_model
+
+    assert run(["eval-ppl", str(sharded / "model"), "--dataset", str(sharded / "calib.txt"), "--seqlen", "64",
+                "--max-windows", "4", "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"]
+    from llmprune.data import eval_windows, load_text, tokenize
+
+    model, tok, _ = load_model(str(sharded / "model"))
+    text, _ = load_text(str(sharded / "calib.txt"), "test")
+    windows = eval_windows(tokenize(tok, text), 64, str(sharded / "calib.txt"), 4)
+    assert got == perplexity(model, windows, torch.device("cpu"), 4)
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen([sys.executable, "-m", "llmprune", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _kill_after(proc: subprocess.Popen, journal: Path, k: int) -> int:
+    """SIGKILL ``proc`` as soon as the journal lists k finished blocks; return how many it listed then."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            done = len(json.loads(journal.read_text())["blocks"])
+        except (OSError, ValueError):
+            done = 0
+        if done >= k:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return done
+        if proc.poll() is not None:
+            pytest.fail(f"finished before block {k}: {proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("timed out")
+
+
+def test_sigkill_then_resume_is_byte_identical(sharded, tmp_path):
+    ref = tmp_path / "ref"
+    assert run(args(sharded, ref)) == 0
+    for k in (1, 3, 5):
+        out = tmp_path / f"out{k}"
+        done = _kill_after(_spawn(args(sharded, out)), tmp_path / f"out{k}.partial" / "journal.json", k)
+        assert not out.exists() and (tmp_path / f"out{k}.partial").is_dir()
+        proc = subprocess.run([sys.executable, "-m", "llmprune", *args(sharded, out)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-800:]
+        assert f"{done} blocks already done" in proc.stderr
+        assert files(out) == files(ref)
+        assert not (tmp_path / f"out{k}.partial").exists()
+
+
+def test_resume_with_another_spec_is_refused(sharded, tmp_path, capsys):
+    out = tmp_path / "o"
+    _kill_after(_spawn(args(sharded, out)), tmp_path / "o.partial" / "journal.json", 2)
+    before = sorted(p.name for p in (tmp_path / "o.partial").iterdir())
+    assert run(args(sharded, out, "--sparsity", "0.6")) == 2
+    err = capsys.readouterr().err
+    assert "different spec (recipe differ)" in err and "o.partial" in err
+    assert sorted(p.name for p in (tmp_path / "o.partial").iterdir()) == before and not out.exists()
+
+
+def test_disk_full_keeps_the_partial_directory_for_resume(sharded, tmp_path, capsys, monkeypatch):
+    import llmprune.resume as resume
+
+    real = resume.save_file
+    calls = {"n": 0}
+
+    def full_after_two(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(resume, "save_file", full_after_two)
+    out = tmp_path / "o"
+    assert run(args(sharded, out)) == 2
+    err = capsys.readouterr().err
+    assert "disk full while writing" in err and "re-run the same command" in err and "Traceback" not in err
+    assert not out.exists()
+    journal = json.loads((tmp_path / "o.partial" / "journal.json").read_text())
+    assert sorted(journal["blocks"]) == ["0", "1"]
+    assert not [p for p in (tmp_path / "o.partial").iterdir() if p.name.startswith(".")]  # no temp files left
+    monkeypatch.setattr(resume, "save_file", real)
+    assert run(args(sharded, out)) == 0
+    assert run(args(sharded, tmp_path / "ref")) == 0
+    assert files(out) == files(tmp_path / "ref")
+
+
+def test_a_truncated_shard_is_named(sharded, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(sharded / "model", src)
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code = run(["compress", str(src), "--out", str(tmp_path / "o"), "--calib", str(sharded / "calib.txt"),
+                "--nsamples", "4", "--seqlen", "32", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and shard.name in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
