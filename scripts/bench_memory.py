@@ -1,0 +1,153 @@
+"""Peak host memory of compressing a model larger than one wants to hold: a synthetic Llama-shaped model
+(random bf16 weights, >= 2 billion parameters, several shards, written one block at a time so it is never
+whole in memory) compressed by SparseGPT 50% through the lazy, resumable path.
+
+Prints peak RSS of the compress process (``ru_maxrss`` of the child), the RSS of a process that only imports
+llmprune/torch/transformers (the floor no streaming can remove), the model's size on disk, the bound
+1.5 x (one block's weights in fp32 + its Hessians + calibration activations), and the time.
+
+    python scripts/bench_memory.py [--layers 48 --hidden 2048 --inter 5632] [--dir /tmp/synthetic] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def write_model(d: Path, layers: int, hidden: int, inter: int, vocab: int, heads: int) -> int:
+    """The config, the shards (one per block, plus embeddings/head), the index, a tokenizer; returns #params."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from llmprune.data import builtin_text_path
+
+    d.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    config.save_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    n_files = layers + 1
+    weight_map, total, params = {}, 0, 0
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        block = {f"{p}.self_attn.{n}.weight": rnd(hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        block |= {f"{p}.mlp.gate_proj.weight": rnd(inter, hidden), f"{p}.mlp.up_proj.weight": rnd(inter, hidden),
+                  f"{p}.mlp.down_proj.weight": rnd(hidden, inter),
+                  f"{p}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                  f"{p}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        fname = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
+        save_file(block, str(d / fname), metadata={"format": "pt"})
+        for k, t in block.items():
+            weight_map[k] = fname
+            total += t.numel() * 2
+            params += t.numel()
+        del block
+    rest = {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden),
+            "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    fname = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+    save_file(rest, str(d / fname), metadata={"format": "pt"})
+    for k, t in rest.items():
+        weight_map[k] = fname
+        total += t.numel() * 2
+        params += t.numel()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                "weight_map": weight_map}))
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator([builtin_text_path().read_text()[:200_000]], vocab_size=1000, show_progress=False)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(d)
+    return params
+
+
+_CHILD = """
+import resource, sys
+from llmprune.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def compress_peak(model_dir: Path, out_dir: Path, nsamples: int, seqlen: int) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of ``llmprune compress`` (SparseGPT 50%) in a fresh process."""
+    argv = ["compress", str(model_dir), "--out", str(out_dir), "--sparsity", "0.5", "--calib", "shakespeare",
+            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu", "--overwrite"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(proc.stderr[-2000:])
+    kb = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    return kb / 1024, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=5632)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--dir", default=None, help="where to build the model (default: a temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep the model and output")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_memory.txt"))
+    args = ap.parse_args()
+
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="llmprune-mem-"))
+    model_dir, out_dir = root / "model", root / "out"
+    t0 = time.perf_counter()
+    params = write_model(model_dir, args.layers, args.hidden, args.inter, args.vocab, args.heads)
+    gen_s = time.perf_counter() - t0
+    disk = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    peak, seconds = compress_peak(model_dir, out_dir, args.nsamples, args.seqlen)
+    # the fixed cost of any run (interpreter, torch, transformers, datasets, tokenizer, calibration text):
+    # the same command on a 1-block model with hidden size 64
+    write_model(root / "floor", 1, 64, 128, 1000, 4)
+    floor, _ = compress_peak(root / "floor", root / "floor-out", args.nsamples, args.seqlen)
+    h, m = args.hidden, args.inter
+    block_fp32 = 4 * (4 * h * h + 3 * h * m) / 2**20
+    hessians = 4 * (3 * h * h + m * m) / 2**20  # q/k/v share one, o_proj, gate/up share one, down_proj
+    acts = 2 * 2 * args.nsamples * args.seqlen * h / 2**20  # inputs and outputs of a block, bf16
+    bound = 1.5 * (block_fp32 + hessians + acts)
+    lines = [
+        f"# bench_memory: synthetic llama {args.layers} x (hidden {h}, mlp {m}), vocab {args.vocab}, bf16;"
+        f" SparseGPT 50%, {args.nsamples} x {args.seqlen} calibration tokens, CPU ({platform.machine()}),"
+        f" torch {torch.__version__}",
+        f"parameters                      {params / 1e9:.2f} B",
+        f"model on disk                   {disk / 2**30:.2f} GiB ({args.layers + 1} shards; written in {gen_s:.0f} s)",
+        f"peak RSS of compress            {peak:.0f} MiB ({peak / (disk / 2**20):.2f} x the model on disk)",
+        f"RSS floor (same run, tiny model) {floor:.0f} MiB",
+        f"peak RSS above the floor        {peak - floor:.0f} MiB  <- what the model costs",
+        f"bound 1.5 x (block fp32 {block_fp32:.0f} + Hessians {hessians:.0f} + activations {acts:.0f} MiB)"
+        f"  {bound:.0f} MiB",
+        f"embeddings + head (kept in memory, bf16) {2 * 2 * args.vocab * h / 2**20:.0f} MiB",
+        f"compress wall time              {seconds:.0f} s",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
