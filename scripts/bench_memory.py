@@ -43,7 +43,14 @@ def write_model(d: Path, layers: int, hidden: int, inter: int, vocab: int, heads
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
     n_files = layers + 1
-    weight_map, total, params = {}, 0, 0
+    weight_map: dict[str, str] = {}
+
+    def shard(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        fname = f"model-{index:05d}-of-{n_files:05d}.safetensors"
+        save_file(tensors, str(d / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+
+    params = 0
     for i in range(layers):
         p = f"model.layers.{i}"
         block = {f"{p}.self_attn.{n}.weight": rnd(hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
@@ -51,22 +58,14 @@ def write_model(d: Path, layers: int, hidden: int, inter: int, vocab: int, heads
                   f"{p}.mlp.down_proj.weight": rnd(hidden, inter),
                   f"{p}.input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
                   f"{p}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
-        fname = f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
-        save_file(block, str(d / fname), metadata={"format": "pt"})
-        for k, t in block.items():
-            weight_map[k] = fname
-            total += t.numel() * 2
-            params += t.numel()
+        shard(i + 1, block)
+        params += sum(t.numel() for t in block.values())
         del block
     rest = {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden),
             "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
-    fname = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
-    save_file(rest, str(d / fname), metadata={"format": "pt"})
-    for k, t in rest.items():
-        weight_map[k] = fname
-        total += t.numel() * 2
-        params += t.numel()
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+    shard(n_files, rest)
+    params += sum(t.numel() for t in rest.values())
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 2 * params},
                                                                 "weight_map": weight_map}))
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator([builtin_text_path().read_text()[:200_000]], vocab_size=1000, show_progress=False)
