@@ -121,6 +121,10 @@ class TensorReader:
         for fname in sorted(set(self.where.values())):
             self._open(fname)
 
+    def close(self) -> None:
+        """Drop the open shards: their memory maps go, and with them the pages read (which count as RSS)."""
+        self._files.clear()
+
     def keys(self) -> list[str]:
         return list(self.where)
 

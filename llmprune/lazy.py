@@ -64,6 +64,7 @@ class BlockSource:
                                  " config; re-save it with save_pretrained")
             t = reader.get(key)
             _set_tensor(block, name, t.to(self.dtype) if t.is_floating_point() else t)
+        reader.close()
 
     def release(self, i: int, block: nn.Module) -> None:
         for name, t in block.state_dict().items():
@@ -97,6 +98,7 @@ def load_lazy(directory: Path, dtype: str = "auto"):
         v = reader.get(name)
         _set_tensor(model, name, v.to(torch_dtype) if v.is_floating_point() else v)
     model.tie_weights()
+    reader.close()
     model.block_source = BlockSource(reader, path, torch_dtype)
     for i, block in enumerate(blocks):  # check the keys up front, not at block 57
         missing = [k for k in model.block_source.keys(i, block).values() if k not in reader]

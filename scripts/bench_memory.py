@@ -73,27 +73,36 @@ def write_model(d: Path, layers: int, hidden: int, inter: int, vocab: int, heads
     return params
 
 
-_CHILD = """
-import resource, sys
-from llmprune.cli import main
-try:
-    main(sys.argv[1:])
-finally:
-    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
-"""
+def compress_peak(model_dir: Path, out_dir: Path, nsamples: int, seqlen: int,
+                  max_blocks: int | None = None) -> tuple[float, float, int]:
+    """(peak RSS in MiB sampled every 50 ms, seconds, blocks done) of ``llmprune compress`` (SparseGPT 50%) in a
+    fresh process; with ``max_blocks`` the run is killed once that many blocks are journaled (the peak repeats
+    every block, so the first few show it)."""
+    import psutil
 
-
-def compress_peak(model_dir: Path, out_dir: Path, nsamples: int, seqlen: int) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of ``llmprune compress`` (SparseGPT 50%) in a fresh process."""
     argv = ["compress", str(model_dir), "--out", str(out_dir), "--sparsity", "0.5", "--calib", "shakespeare",
             "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu", "--overwrite"]
+    journal = out_dir.parent / f"{out_dir.name}.partial" / "journal.json"
+    shutil.rmtree(journal.parent, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *argv], capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llmprune", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ps, peak, done = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss)
+            done = len(json.loads(journal.read_text())["blocks"]) if journal.is_file() else done
+        except (psutil.Error, OSError, ValueError):
+            pass
+        if max_blocks is not None and done >= max_blocks:
+            proc.kill()
+            break
+        time.sleep(0.05)
+    proc.wait()
     seconds = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(proc.stderr[-2000:])
-    kb = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
-    return kb / 1024, seconds
+    if max_blocks is None and proc.returncode:
+        sys.exit(proc.stderr.read()[-2000:])
+    return peak / 2**20, seconds, done
 
 
 def main() -> None:
@@ -107,6 +116,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--dir", default=None, help="where to build the model (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the model and output")
+    ap.add_argument("--max-blocks", type=int, default=None,
+                    help="stop the compress run after this many blocks (the per-block peak repeats)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_memory.txt"))
     args = ap.parse_args()
 
@@ -116,11 +127,11 @@ def main() -> None:
     params = write_model(model_dir, args.layers, args.hidden, args.inter, args.vocab, args.heads)
     gen_s = time.perf_counter() - t0
     disk = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    peak, seconds = compress_peak(model_dir, out_dir, args.nsamples, args.seqlen)
+    peak, seconds, done = compress_peak(model_dir, out_dir, args.nsamples, args.seqlen, args.max_blocks)
     # the fixed cost of any run (interpreter, torch, transformers, datasets, tokenizer, calibration text):
     # the same command on a 1-block model with hidden size 64
     write_model(root / "floor", 1, 64, 128, 1000, 4)
-    floor, _ = compress_peak(root / "floor", root / "floor-out", args.nsamples, args.seqlen)
+    floor, _, _ = compress_peak(root / "floor", root / "floor-out", args.nsamples, args.seqlen)
     h, m = args.hidden, args.inter
     block_fp32 = 4 * (4 * h * h + 3 * h * m) / 2**20
     hessians = 4 * (3 * h * h + m * m) / 2**20  # q/k/v share one, o_proj, gate/up share one, down_proj
@@ -138,7 +149,8 @@ def main() -> None:
         f"bound 1.5 x (block fp32 {block_fp32:.0f} + Hessians {hessians:.0f} + activations {acts:.0f} MiB)"
         f"  {bound:.0f} MiB",
         f"embeddings + head (kept in memory, bf16) {2 * 2 * args.vocab * h / 2**20:.0f} MiB",
-        f"compress wall time              {seconds:.0f} s",
+        f"compress wall time              {seconds:.0f} s for {done if args.max_blocks else args.layers} of"
+        f" {args.layers} blocks" + (" (stopped there by --max-blocks)" if args.max_blocks else ""),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
