@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.errors import UsageError
-from llmprune.quant import QuantParams, QuantSpec, codes, dequantize
+from llmprune.quant import QuantParams, QuantSpec, codes, dequantize, sym_zero
 
 REPORT = "llmprune.json"
 GRIDS = "llmprune-grids.safetensors"  # dense checkpoints of quantized runs: each layer's scales and zero points
@@ -156,7 +156,7 @@ def decode_pack_quantized(reader: TensorReader, name: str, spec: QuantSpec) -> t
     scale = reader.get(f"{name}.weight_scale")
     c = unpack_int32(reader.get(f"{name}.weight_packed"), spec.wbits, cols)
     if spec.sym:
-        zero = torch.full_like(scale, (spec.maxq + 1) // 2, dtype=torch.uint8)
+        zero = sym_zero(scale, spec)
     else:
         zp = reader.get(f"{name}.weight_zero_point")  # packed along the output dimension
         zero = unpack_int32(zp.t().contiguous(), spec.wbits, rows).t().contiguous()
@@ -179,6 +179,15 @@ def quant_spec_from_config(config: dict) -> QuantSpec | None:
         raise UsageError("unsupported compressed-tensors scheme: one int weight group is supported")
     return QuantSpec(int(w["num_bits"]), int(w["group_size"] or -1), bool(w["symmetric"]),
                      "mse" if w.get("observer") == "mse" else "minmax")
+
+
+def save_metadata(model: nn.Module, tokenizer, directory: Path) -> None:
+    """Everything of a model directory but the weights: config, generation config, tokenizer."""
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def write_report(directory: Path, report: dict) -> None:
@@ -290,14 +299,10 @@ def save_compressed_tensors(
     write_shards(tensors, directory, max_shard_bytes)
     total = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     spec = next(iter(grids.values())).spec
-    model.config.save_pretrained(directory)
+    save_metadata(model, tokenizer, directory)
     cfg_path = directory / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = compressed_tensors_config(spec, act_order, ignore)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
     write_report(directory, report)
     return {"format": "compressed-tensors", "bits_per_weight": 8 * packed_bytes / numel, "bytes": total}

@@ -7,12 +7,16 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from llmprune import __version__
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _versions() -> dict[str, str]:
@@ -180,7 +184,7 @@ def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: d
     import hashlib
 
     from llmprune.arch import find_blocks
-    from llmprune.checkpoint import write_report
+    from llmprune.checkpoint import save_metadata, unique_state_dict, write_report
     from llmprune.compress import calibration_set, compress_model
     from llmprune.lazy import load_lazy
     from llmprune.resume import PartialOutput
@@ -197,29 +201,15 @@ def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: d
     report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial)
     report["calibration"] = calib
     report["timings"]["load_s"] = round(load_s, 3)
-    dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
-    report["model"] = {"source": mref.ref, "kind": mref.kind, "type": model.config.model_type,
-                       "dtype": str(dtype).removeprefix("torch."), "lazy": True}
-    report["versions"] = _versions()
+    dtype = describe_run(report, model, mref.ref, mref.kind, lazy=True)
     block_path, _ = find_blocks(model)
-    rest, seen = {}, set()
-    for name, t in model.state_dict().items():
-        if name.startswith(f"{block_path}.") or t.device.type == "meta":
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:  # tied embeddings once
-            seen.add(key)
-            rest[name] = t
+    rest = {name: t for name, t in unique_state_dict(model).items()  # blocks are on disk (and meta here)
+            if not name.startswith(f"{block_path}.") and t.device.type != "meta"}
     t_save = time.perf_counter()
 
     def write_meta(directory: Path) -> None:
-        model.config.save_pretrained(directory)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        report["checkpoint"] = {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
-                                "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+        save_metadata(model, tokenizer, directory)
+        report["checkpoint"] = dense_checkpoint_info(directory, dtype)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         write_report(directory, report)
@@ -228,16 +218,27 @@ def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: d
     return report, model, tokenizer
 
 
+def describe_run(report: dict, model, source: str, kind: str, **extra) -> torch.dtype:
+    """Add the model and versions to the report; return the model's (materialised) dtype."""
+    dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
+    report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
+                       "dtype": str(dtype).removeprefix("torch."), **extra}
+    report["versions"] = _versions()
+    return dtype
+
+
+def dense_checkpoint_info(directory: Path, dtype) -> dict:
+    return {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
+            "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+
+
 def save_checkpoint(out: Path, model, tokenizer, report: dict, source: str, kind: str,
                     t_start: float | None = None, grids: dict | None = None) -> None:
     """Complete the report (model, versions, checkpoint size, save and total time) and publish the directory
     atomically, in the recipe's format."""
     from llmprune.checkpoint import atomic_dir, save_compressed_tensors, save_hf, write_report
 
-    dtype = next(model.parameters()).dtype
-    report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
-                       "dtype": str(dtype).removeprefix("torch.")}
-    report["versions"] = _versions()
+    dtype = describe_run(report, model, source, kind)
     recipe = report["recipe"]
     t_save = time.perf_counter()
     with atomic_dir(out) as tmp:
@@ -246,8 +247,7 @@ def save_checkpoint(out: Path, model, tokenizer, report: dict, source: str, kind
                                                            act_order=recipe["act_order"])
         else:
             save_hf(model, tokenizer, tmp, report, grids=grids)
-            report["checkpoint"] = {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
-                                    "bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
+            report["checkpoint"] = dense_checkpoint_info(tmp, dtype)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
         if t_start is not None:
             report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)

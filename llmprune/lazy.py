@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from llmprune.loading import DTYPES
 
 
 def can_load_lazily(directory: Path) -> bool:

@@ -39,7 +39,7 @@ from llmprune.checkpoint import (
 )
 from llmprune.errors import UsageError
 from llmprune.kernels import use_triton
-from llmprune.quant import QuantParams, QuantSpec, dequantize, quantize
+from llmprune.quant import QuantParams, QuantSpec, dequantize, quantize, sym_zero
 from llmprune.recipe import Pattern, parse_pattern
 
 MANIFEST = "llmprune-pack.json"
@@ -151,8 +151,7 @@ def unpack_layer(reader: TensorReader, name: str, info: dict, kernels: str = "au
     if info.get("wbits"):
         spec = QuantSpec(info["wbits"], info["group_size"], info["sym"], info.get("search", "minmax"))
         scale = reader.get(f"{name}.scale")
-        zero = reader.get(f"{name}.zero") if not spec.sym else torch.full_like(
-            scale, (spec.maxq + 1) // 2, dtype=torch.uint8)
+        zero = sym_zero(scale, spec) if spec.sym else reader.get(f"{name}.zero")
         params = QuantParams(scale, zero, spec)
         s, z = kept_grid(params, cols)
         c = unpack_int32(reader.get(f"{name}.codes").to(device), spec.wbits, cols // 2)

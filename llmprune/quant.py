@@ -52,6 +52,11 @@ class QuantParams:
         return self.scale.float().repeat_interleave(g, dim=1), self.zero.float().repeat_interleave(g, dim=1)
 
 
+def sym_zero(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """The zero points of a symmetric grid (not stored in checkpoints): the middle code, shaped like ``scale``."""
+    return torch.full_like(scale, (spec.maxq + 1) // 2, dtype=torch.uint8)
+
+
 def quantize(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     """Integer codes (as floats) of ``x`` on the grid: clamp(round(x / scale) + zero, 0, maxq)."""
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)

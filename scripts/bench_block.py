@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import publish  # scripts/tables.py
 
 from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
 from llmprune.engine import Stream, default_device
@@ -144,12 +145,8 @@ def main() -> None:
         f"(at {args.tokens} calibration tokens; the paper's 262144 scale the passes and Hessians linearly)",
         peak,
     ]
-    text = "\n".join(lines)
-    print(text)
     default = Path(__file__).parent / "results" / f"bench_block_{args.preset}_{device.type}.txt"
-    out = Path(args.out) if args.out else default
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    publish(lines, args.out or default)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import publish  # scripts/tables.py
 
 from llmprune.compress import calibration_set, compress_model
 from llmprune.data import batched
@@ -103,10 +104,7 @@ def main() -> None:
     ]
     lines += [f"{m:<20} {w:>8.2f} {s:>9.2f} {r:>13.2f} {w / base:>12.3f} {sp:>9.4f}" for m, w, s, r, sp in rows]
     lines.append(f"peak RSS {peak_rss_gib():.2f} GiB (whole process, model load included)")
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from tables import publish  # scripts/tables.py
 
 from llmprune.kernels.pack24 import pack24, pack24_torch  # noqa: E402
 from llmprune.recipe import Pattern  # noqa: E402
@@ -104,10 +105,8 @@ def main() -> None:
         lines.append(line)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_kernels_{device.type}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"-> {out}")
+    out = args.out or Path(__file__).parent / "results" / f"bench_kernels_{device.type}.txt"
+    print(f"-> {publish(lines, out, echo=False)}")  # the rows were printed as they came
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tables import publish  # scripts/tables.py
 
 
 def write_model(d: Path, layers: int, hidden: int, inter: int, vocab: int, heads: int) -> int:
@@ -152,10 +153,7 @@ def main() -> None:
         f"compress wall time              {seconds:.0f} s for {done if args.max_blocks else args.layers} of"
         f" {args.layers} blocks" + (" (stopped there by --max-blocks)" if args.max_blocks else ""),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    publish(lines, args.out)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from tables import publish  # scripts/tables.py
 from torch import nn
 
 
@@ -82,10 +83,7 @@ def main() -> None:
     if args.model:
         lines += ["", f"# prefill of {args.model}", f"{'weights':>16}{'tokens':>8}{'ms':>12}{'tokens/s':>14}"]
         lines += model_rows(args.model, args.prefill_tokens)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

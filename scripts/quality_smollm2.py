@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import publish  # scripts/tables.py
 
 from llmprune.checkpoint import save_compressed_tensors
 from llmprune.compress import calibration_set, compress_model
@@ -90,10 +91,7 @@ def main() -> None:
         f"{'recipe':<30} {'zeros':>7} {'bits/w':>7} {'ppl':>9} {'compress s':>11}",
     ]
     lines += [f"{n:<30} {z:>7.2%} {b:>7} {p:>9.2f} {s:>11.1f}" for n, z, b, p, s in rows]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,12 @@ def row_balanced_mask(score: Tensor, sparsity: float) -> Tensor:
     return mask
 
 
+def violations(W: Tensor, pattern: Pattern) -> Tensor:
+    """Bool (rows, cols/m): groups of ``m`` consecutive columns holding more than ``n`` nonzeros."""
+    rows, cols = W.shape
+    return (W.reshape(rows, cols // pattern.m, pattern.m) != 0).sum(-1) > pattern.n
+
+
 def holds(W: Tensor, pattern: Pattern) -> bool:
     """Whether every row of ``W`` has at most ``n`` nonzeros in each group of ``m`` consecutive columns."""
-    rows, cols = W.shape
-    if cols % pattern.m:
-        return False
-    return bool(((W.reshape(rows, cols // pattern.m, pattern.m) != 0).sum(-1) <= pattern.n).all())
+    return W.shape[1] % pattern.m == 0 and not bool(violations(W, pattern).any())
