@@ -183,8 +183,7 @@ def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: d
     publish it as ``out``."""
     import hashlib
 
-    from llmprune.arch import find_blocks
-    from llmprune.checkpoint import save_metadata, unique_state_dict, write_report
+    from llmprune.checkpoint import save_metadata, write_report
     from llmprune.compress import calibration_set, compress_model
     from llmprune.lazy import load_lazy
     from llmprune.resume import PartialOutput
@@ -202,9 +201,7 @@ def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: d
     report["calibration"] = calib
     report["timings"]["load_s"] = round(load_s, 3)
     dtype = describe_run(report, model, mref.ref, mref.kind, lazy=True)
-    block_path, _ = find_blocks(model)
-    rest = {name: t for name, t in unique_state_dict(model).items()  # blocks are on disk (and meta here)
-            if not name.startswith(f"{block_path}.") and t.device.type != "meta"}
+    rest = model.block_source.rest_state()  # the tensors outside the blocks, as the input stores them
     t_save = time.perf_counter()
 
     def write_meta(directory: Path) -> None:
@@ -220,7 +217,8 @@ def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: d
 
 def describe_run(report: dict, model, source: str, kind: str, **extra) -> torch.dtype:
     """Add the model and versions to the report; return the model's (materialised) dtype."""
-    dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
+    source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
+    dtype = source.dtype if source is not None else next(p for p in model.parameters() if p.device.type != "meta").dtype
     report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
                        "dtype": str(dtype).removeprefix("torch."), **extra}
     report["versions"] = _versions()

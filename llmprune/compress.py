@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def compress_block(
         with collector:
             forward_all()
     reports = []
+    # how many linears still need each Hessian: it is freed after the last one's solve, so the widest
+    # layer's solve does not run beside the whole block's Hessians
+    uses = Counter(collector.leader[n] for n in linears if n in collector.leader)
     for name, mod in linears.items():
         full = f"{block_prefix}.{name}"
         if needs_h and name not in collector.leader:
@@ -149,6 +153,11 @@ def compress_block(
                 hessian_of=f"{block_prefix}.{lead}" if lead and lead != name else None,
             )
         )
+        del res, H, W
+        if lead is not None:
+            uses[lead] -= 1
+            if not uses[lead]:
+                collector.drop(lead)
     return reports
 
 

@@ -126,7 +126,13 @@ class Stream:
 
     @contextlib.contextmanager
     def non_block_modules_on_device(self) -> Iterator[None]:
-        """Embeddings, rotary, final norm and head on the device; the blocks stay where they are."""
+        """Embeddings, rotary, final norm and head on the device; the blocks stay where they are.
+
+        A lazily loaded model's source reads them for the duration and drops them after (lazy.py).
+        """
+        source = getattr(self.model, "block_source", None)
+        if source is not None:
+            source.load_rest(self.model)
         with self._stand_ins():
             self.model.to(self.device)
         try:
@@ -134,6 +140,8 @@ class Stream:
         finally:
             with self._stand_ins():
                 self.model.to("cpu")
+            if source is not None:
+                source.release_rest(self.model)
 
     @torch.no_grad()
     def capture(self) -> None:

@@ -30,15 +30,19 @@ def hessian_update(H: Tensor, n: int, x: Tensor, hessian_dtype: str = "auto") ->
 
     Rescaling H before adding keeps every term O(1): no overflow over many samples and no loss of the
     small late terms against a huge running sum. The batch's own xᵀx is formed unscaled (scaling a 16-bit x
-    by sqrt(2/n) first would round it) and scaled in fp32.
+    by sqrt(2/n) first would round it) and scaled in fp32; off the tensor-core path that is one in-place
+    ``addmm_`` (H = βH + α xᵀx), so no second (cols, cols) matrix is ever allocated.
     """
     b = x.shape[0]
     if b == 0:
         return H, n
-    H.mul_(n / (n + b))
-    n += b
-    H.add_(gram(x, hessian_dtype, H.dtype), alpha=2 / n)
-    return H, n
+    beta, alpha = n / (n + b), 2 / (n + b)
+    if hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and H.dtype == torch.float32:
+        H.mul_(beta).add_(gram(x, hessian_dtype, H.dtype), alpha=alpha)
+    else:  # in place, without an (cols, cols) temporary: the widest layer's is the size of H itself
+        x = x.to(H.dtype)
+        H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+    return H, n + b
 
 
 def layer_input_width(module: nn.Module) -> int:
@@ -98,6 +102,10 @@ class HessianCollector:
 
     def hessian(self, name: str) -> Tensor:
         return self.H[self.leader[name]]
+
+    def drop(self, leader: str) -> None:
+        """Free a group's Hessian once every linear that reads it is solved."""
+        del self.H[leader]
 
     def groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

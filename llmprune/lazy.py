@@ -1,12 +1,14 @@
 """Lazy loading: a model whose decoder blocks stay on disk until the engine reaches them.
 
 The skeleton is built without weights (parameters on the meta device; buffers such as rotary tables are
-computed as usual), everything outside the blocks (embeddings, final norm, head) is read at once, and each
-block's tensors are read from the safetensors shards when its turn comes, then dropped again. Host memory
-is about one block plus the embeddings, whatever the model's size.
+computed as usual). Each block's tensors are read from the safetensors shards when its turn comes, then
+dropped again; so are the tensors outside the blocks (embeddings, final norm, head), which the engine needs
+only to capture the first block's inputs and to compute logits. Host memory is about one block, whatever
+the model's size.
 
-The engine calls ``BlockSource.load(i, block)`` / ``release(i, block)`` around each block when the model
-carries a ``block_source`` attribute; it knows nothing else about where weights come from.
+The engine calls ``BlockSource.load(i, block)`` / ``release(i, block)`` around each block, and
+``load_rest(model)`` / ``release_rest(model)`` around its uses of the rest, when the model carries a
+``block_source`` attribute; it knows nothing else about where weights come from.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from llmprune import hostmem
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
@@ -45,11 +48,16 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
 class BlockSource:
     """Reads block ``i``'s tensors from ``reader`` (or from an override, e.g. an already compressed block)."""
 
-    def __init__(self, reader: TensorReader, path: str, dtype: torch.dtype):
+    def __init__(self, reader: TensorReader, path: str, dtype: torch.dtype, rest: list[str]):
         self.reader = reader
         self.path = path
         self.dtype = dtype
+        self.rest = rest  # checkpoint keys outside the blocks (a tied output embedding is not stored)
         self.overrides: dict[int, TensorReader] = {}
+
+    def _read(self, reader: TensorReader, key: str) -> Tensor:
+        t = reader.get(key)
+        return t.to(self.dtype) if t.is_floating_point() else t
 
     def keys(self, i: int, block: nn.Module) -> dict[str, str]:
         """Block-local name -> checkpoint key, for every parameter and persistent buffer."""
@@ -61,21 +69,40 @@ class BlockSource:
             if key not in reader:
                 raise UsageError(f"{key} is missing from {reader.directory}: the checkpoint does not match its"
                                  " config; re-save it with save_pretrained")
-            t = reader.get(key)
-            _set_tensor(block, name, t.to(self.dtype) if t.is_floating_point() else t)
+            _set_tensor(block, name, self._read(reader, key))
         reader.close()
 
     def release(self, i: int, block: nn.Module) -> None:
         for name, t in block.state_dict().items():
             _set_tensor(block, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        hostmem.trim()
+
+    def rest_state(self) -> dict[str, Tensor]:
+        """The tensors outside the blocks, read now, as the checkpoint stores them."""
+        out = {key: self._read(self.reader, key) for key in self.rest}
+        self.reader.close()
+        return out
+
+    def load_rest(self, model: nn.Module) -> None:
+        for key, t in self.rest_state().items():
+            _set_tensor(model, key, t)
+        model.tie_weights()
+
+    def release_rest(self, model: nn.Module) -> None:
+        inside = f"{self.path}."
+        for name, t in model.state_dict().items():
+            if not name.startswith(inside):
+                _set_tensor(model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        hostmem.trim()
 
 
 def load_lazy(directory: Path, dtype: str = "auto"):
-    """(model with its blocks on the meta device and ``model.block_source`` set, tokenizer)."""
+    """(model with every parameter on the meta device and ``model.block_source`` set, tokenizer)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
+    hostmem.map_large_allocations()
     reader = TensorReader(directory)
     reader.check()
     config = AutoConfig.from_pretrained(directory)
@@ -86,19 +113,12 @@ def load_lazy(directory: Path, dtype: str = "auto"):
     model.config.use_cache = False
     path, blocks = find_blocks(model)
     inside = f"{path}."
-    tied = _tied_keys(model)
-    for name in model.state_dict():
-        if name.startswith(inside):
-            continue
+    tied = _tied_keys(model)  # the output embedding, tied to the input embedding: stored once
+    rest = [name for name in model.state_dict() if not name.startswith(inside) and name not in tied]
+    for name in rest:
         if name not in reader:
-            if name in tied:
-                continue  # the output embedding, tied to the input embedding: stored once
             raise UsageError(f"{name} is missing from {directory}: the checkpoint does not match its config")
-        v = reader.get(name)
-        _set_tensor(model, name, v.to(torch_dtype) if v.is_floating_point() else v)
-    model.tie_weights()
-    reader.close()
-    model.block_source = BlockSource(reader, path, torch_dtype)
+    model.block_source = BlockSource(reader, path, torch_dtype, rest)
     for i, block in enumerate(blocks):  # check the keys up front, not at block 57
         missing = [k for k in model.block_source.keys(i, block).values() if k not in reader]
         if missing:

@@ -18,10 +18,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from safetensors.torch import save_file
 from torch import Tensor
 
-from llmprune.checkpoint import TensorReader, read_grids, write_grids
+from llmprune.checkpoint import TensorReader, read_grids, save_tensors, write_grids
 from llmprune.errors import UsageError
 from llmprune.quant import QuantParams
 
@@ -127,8 +126,7 @@ class PartialOutput:
         tmp = self.dir / f".{name}.tmp"
         with _disk_errors(self.dir):
             try:
-                save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp),
-                          metadata={"format": "pt"})
+                save_tensors(tensors, tmp, metadata={"format": "pt"})
                 _replace_atomically(tmp, self.dir / name)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -143,8 +141,7 @@ class PartialOutput:
         """Complete the directory (``rest`` = tensors outside the blocks; ``write_meta(dir)`` writes config,
         tokenizer, report, ...) and rename it to ``OUT``."""
         with _disk_errors(self.dir):
-            save_file({k: t.detach().cpu().contiguous() for k, t in rest.items()},
-                      str(self.dir / "model-rest.safetensors"), metadata={"format": "pt"})
+            save_tensors(rest, self.dir / "model-rest.safetensors", metadata={"format": "pt"})
             weight_map, total = {}, 0
             files = [f"{self.block_prefix(i)}.safetensors" for i in self.finished] + ["model-rest.safetensors"]
             for fname in files:

@@ -25,7 +25,7 @@ from llmprune.engine import Stream, default_device
 from llmprune.hessian import HessianCollector
 from llmprune.recipe import parse_pattern
 from llmprune.solvers import sparsegpt
-from llmprune.solvers.hinv import inverse_hessian_cholesky, prepare_hessian
+from llmprune.solvers.hinv import inverse_hessian_cholesky
 
 PRESETS = {  # arch, hidden, intermediate, heads, kv heads, blocks
     "opt-175b": ("opt", 12288, 49152, 96, 96, 96),
@@ -112,7 +112,7 @@ def main() -> None:
         for name, mod in linears.items():
             W, H = get_weight(mod), hc.hessian(name)
             t0 = time.perf_counter()
-            inverse_hessian_cholesky(prepare_hessian(W, H)[1], 0.01)
+            inverse_hessian_cholesky(H, 0.01)
             sync(device)
             chol = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -139,16 +139,17 @@ def test_resume_with_another_spec_is_refused(sharded, tmp_path, capsys):
 def test_disk_full_keeps_the_partial_directory_for_resume(sharded, tmp_path, capsys, monkeypatch):
     import llmprune.resume as resume
 
-    real = resume.save_file
+    real = resume.save_tensors
     calls = {"n": 0}
 
     def full_after_two(tensors, path, metadata=None):
         calls["n"] += 1
         if calls["n"] > 2:
+            Path(path).write_bytes(b"\0" * 100)  # the disk fills up part way through the file
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(resume, "save_file", full_after_two)
+    monkeypatch.setattr(resume, "save_tensors", full_after_two)
     out = tmp_path / "o"
     assert run(args(sharded, out)) == 2
     err = capsys.readouterr().err
@@ -157,7 +158,7 @@ def test_disk_full_keeps_the_partial_directory_for_resume(sharded, tmp_path, cap
     journal = json.loads((tmp_path / "o.partial" / "journal.json").read_text())
     assert sorted(journal["blocks"]) == ["0", "1"]
     assert not [p for p in (tmp_path / "o.partial").iterdir() if p.name.startswith(".")]  # no temp files left
-    monkeypatch.setattr(resume, "save_file", real)
+    monkeypatch.setattr(resume, "save_tensors", real)
     assert run(args(sharded, out)) == 0
     assert run(args(sharded, tmp_path / "ref")) == 0
     assert files(out) == files(tmp_path / "ref")

@@ -16,7 +16,7 @@ from torch import Tensor
 from llmprune.kernels import use_triton
 from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
 from llmprune.recipe import Pattern
-from llmprune.solvers.hinv import inverse_hessian_cholesky, prepare_hessian
+from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight
 from llmprune.solvers.masks import nm_mask, smallest_k_mask, split_counts
 from llmprune.solvers.result import SolveResult
 
@@ -64,7 +64,8 @@ def sparsegpt(
     ``kernels``: the column loop of each block in one fused Triton kernel (``auto``: on CUDA) or in torch.
     """
     dtype = W.dtype
-    W, H = prepare_hessian(W, H)
+    dead = dead_inputs(H)
+    W = prepare_weight(W, dead)  # H itself is only read: the caller's copy is all there is of it
     rows, cols = W.shape
     if pattern is not None and cols % pattern.m:
         raise ValueError(f"{cols} input columns cannot hold {pattern}: not a multiple of {pattern.m}")
@@ -84,10 +85,11 @@ def sparsegpt(
         gidx = torch.arange(cols, device=W.device) // g  # group of each column, in the sweep's order
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        perm = torch.argsort(torch.diag(H).masked_fill(dead, 1), descending=True, stable=True)
         W, H, gidx = W[:, perm], H[perm][:, perm], gidx[perm]
 
     Hinv, damp_used, retries = inverse_hessian_cholesky(H, damp_frac)
+    del H
     fused = use_triton(kernels, W.device)
 
     starts = list(range(0, cols, block_size))
@@ -136,7 +138,7 @@ def sparsegpt(
             mask1 = state.mask.bool()
             W[:, i1:i2] = state.Q.masked_fill_(mask1, 0)
             M[:, i1:i2] = mask1
-            W[:, i2:] -= state.E @ Hinv[i1:i2, i2:]
+            W[:, i2:].addmm_(state.E, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (rows, cols) temporary
             continue
         if quant is None:
             # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
@@ -186,7 +188,7 @@ def sparsegpt(
             quant_loss += losses.masked_fill_(mask1, 0).sum()
         W[:, i1:i2] = W1.t()
         M[:, i1:i2] = mask1.t()
-        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
 
     if perm is not None:
         inv = torch.argsort(perm)
