@@ -149,7 +149,7 @@ def main() -> None:
         f"peak RSS above the floor        {peak - floor:.0f} MiB  <- what the model costs",
         f"bound 1.5 x (block fp32 {block_fp32:.0f} + Hessians {hessians:.0f} + activations {acts:.0f} MiB)"
         f"  {bound:.0f} MiB",
-        f"embeddings + head (kept in memory, bf16) {2 * 2 * args.vocab * h / 2**20:.0f} MiB",
+        f"embeddings + head (bf16; read only to capture and to write) {2 * 2 * args.vocab * h / 2**20:.0f} MiB",
         f"compress wall time              {seconds:.0f} s for {done if args.max_blocks else args.layers} of"
         f" {args.layers} blocks" + (" (stopped there by --max-blocks)" if args.max_blocks else ""),
     ]

@@ -95,3 +95,28 @@ def test_low_precision_inputs_accumulate_to_the_float64_hessian():
     ref = 2 / 4096 * X.double().T @ X.double()
     rel = (H.double() - ref).norm() / ref.norm()
     assert rel < 1e-5, float(rel)
+
+
+def test_a_hessian_is_freed_once_the_last_linear_reading_it_is_solved(monkeypatch):
+    """The widest layer's solve must not run beside the block's other Hessians (host/device memory)."""
+    import weakref
+
+    import llmprune.compress as compress
+
+    model = tiny_model("llama")
+    real = compress.SOLVERS["sparsegpt"]
+    seen: list[tuple[str, weakref.ref]] = []  # (first linear of each group, weakref to its Hessian)
+    alive_at_down: list[str] = []
+
+    def solver(W, H, *a, **k):
+        if not any(r() is H for _, r in seen):
+            seen.append((str(len(seen)), weakref.ref(H)))
+        if W.shape[1] == model.config.intermediate_size:  # down_proj: solved last in the block
+            alive_at_down.extend(name for name, r in seen if r() is not None and r() is not H)
+        return real(W, H, *a, **k)
+
+    monkeypatch.setitem(compress.SOLVERS, "sparsegpt", solver)
+    compress_model(model, None, Recipe(method="sparsegpt", batch_size=4, device="cpu"),
+                   torch.randint(0, VOCAB, (4, 16)))
+    assert len(seen) == 4 * model.config.num_hidden_layers  # q/k/v, o, gate/up, down: four Hessians a block
+    assert alive_at_down == []

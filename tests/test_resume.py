@@ -176,3 +176,37 @@ def test_a_truncated_shard_is_named(sharded, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and shard.name in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_lazy_model_holds_one_block_and_nothing_else_between_uses(sharded):
+    """Host memory is one block: embeddings and head are read for the capture and dropped after it."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.arch import find_blocks
+    from llmprune.engine import Stream
+    from llmprune.lazy import load_lazy
+
+    model, _ = load_lazy(sharded / "model")
+    _, blocks = find_blocks(model)
+
+    def real(module: torch.nn.Module) -> set[str]:
+        return {n for n, p in module.named_parameters() if p.device.type != "meta"}
+
+    assert real(model) == set()
+    seen = []
+
+    def on_block(i, block, forward_all):
+        forward_all()
+        seen.append(i)
+        assert real(block) == {n for n, _ in block.named_parameters()}  # this block, whole
+        others = [j for j, b in enumerate(blocks) if j != i and real(b)]
+        assert others == [] and real(model.get_input_embeddings()) == set()
+        assert real(model.get_output_embeddings()) == set()
+
+    ids = torch.randint(0, 320, (2, 16))
+    out = Stream(model, [ids], "cpu").run(on_block)
+    assert seen == list(range(6)) and real(model) == set()
+    ref = AutoModelForCausalLM.from_pretrained(sharded / "model")  # the streamed result is the eager model's
+    with torch.no_grad():
+        hidden = ref(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]  # normed
+    torch.testing.assert_close(ref.model.norm(out[0]), hidden, rtol=1e-5, atol=1e-5)

@@ -155,3 +155,17 @@ def test_relative_error_matches_activations():
     H = 2 / 500 * X.T @ X
     direct = ((X @ (W - Wn).T) ** 2).sum() / ((X @ W.T) ** 2).sum()
     assert relative_error(W, Wn, H) == pytest.approx(float(direct), rel=1e-4)
+
+
+def test_inverse_hessian_factor_leaves_h_untouched_and_gives_dead_inputs_unit_diagonal():
+    W, H = correlated_layer(8, 32)
+    H[5, :] = 0
+    H[:, 5] = 0
+    before = H.clone()
+    U, frac, _ = inverse_hessian_cholesky(H, 0.01)
+    assert torch.equal(H, before)
+    Hd = H.clone()
+    Hd[5, 5] = 1
+    Hd += frac * torch.diag(Hd).mean() * torch.eye(32)
+    torch.testing.assert_close(U.T @ U @ Hd, torch.eye(32), atol=1e-4, rtol=1e-4)
+    assert torch.equal(U, torch.triu(U))
