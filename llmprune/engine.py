@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmprune.arch import find_blocks
+from llmprune.prefetch import BlockFetcher
 
 
 class _Stop(Exception):
@@ -103,10 +104,13 @@ def _fits(nbytes: int, device: torch.device) -> bool:
 class Stream:
     """Streams ``batches`` (token ids, each (b, T)) through ``model`` block by block on ``device``."""
 
-    def __init__(self, model: nn.Module, batches: list[Tensor], device: torch.device | str):
+    def __init__(self, model: nn.Module, batches: list[Tensor], device: torch.device | str,
+                 prefetch: bool | None = None):
         self.model = model
         self.batches = batches
         self.device = torch.device(device)
+        # ready the next block (read, pinned, copied) while this one runs; default: on CUDA (prefetch.py)
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.path, self.blocks = find_blocks(model)
         self.tape = _Tape(n_blocks=len(self.blocks))
         self.calls: dict[tuple, list[BlockCall]] = {}  # batch shape -> per-block calls
@@ -180,24 +184,24 @@ class Stream:
     @torch.no_grad()
     def run(self, on_block: Callable[[int, nn.Module, Callable[[], None]], None] | None = None,
             desc: str = "blocks") -> list[Tensor]:
-        """Capture, then per block: to device, ``on_block(i, block, forward_all)``, propagate, back to CPU.
+        """Capture, then per block: to device, ``on_block(i, block, forward_all)``, propagate, back to CPU
+        (with ``prefetch``, the next block is readied meanwhile).
 
         Returns the hidden states after the last block (before the final norm), one tensor per batch.
         """
         source = getattr(self.model, "block_source", None)  # lazy models: weights read per block (lazy.py)
         with self.non_block_modules_on_device():
             self.capture()
-        for i in tqdm(range(len(self.blocks)), desc=desc, unit="block", leave=False):
-            block = self.blocks[i]
-            if source is not None:
-                source.load(i, block)
-            block.to(self.device)
-            if on_block is not None:
-                on_block(i, block, lambda i=i, block=block: self.forward_block(i, block, keep=False))
-            self.hidden = self.forward_block(i, block, keep=True)
-            block.to("cpu")
-            if source is not None:
-                source.release(i, block)
+        fetcher = BlockFetcher(self.blocks, source, self.device, ahead=self.prefetch)
+        try:
+            for i in tqdm(range(len(self.blocks)), desc=desc, unit="block", leave=False):
+                block = fetcher.get(i)
+                if on_block is not None:
+                    on_block(i, block, lambda i=i, block=block: self.forward_block(i, block, keep=False))
+                self.hidden = self.forward_block(i, block, keep=True)
+                fetcher.put_back(i)
+        finally:
+            fetcher.close()
         return self.hidden
 
     @torch.no_grad()

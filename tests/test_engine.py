@@ -14,12 +14,13 @@ from llmprune.recipe import Recipe
 
 
 @pytest.mark.parametrize("family", list(TINY))
-def test_streamed_forward_equals_model_forward(family):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_streamed_forward_equals_model_forward(family, prefetch):
     model = tiny_model(family)
     ids = torch.randint(0, VOCAB, (5, 24))  # 24 > sliding window 8 where the family has one
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
-    stream = Stream(model, [ids[:2], ids[2:4], ids[4:]], "cpu")  # uneven last batch
+    stream = Stream(model, [ids[:2], ids[2:4], ids[4:]], "cpu", prefetch=prefetch)  # uneven last batch
     stream.run()
     with stream.non_block_modules_on_device():
         got = torch.cat([stream.logits(b) for b in range(3)])

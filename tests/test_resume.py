@@ -178,8 +178,10 @@ def test_a_truncated_shard_is_named(sharded, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_a_lazy_model_holds_one_block_and_nothing_else_between_uses(sharded):
-    """Host memory is one block: embeddings and head are read for the capture and dropped after it."""
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_lazy_model_holds_one_block_and_nothing_else_between_uses(sharded, prefetch):
+    """Host memory is one block (two while the next is prefetched): embeddings and head are read for the
+    capture and dropped after it."""
     from transformers import AutoModelForCausalLM
 
     from llmprune.arch import find_blocks
@@ -200,13 +202,32 @@ def test_a_lazy_model_holds_one_block_and_nothing_else_between_uses(sharded):
         seen.append(i)
         assert real(block) == {n for n, _ in block.named_parameters()}  # this block, whole
         others = [j for j, b in enumerate(blocks) if j != i and real(b)]
-        assert others == [] and real(model.get_input_embeddings()) == set()
+        assert others in ([], [i + 1] if prefetch else []) and real(model.get_input_embeddings()) == set()
         assert real(model.get_output_embeddings()) == set()
 
     ids = torch.randint(0, 320, (2, 16))
-    out = Stream(model, [ids], "cpu").run(on_block)
+    out = Stream(model, [ids], "cpu", prefetch=prefetch).run(on_block)
     assert seen == list(range(6)) and real(model) == set()
     ref = AutoModelForCausalLM.from_pretrained(sharded / "model")  # the streamed result is the eager model's
     with torch.no_grad():
         hidden = ref(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]  # normed
     torch.testing.assert_close(ref.model.norm(out[0]), hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_a_run_that_fails_mid_way_puts_every_block_back(sharded):
+    """An error in block 2 (with block 3 being prefetched) leaves no block in memory and no worker behind."""
+    import threading
+
+    from llmprune.engine import Stream
+    from llmprune.lazy import load_lazy
+
+    model, _ = load_lazy(sharded / "model")
+
+    def on_block(i, block, forward_all):
+        if i == 2:
+            raise RuntimeError("solver failed")
+
+    with pytest.raises(RuntimeError, match="solver failed"):
+        Stream(model, [torch.randint(0, 320, (2, 16))], "cpu", prefetch=True).run(on_block)
+    assert [n for n, p in model.named_parameters() if p.device.type != "meta"] == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("llmprune-prefetch")]
