@@ -38,6 +38,21 @@ def _nm_chunk(W1: Tensor, d1: Tensor, i: int, pattern: Pattern) -> Tensor:
     return nm_mask(tmp.t(), pattern).t()
 
 
+def _open_group(group: Tensor, c: int, i: int, quant: QuantSpec, dtype: torch.dtype,
+                layer: tuple[Tensor, Tensor], block: tuple[Tensor, Tensor, Tensor]) -> slice:
+    """A dynamic group starts at layer column ``c`` (column ``i`` of the block): choose its grid from the group's
+    current (updated) weights ``group``, store it in the layer's (scaleT, zeroT) and in the block's per-column
+    rows (S1, LO1, HI1). Returns the block columns the group covers."""
+    g = group.shape[1]
+    sc, zc = find_params(group, quant, dtype)
+    scaleT, zeroT = layer
+    scaleT[c // g], zeroT[c // g] = sc, zc
+    S1, LO1, HI1 = block
+    cover = slice(i, min(i + g, S1.shape[0]))
+    S1[cover], LO1[cover], HI1[cover] = sc, -zc, quant.maxq - zc
+    return cover
+
+
 def sparsegpt(
     W: Tensor,
     H: Tensor,
@@ -128,10 +143,7 @@ def sparsegpt(
                     c = i1 + a
                     if not static and c % g == 0:  # as in the torch loop below
                         group = W[:, c : c + g] if a == 0 else state.W[:, a : a + g]
-                        sc, zc = find_params(group, quant, dtype)
-                        scaleT[c // g], zeroT[c // g] = sc, zc
-                        e = min(a + g, count)
-                        S1[a:e], LO1[a:e], HI1[a:e] = sc, -zc, quant.maxq - zc
+                        _open_group(group, c, a, quant, dtype, (scaleT, zeroT), (S1, LO1, HI1))
                     obs_update(state, Hs1, d1, a, b, nm, (S1, LO1, HI1))
                 total_loss += state.losses[:, 0].sum()
                 quant_loss += state.losses[:, 1].sum()
@@ -172,11 +184,8 @@ def sparsegpt(
                 if not static and c % g == 0:
                     # the group's columns: inside this block (updated in W1) or starting it (W is current)
                     group = W[:, c : c + g] if i == 0 else W1[i : i + g].t()
-                    sc, zc = find_params(group, quant, dtype)
-                    scaleT[c // g], zeroT[c // g] = sc, zc
-                    e = min(i + g, count)
-                    S1[i:e], LO1[i:e], HI1[i:e] = sc, -zc, quant.maxq - zc
-                    K1[i:e] = S1[i:e] * ~mask1[i:e]
+                    cover = _open_group(group, c, i, quant, dtype, (scaleT, zeroT), (S1, LO1, HI1))
+                    K1[cover] = S1[cover] * ~mask1[cover]
                 torch.div(W1[i], S1[i], out=tmp).round_().clamp_(min=LO1[i], max=HI1[i])
                 torch.mul(tmp, K1[i], out=Q1[i])
                 torch.sub(W1[i], Q1[i], out=D1[i])
