@@ -217,8 +217,9 @@ def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: d
 
 def describe_run(report: dict, model, source: str, kind: str, **extra) -> torch.dtype:
     """Add the model and versions to the report; return the model's (materialised) dtype."""
-    source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
-    dtype = source.dtype if source is not None else next(p for p in model.parameters() if p.device.type != "meta").dtype
+    lazy_source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
+    dtype = (lazy_source.dtype if lazy_source is not None
+             else next(p for p in model.parameters() if p.device.type != "meta").dtype)
     report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
                        "dtype": str(dtype).removeprefix("torch."), **extra}
     report["versions"] = _versions()

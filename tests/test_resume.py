@@ -66,7 +66,9 @@ def test_lazy_and_eager_give_the_same_model(sharded, tmp_path, extra):
     a, b = state(tmp_path / "lazy"), state(tmp_path / "eager")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     report = json.loads((tmp_path / "lazy" / "llmprune.json").read_text())
+    eager = json.loads((tmp_path / "eager" / "llmprune.json").read_text())
     assert report["model"]["lazy"] and len(report["layers"]) == 6 * 7
+    assert {k: v for k, v in report["model"].items() if k != "lazy"} == eager["model"]  # source, dtype, type
     assert not (tmp_path / "lazy.partial").exists()
     if "--wbits" in extra:  # the grids are kept, so the checkpoint can be packed later
         assert (tmp_path / "lazy" / "llmprune-grids.safetensors").is_file()
