@@ -12,17 +12,14 @@ from torch import Tensor, nn
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def gram(x: Tensor, hessian_dtype: str = "auto", dtype: torch.dtype = torch.float32) -> Tensor:
-    """xᵀx in ``dtype`` (fp32, or wider) for x (tokens, cols).
+def on_tensor_cores(x: Tensor, hessian_dtype: str, dtype: torch.dtype) -> bool:
+    """Whether xᵀx is formed from the 16-bit activations themselves, with fp32 accumulation.
 
-    ``auto`` with fp16/bf16 activations on CUDA multiplies on the tensor cores with fp32 accumulation: the
-    product of two 16-bit floats is exact in fp32, so this equals the fp32 product up to summation order, at
-    many times the fp32 rate. ``fp32`` (and every CPU run) upcasts first.
+    ``auto`` with fp16/bf16 activations on CUDA multiplies on the tensor cores: the product of two 16-bit
+    floats is exact in fp32, so this equals the fp32 product up to summation order, at many times the fp32
+    rate. ``fp32`` (and every CPU run) upcasts first.
     """
-    if hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and dtype == torch.float32:
-        return torch.mm(x.t(), x, out_dtype=torch.float32)
-    x = x.to(dtype)
-    return x.t() @ x
+    return hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and dtype == torch.float32
 
 
 def hessian_update(H: Tensor, n: int, x: Tensor, hessian_dtype: str = "auto") -> tuple[Tensor, int]:
@@ -37,8 +34,8 @@ def hessian_update(H: Tensor, n: int, x: Tensor, hessian_dtype: str = "auto") ->
     if b == 0:
         return H, n
     beta, alpha = n / (n + b), 2 / (n + b)
-    if hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and H.dtype == torch.float32:
-        H.mul_(beta).add_(gram(x, hessian_dtype, H.dtype), alpha=alpha)
+    if on_tensor_cores(x, hessian_dtype, H.dtype):
+        H.mul_(beta).add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=alpha)
     else:  # in place, without an (cols, cols) temporary: the widest layer's is the size of H itself
         x = x.to(H.dtype)
         H.addmm_(x.t(), x, beta=beta, alpha=alpha)

@@ -45,6 +45,14 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
         owner._buffers[leaf] = value
 
 
+def _to_meta(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Drop ``tensors`` (names in ``module``) to the meta device, shapes and dtypes kept, and hand the freed
+    memory back to the OS."""
+    for name, t in tensors.items():
+        _set_tensor(module, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+    hostmem.trim()
+
+
 class BlockSource:
     """Reads block ``i``'s tensors from ``reader`` (or from an override, e.g. an already compressed block)."""
 
@@ -73,9 +81,7 @@ class BlockSource:
         reader.close()
 
     def release(self, i: int, block: nn.Module) -> None:
-        for name, t in block.state_dict().items():
-            _set_tensor(block, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-        hostmem.trim()
+        _to_meta(block, block.state_dict())
 
     def rest_state(self) -> dict[str, Tensor]:
         """The tensors outside the blocks, read now, as the checkpoint stores them."""
@@ -90,10 +96,7 @@ class BlockSource:
 
     def release_rest(self, model: nn.Module) -> None:
         inside = f"{self.path}."
-        for name, t in model.state_dict().items():
-            if not name.startswith(inside):
-                _set_tensor(model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
-        hostmem.trim()
+        _to_meta(model, {name: t for name, t in model.state_dict().items() if not name.startswith(inside)})
 
 
 def load_lazy(directory: Path, dtype: str = "auto"):

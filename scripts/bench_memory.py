@@ -74,6 +74,15 @@ def write_model(d: Path, layers: int, hidden: int, inter: int, vocab: int, heads
     return params
 
 
+def add_shape_options(ap: argparse.ArgumentParser, layers: int, hidden: int, inter: int) -> None:
+    """The synthetic model's shape (``write_model``'s arguments), with a benchmark's own defaults."""
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--hidden", type=int, default=hidden)
+    ap.add_argument("--inter", type=int, default=inter)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=32000)
+
+
 def compress_peak(model_dir: Path, out_dir: Path, nsamples: int, seqlen: int,
                   max_blocks: int | None = None) -> tuple[float, float, int]:
     """(peak RSS in MiB sampled every 50 ms, seconds, blocks done) of ``llmprune compress`` (SparseGPT 50%) in a
@@ -108,11 +117,7 @@ def compress_peak(model_dir: Path, out_dir: Path, nsamples: int, seqlen: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=48)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--inter", type=int, default=5632)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_shape_options(ap, layers=48, hidden=2048, inter=5632)
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--dir", default=None, help="where to build the model (default: a temporary directory)")

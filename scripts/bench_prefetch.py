@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_memory import write_model  # scripts/bench_memory.py
+from bench_memory import add_shape_options, write_model  # scripts/bench_memory.py
 from tables import publish  # scripts/tables.py
 
 from llmprune.engine import Stream, default_device
@@ -40,10 +40,7 @@ def stream_once(model_dir: Path, ids: torch.Tensor, batch: int, device: torch.de
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--inter", type=int, default=2816)
-    ap.add_argument("--heads", type=int, default=16)
+    add_shape_options(ap, layers=8, hidden=1024, inter=2816)
     ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens (in windows of --seqlen)")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8, help="windows per forward")
@@ -55,8 +52,8 @@ def main() -> None:
     device = torch.device(args.device) if args.device else default_device()
     root = Path(tempfile.mkdtemp(prefix="llmprune-prefetch-"))
     try:
-        params = write_model(root / "model", args.layers, args.hidden, args.inter, 32000, args.heads)
-        ids = torch.randint(0, 1000, (max(1, args.tokens // args.seqlen), args.seqlen),
+        params = write_model(root / "model", args.layers, args.hidden, args.inter, args.vocab, args.heads)
+        ids = torch.randint(0, min(1000, args.vocab), (max(1, args.tokens // args.seqlen), args.seqlen),
                             generator=torch.Generator().manual_seed(0))
         stream_once(root / "model", ids, args.batch, device, False)  # warm the page cache and the device
         times: dict[bool, list[float]] = {False: [], True: []}
