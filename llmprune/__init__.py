@@ -1,10 +1,21 @@
-"""llmprune: one-shot compression of Hugging Face causal LMs, streamed one decoder block at a time."""
+"""llmprune: one-shot compression of Hugging Face causal LMs, streamed one decoder block at a time.
 
-__version__ = "0.1.0"
+The API (``llmprune/api.py``) is imported on first use, so ``import llmprune`` and ``llmprune --help`` stay
+fast: ``llmprune.compress``, ``llmprune.evaluate``, ``llmprune.load``, ``llmprune.Recipe``, ``llmprune.Report``,
+``llmprune.UsageError``. Packing lives in ``llmprune.api`` (``pack``, ``unpack``, ``inspect``): those names
+are also the package's modules. No module of the package is named like an exported function.
+"""
+
+from llmprune.version import __version__
+
+_API = {"compress", "evaluate", "load", "Recipe", "Report", "UsageError", "make_recipe"}
+
+__all__ = ["__version__", *sorted(_API)]
 
 
-def load(directory, device: str = "cpu", dtype: str = "auto", semi_structured: bool = False, kernels: str = "auto"):
-    """(model, tokenizer) from a checkpoint directory llmprune wrote, packed 2:4 ones included (see pack.load)."""
-    from llmprune.pack import load as _load
+def __getattr__(name: str):
+    if name in _API:
+        from llmprune import api
 
-    return _load(directory, device=device, dtype=dtype, semi_structured=semi_structured, kernels=kernels)
+        return getattr(api, name)
+    raise AttributeError(f"module 'llmprune' has no attribute {name!r}")

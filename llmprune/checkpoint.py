@@ -22,12 +22,14 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from llmprune.arch import find_blocks, find_linears
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.errors import UsageError
 from llmprune.quant import QuantParams, QuantSpec, codes, dequantize, sym_zero
 
 REPORT = "llmprune.json"
 GRIDS = "llmprune-grids.safetensors"  # dense checkpoints of quantized runs: each layer's scales and zero points
+MANIFEST = "llmprune-pack.json"  # a packed 2:4 directory's manifest (pack.py)
 
 
 @contextlib.contextmanager
@@ -339,3 +341,57 @@ def save_compressed_tensors(
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     write_report(directory, report)
     return {"format": "compressed-tensors", "bits_per_weight": 8 * packed_bytes / numel, "bytes": total}
+
+
+def is_packed(directory: Path) -> bool:
+    """Whether ``directory`` is a packed 2:4 checkpoint (``llmprune pack``)."""
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def block_linears(config) -> dict[str, bool]:
+    """Full name -> transposed (Conv1D stores (in, out)) of every linear inside a decoder block."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    path, blocks = find_blocks(model)
+    return {f"{path}.{i}.{n}": not isinstance(m, nn.Linear)
+            for i, block in enumerate(blocks) for n, m in find_linears(block).items()}
+
+
+class Source:
+    """A dense or compressed-tensors (pack-quantized) checkpoint, read layer by layer as dense weights."""
+
+    def __init__(self, directory: Path):
+        from transformers import AutoConfig
+
+        self.directory = Path(directory)
+        if is_packed(self.directory):
+            raise UsageError(f"{directory} is already packed: pass the compressed checkpoint it came from, or"
+                             f" `llmprune unpack {directory}` first")
+        raw = json.loads((self.directory / "config.json").read_text())
+        self.spec = quant_spec_from_config(raw)
+        self.raw_config = {k: v for k, v in raw.items() if k != "quantization_config"}
+        self.config = AutoConfig.for_model(**self.raw_config)
+        self.reader = TensorReader(self.directory)
+        if not self.reader.keys():
+            raise UsageError(f"{directory} holds no model.safetensors: pass a checkpoint written by"
+                             " `llmprune compress` or save_pretrained")
+        self.grids = read_grids(self.directory) if self.spec is None else {}
+        report = read_report(self.directory) or {}
+        if self.spec is None and not self.grids and (report.get("recipe") or {}).get("wbits"):
+            raise UsageError(f"{directory} holds quantized weights without their grids ({GRIDS}): re-run"
+                             " `llmprune compress` with this llmprune, or with --format compressed-tensors")
+        self.report = report
+
+    def weight(self, name: str) -> tuple[Tensor, QuantParams | None]:
+        """(W as stored in the file's orientation, its grid or None)."""
+        if self.spec is not None and f"{name}.weight_packed" in self.reader:
+            return decode_pack_quantized(self.reader, name, self.spec)
+        return self.reader.get(f"{name}.weight"), self.grids.get(name)
+
+    def layer_keys(self, name: str) -> set[str]:
+        """The checkpoint keys that make up ``name``'s weight."""
+        if self.spec is not None and f"{name}.weight_packed" in self.reader:
+            return {f"{name}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")}
+        return {f"{name}.weight"}

@@ -1,30 +1,19 @@
-"""Command line: parse, build a Recipe, call one function, print. Bad input exits 2 with one line."""
+"""Command line: parse, build a Recipe, call one API function (api.py), print. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
 import json
-import platform
+import logging
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from llmprune import __version__
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
+from llmprune.version import __version__
 
-if TYPE_CHECKING:
-    import torch
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+log = logging.getLogger("llmprune")
 
 
 def build_recipe(config: str | None, **flags) -> Recipe:
@@ -33,6 +22,19 @@ def build_recipe(config: str | None, **flags) -> Recipe:
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
     merged = base.to_dict() | given
     return recipe_from_dict(merged, source="options")
+
+
+def _log_to_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--log-file: the library's log (INFO and up, with times) appended to a file, beside the terminal's."""
+    if value:
+        handler = logging.FileHandler(value, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        ctx.call_on_close(lambda: (log.removeHandler(handler), handler.close()))
+
+
+_log_file = click.option("--log-file", type=click.Path(dir_okay=False), expose_value=False, is_eager=True,
+                         callback=_log_to_file, help="Also write the log (INFO and up) to this file.")
 
 
 def _recipe_options(f):
@@ -104,172 +106,23 @@ def cli() -> None:
               help="With --allocation dp: the llmprune.json (or its directory) of an earlier dp run of this model;"
                    " its error tables are reused instead of measured.")
 @_recipe_options
+@_log_file
 def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: str | None, config: str | None,
              **flags) -> None:
     """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
+    from llmprune import api
+
     recipe = build_recipe(config, **flags)
-    report, _, _ = run_compress(model, Path(out), recipe, overwrite, reuse_errors, lazy)
-    ckpt = report["checkpoint"]
+    report = api.compress(model, out, recipe, overwrite=overwrite, lazy=lazy, reuse_errors=reuse_errors)
+    ckpt = report.checkpoint
     click.echo(
-        f"compressed {len(report['layers'])} linears ({recipe.label}): {report['global_sparsity']:.2%} sparsity,"
-        f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']}, in {report['timings']['total_s']:.1f} s"
+        f"compressed {len(report.layers)} linears ({recipe.label}): {report.global_sparsity:.2%} sparsity,"
+        f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']}, in {report.timings['total_s']:.1f} s"
         f" -> {out}"
     )
     if recipe.format == "compressed-tensors" and not recipe.sym:
         click.echo("note: vLLM reads asymmetric pack-quantized checkpoints; transformers 5.x cannot yet"
                    " (vllm-project/llm-compressor#1618): use --sym to load it there", err=True)
-
-
-def read_error_tables(path: str, recipe: Recipe) -> dict:
-    """The ``allocation`` entry (with error tables) of an earlier dp run's report."""
-    from llmprune.checkpoint import REPORT
-
-    p = Path(path)
-    p = p / REPORT if p.is_dir() else p
-    if recipe.allocation != "dp":
-        raise UsageError("--reuse-errors reuses dp error tables: add --allocation dp")
-    try:
-        alloc = json.loads(p.read_text()).get("allocation") or {}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--reuse-errors {path!r} is not a readable run report ({exc.__class__.__name__})") from None
-    if not alloc.get("tables"):
-        raise UsageError(f"--reuse-errors {path!r} holds no error tables: it must come from an --allocation dp run")
-    return alloc
-
-
-def check_kernels(mode: str, device) -> None:
-    """--kernels triton where Triton cannot run is bad input, said before any work."""
-    from llmprune.kernels import use_triton
-
-    try:
-        use_triton(mode, device)
-    except RuntimeError as exc:
-        raise UsageError(f"{exc}, or use --kernels torch") from None
-
-
-def run_compress(model_ref: str, out: Path, recipe: Recipe, overwrite: bool = False, reuse_errors: str | None = None,
-                 lazy: bool = True):
-    """Load, prune, save atomically; return (report, pruned model, tokenizer).
-
-    Everything a bad input can break is checked before the model is loaded. Local safetensors directories
-    (dense output) go the lazy, resumable way (``run_compress_lazy``); the rest is loaded whole.
-    """
-    from llmprune.compress import check_output_dir, compress_model, prunable_linears, resolve_device
-    from llmprune.data import load_text
-    from llmprune.loading import load_model, resolve, skeleton
-
-    t0 = time.perf_counter()
-    mref = resolve(model_ref)
-    check_output_dir(out, overwrite, mref.local_path)
-    check_kernels(recipe.kernels, resolve_device(recipe.device))
-    reuse = read_error_tables(reuse_errors, recipe) if reuse_errors else None
-    load_text(recipe.calib, "train")  # fail fast on an unreachable dataset, before loading the model
-    prunable_linears(skeleton(mref), recipe)  # and on a pattern some layer cannot hold
-    from llmprune.lazy import can_load_lazily
-
-    if lazy and mref.kind == "dir" and recipe.format == "dense" and can_load_lazily(Path(mref.location)):
-        return run_compress_lazy(mref, out, recipe, overwrite, reuse, t0)
-    model, tokenizer, _ = load_model(mref, recipe.dtype)
-    load_s = time.perf_counter() - t0
-    grids: dict = {}
-    report = compress_model(model, tokenizer, recipe, grids=grids, reuse_errors=reuse)
-    report["timings"]["load_s"] = round(load_s, 3)
-    save_checkpoint(out, model, tokenizer, report, model_ref, mref.kind, t0, grids)
-    return report, model, tokenizer
-
-
-def run_compress_lazy(mref, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float):
-    """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
-    publish it as ``out``."""
-    import hashlib
-
-    from llmprune.checkpoint import save_metadata, write_report
-    from llmprune.compress import calibration_set, compress_model
-    from llmprune.lazy import load_lazy
-    from llmprune.resume import PartialOutput
-
-    path = Path(mref.location)
-    model, tokenizer = load_lazy(path, recipe.dtype)
-    load_s = time.perf_counter() - t0
-    windows, calib = calibration_set(tokenizer, model, recipe)
-    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"], "model": str(path),
-            "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
-    partial = PartialOutput(out, spec)
-    if partial.finished:
-        click.echo(f"resuming {partial.dir}: {len(partial.finished)} blocks already done", err=True)
-    report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial)
-    report["calibration"] = calib
-    report["timings"]["load_s"] = round(load_s, 3)
-    dtype = describe_run(report, model, mref.ref, mref.kind, lazy=True)
-    rest = model.block_source.rest_state()  # the tensors outside the blocks, as the input stores them
-    t_save = time.perf_counter()
-
-    def write_meta(directory: Path) -> None:
-        save_metadata(model, tokenizer, directory)
-        report["checkpoint"] = dense_checkpoint_info(directory, dtype)
-        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
-        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-        write_report(directory, report)
-
-    partial.publish(rest, write_meta, overwrite)
-    return report, model, tokenizer
-
-
-def describe_run(report: dict, model, source: str, kind: str, **extra) -> torch.dtype:
-    """Add the model and versions to the report; return the model's (materialised) dtype."""
-    lazy_source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
-    dtype = (lazy_source.dtype if lazy_source is not None
-             else next(p for p in model.parameters() if p.device.type != "meta").dtype)
-    report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
-                       "dtype": str(dtype).removeprefix("torch."), **extra}
-    report["versions"] = _versions()
-    return dtype
-
-
-def dense_checkpoint_info(directory: Path, dtype) -> dict:
-    return {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
-            "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
-
-
-def save_checkpoint(out: Path, model, tokenizer, report: dict, source: str, kind: str,
-                    t_start: float | None = None, grids: dict | None = None) -> None:
-    """Complete the report (model, versions, checkpoint size, save and total time) and publish the directory
-    atomically, in the recipe's format."""
-    from llmprune.checkpoint import atomic_dir, save_compressed_tensors, save_hf, write_report
-
-    dtype = describe_run(report, model, source, kind)
-    recipe = report["recipe"]
-    t_save = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        if recipe["format"] == "compressed-tensors":
-            report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids or {},
-                                                           act_order=recipe["act_order"])
-        else:
-            save_hf(model, tokenizer, tmp, report, grids=grids)
-            report["checkpoint"] = dense_checkpoint_info(tmp, dtype)
-        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
-        if t_start is not None:
-            report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-        write_report(tmp, report)  # again, now with the checkpoint and the save time
-
-
-def run_eval(model, tokenizer, dataset: str, seqlen: int, device: str, batch_size: int,
-             max_windows: int | None) -> dict:
-    from llmprune.compress import resolve_device
-    from llmprune.data import eval_windows, load_text, tokenize
-    from llmprune.evaluate import perplexity
-    from llmprune.loading import context_length
-
-    text, description = load_text(dataset, "test")
-    ctx = context_length(model)
-    seqlen = min(seqlen, ctx) if ctx else seqlen
-    if dataset == "c4" and max_windows is None:
-        max_windows = 256
-    windows = eval_windows(tokenize(tokenizer, text), seqlen, dataset, max_windows)
-    t0 = time.perf_counter()
-    ppl = perplexity(model, windows, resolve_device(device), batch_size)
-    return {"dataset": description, "seqlen": seqlen, "windows": int(windows.shape[0]), "ppl": ppl,
-            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 @cli.command("eval-ppl")
@@ -282,38 +135,19 @@ def run_eval(model, tokenizer, dataset: str, seqlen: int, device: str, batch_siz
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
+@_log_file
 def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, device: str, dtype: str,
              batch_size: int, as_json: bool) -> None:
     """Perplexity of MODEL on a dataset (SparseGPT protocol), streamed block by block."""
-    from llmprune.compress import resolve_device
-    from llmprune.data import load_text
-    from llmprune.loading import load_model, resolve
+    from llmprune import api
 
-    if seqlen < 2:
-        raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
-    mref = resolve(model)
-    resolve_device(device)
-    load_text(dataset, "test")
-    from llmprune.lazy import can_load_lazily, load_lazy
-
-    if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
-        m, tok = load_lazy(Path(mref.location), dtype)  # blocks read from disk one at a time
-    else:
-        m, tok, _ = load_model(mref, dtype)
-    result = {"model": model} | run_eval(m, tok, dataset, seqlen, device, batch_size, max_windows)
+    result = {"model": model} | api.evaluate(model, dataset, seqlen=seqlen, max_windows=max_windows, device=device,
+                                             dtype=dtype, batch_size=batch_size)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(f"{model}: {result['dataset']} perplexity {result['ppl']:.3f} "
                    f"({result['windows']} x {result['seqlen']} tokens, {result['seconds']:.1f} s)")
-
-
-def _checkpoint_dir(path: str) -> Path:
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        raise UsageError(f"{path} is not a model directory (no config.json): pass a directory written by"
-                         " `llmprune compress`")
-    return p
 
 
 _kernels = click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto",
@@ -327,17 +161,13 @@ _kernels = click.option("--kernels", type=click.Choice(["auto", "triton", "torch
 @click.option("--skip-nonconforming", is_flag=True, help="Keep layers that do not hold 2:4 dense (and list them).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @_kernels
+@_log_file
 def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite: bool, kernels: str) -> None:
     """Store the 2:4 linears of MODEL (a compressed checkpoint directory) as kept values + 2-bit positions."""
-    from llmprune.checkpoint import atomic_dir
-    from llmprune.compress import check_output_dir
-    from llmprune.pack import pack_checkpoint
+    from llmprune import api
 
-    src = _checkpoint_dir(model)
-    check_kernels(kernels, "cpu")
-    check_output_dir(Path(out), overwrite, src)
-    with atomic_dir(Path(out)) as tmp:
-        manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels)
+    manifest = api.pack(model, out, pattern, skip_nonconforming=skip_nonconforming, overwrite=overwrite,
+                        kernels=kernels)
     ratio = manifest["packed_bytes"] / manifest["dense_fp16_bytes"]
     click.echo(f"packed {len(manifest['layers'])} linears as 2:4: {manifest['packed_bytes']:,} bytes,"
                f" {ratio:.3f} of their dense fp16 size -> {out}")
@@ -350,30 +180,25 @@ def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dense model directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @_kernels
+@_log_file
 def unpack(model: str, out: str, overwrite: bool, kernels: str) -> None:
     """Write a packed MODEL directory back as a dense Hugging Face model directory (exact)."""
-    from llmprune.checkpoint import atomic_dir
-    from llmprune.compress import check_output_dir
-    from llmprune.pack import is_packed, unpack_checkpoint
+    from llmprune import api
 
-    src = _checkpoint_dir(model)
-    if not is_packed(src):
-        raise UsageError(f"{model} is not a packed directory (no llmprune-pack.json): it is already dense")
-    check_kernels(kernels, "cpu")
-    check_output_dir(Path(out), overwrite, src)
-    with atomic_dir(Path(out)) as tmp:
-        unpack_checkpoint(src, tmp, kernels)
+    api.unpack(model, out, overwrite=overwrite, kernels=kernels)
     click.echo(f"unpacked {model} -> {out}")
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
+@_log_file
 def inspect(model: str, as_json: bool) -> None:
     """Per linear and in total: format, pattern, sparsity, bits, bytes on disk vs dense fp16."""
-    from llmprune.inspect import format_table, inspect_dir
+    from llmprune import api
+    from llmprune.inspect import format_table
 
-    info = inspect_dir(_checkpoint_dir(model))
+    info = api.inspect(model)
     click.echo(json.dumps(info) if as_json else format_table(info))
 
 
@@ -384,29 +209,34 @@ def inspect(model: str, as_json: bool) -> None:
 @click.option("--max-windows", type=int, default=32, show_default=True, help="Evaluation windows.")
 @click.option("--overwrite/--no-overwrite", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@_log_file
 def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool, device: str) -> None:
     """Offline end to end: SmolLM2-135M pruned 50% by SparseGPT on Shakespeare, dense vs pruned perplexity."""
-    from llmprune.compress import check_output_dir, compress_model
-    from llmprune.loading import load_model
+    from llmprune import api
 
     recipe = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device=device)
-    check_output_dir(Path(out), overwrite, None)
-    model, tok, _ = load_model("smollm2-135m")
+    api.check_output_dir(Path(out), overwrite, None)
+    model, tok = api.load("smollm2-135m")
     click.echo("evaluating the dense model ...")
-    before = run_eval(model, tok, "shakespeare", seqlen, device, 8, max_windows)
+    evaluate = dict(tokenizer=tok, seqlen=seqlen, device=device, batch_size=8, max_windows=max_windows)
+    before = api.evaluate(model, "shakespeare", **evaluate)
     click.echo("pruning (SparseGPT, 50% unstructured) ...")
-    report = compress_model(model, tok, recipe)
-    save_checkpoint(Path(out), model, tok, report, "smollm2-135m", "builtin")
-    after = run_eval(model, tok, "shakespeare", seqlen, device, 8, max_windows)
+    report = api.compress(model, out, recipe, tokenizer=tok, overwrite=overwrite)
+    after = api.evaluate(model, "shakespeare", **evaluate)
     click.echo(f"{'model':<28}{'sparsity':>10}{'perplexity':>12}")
     click.echo(f"{'SmolLM2-135M dense':<28}{0:>10.2%}{before['ppl']:>12.3f}")
-    click.echo(f"{'SmolLM2-135M SparseGPT':<28}{report['global_sparsity']:>10.2%}{after['ppl']:>12.3f}")
+    click.echo(f"{'SmolLM2-135M SparseGPT':<28}{report.global_sparsity:>10.2%}{after['ppl']:>12.3f}")
     click.echo(f"(held-out Shakespeare, {after['windows']} x {after['seqlen']} tokens; "
-               f"pruning took {report['timings']['prune_s']:.1f} s; checkpoint in {out})")
+               f"pruning took {report.timings['prune_s']:.1f} s; checkpoint in {out})")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors with exit code 2 for bad input, never a traceback."""
+    """Entry point: one-line errors with exit code 2 for bad input, never a traceback. The library's log
+    (INFO and up) goes to stderr as ``llmprune: message``."""
+    terminal = logging.StreamHandler()  # sys.stderr as it is now (tests capture it)
+    terminal.setFormatter(logging.Formatter("llmprune: %(message)s"))
+    log.addHandler(terminal)
+    log.setLevel(logging.INFO)
     try:
         cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
     except (UsageError, CholeskyError) as exc:
@@ -418,4 +248,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"llmprune: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code if exc.exit_code else 2)
+    finally:
+        log.removeHandler(terminal)
     sys.exit(0)

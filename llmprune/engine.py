@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from llmprune.arch import find_blocks
 from llmprune.prefetch import BlockFetcher
+from llmprune.progress import Progress, track
 
 
 class _Stop(Exception):
@@ -105,8 +105,9 @@ class Stream:
     """Streams ``batches`` (token ids, each (b, T)) through ``model`` block by block on ``device``."""
 
     def __init__(self, model: nn.Module, batches: list[Tensor], device: torch.device | str,
-                 prefetch: bool | None = None):
+                 prefetch: bool | None = None, progress: Progress = True):
         self.model = model
+        self.progress = progress  # a tqdm bar, nothing, or a callback fn(task, done, total) (progress.py)
         self.batches = batches
         self.device = torch.device(device)
         # ready the next block (read, pinned, copied) while this one runs; default: on CUDA (prefetch.py)
@@ -194,7 +195,7 @@ class Stream:
             self.capture()
         fetcher = BlockFetcher(self.blocks, source, self.device, ahead=self.prefetch)
         try:
-            for i in tqdm(range(len(self.blocks)), desc=desc, unit="block", leave=False):
+            for i in track(range(len(self.blocks)), len(self.blocks), desc, self.progress):
                 block = fetcher.get(i)
                 if on_block is not None:
                     on_block(i, block, lambda i=i, block=block: self.forward_block(i, block, keep=False))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from llmprune.checkpoint import TensorReader, read_report
-from llmprune.recipe import Pattern
+from llmprune.checkpoint import Source, TensorReader, block_linears, is_packed, read_report
+from llmprune.pattern import Pattern
 from llmprune.solvers.masks import holds
 
 
@@ -27,7 +27,7 @@ def detect_pattern(W: Tensor) -> str:
 
 def inspect_dir(directory: Path) -> dict:
     """{"layers": [...], "total": {...}, "format": ..., "allocation": ...} for ``directory``."""
-    from llmprune.pack import PACKED, Source, block_linears, is_packed, read_manifest, unpack_layer
+    from llmprune.pack import PACKED, read_manifest, unpack_layer
 
     directory = Path(directory)
     rows = []

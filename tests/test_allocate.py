@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from llmprune import allocate
-from llmprune.compress import compress_model
+from llmprune.compression import compress_model
 from llmprune.engine import Stream
 from llmprune.recipe import Recipe
 

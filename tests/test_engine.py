@@ -7,7 +7,7 @@ import torch
 from conftest import TINY, VOCAB, tiny_model
 
 from llmprune.arch import find_blocks, find_linears
-from llmprune.compress import compress_model
+from llmprune.compression import compress_model
 from llmprune.engine import Stream
 from llmprune.hessian import HessianCollector, hessian_update
 from llmprune.recipe import Recipe
@@ -102,7 +102,7 @@ def test_a_hessian_is_freed_once_the_last_linear_reading_it_is_solved(monkeypatc
     """The widest layer's solve must not run beside the block's other Hessians (host/device memory)."""
     import weakref
 
-    import llmprune.compress as compress
+    import llmprune.compression as compress
 
     model = tiny_model("llama")
     real = compress.SOLVERS["sparsegpt"]

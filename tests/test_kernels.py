@@ -12,8 +12,8 @@ import torch
 
 from llmprune.kernels import use_triton
 from llmprune.kernels.obs_update import BlockState, obs_update, obs_update_torch
+from llmprune.pattern import Pattern
 from llmprune.quant import QuantSpec, codes, layer_params
-from llmprune.recipe import Pattern
 from llmprune.solvers.hinv import inverse_hessian_cholesky
 from llmprune.solvers.masks import holds, smallest_k_mask
 from llmprune.solvers.sparsegpt import sparsegpt

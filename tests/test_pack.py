@@ -84,7 +84,7 @@ def main_code(args) -> int:
 
 
 def dense_weights(directory: Path) -> dict[str, torch.Tensor]:
-    from llmprune.pack import load
+    from llmprune import load
 
     model, _ = load(directory)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -117,10 +117,10 @@ def test_pack_then_load_is_exact_and_small(tiny_model_dir, calib, tmp_path, caps
     got, fp16 = linear_bytes(packed)
     assert got <= bound * fp16
     # the model's forward is unchanged, and eval-ppl/compress accept the packed directory
-    from llmprune.loading import load_model
+    from llmprune import load
 
-    m1, tok, _ = load_model(str(src))
-    m2, _, _ = load_model(str(packed))
+    m1, tok = load(src)
+    m2, _ = load(packed)
     ids = torch.randint(0, 300, (2, 16))
     assert torch.equal(m1(ids).logits, m2(ids).logits)
     code, out, err = run(["unpack", packed, "--out", tmp_path / "u"], capsys)
@@ -221,8 +221,8 @@ def test_gpt2_conv1d_layers_pack_transposed(tmp_path, tiny_tokenizer, calib, cap
 
 
 def test_semi_structured_needs_a_cuda_gpu(tiny_model_dir, calib, tmp_path):
+    from llmprune import load
     from llmprune.errors import UsageError
-    from llmprune.pack import load
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")

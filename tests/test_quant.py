@@ -7,8 +7,8 @@ import torch
 from test_solvers import correlated_layer, reference_sparsegpt
 
 from llmprune.bitpack import pack_int32, unpack_int32
+from llmprune.pattern import Pattern, n_pruned
 from llmprune.quant import QuantSpec, codes, dequantize, find_params, layer_params, on_grid, rtn
-from llmprune.recipe import Pattern, n_pruned
 from llmprune.solvers import magnitude, round_to_nearest, sparsegpt, wanda
 from llmprune.solvers.result import relative_error
 

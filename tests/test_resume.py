@@ -75,8 +75,8 @@ def test_lazy_and_eager_give_the_same_model(sharded, tmp_path, extra):
 
 
 def test_eval_ppl_streams_from_disk_with_the_same_result(sharded, capsys):
-    from llmprune.evaluate import perplexity
     from llmprune.loading import load_model
+    from llmprune.perplexity import perplexity
 
     assert run(["eval-ppl", str(sharded / "model"), "--dataset", str(sharded / "calib.txt"), "--seqlen", "64",
                 "--max-windows", "4", "--device", "cpu", "--json"]) == 0

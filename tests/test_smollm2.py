@@ -11,9 +11,9 @@ import torch
 from conftest import requires_smollm2
 
 from llmprune.checkpoint import save_hf
-from llmprune.compress import calibration_set, compress_model
+from llmprune.compression import calibration_set, compress_model
 from llmprune.data import eval_windows, load_text, tokenize
-from llmprune.evaluate import perplexity
+from llmprune.perplexity import perplexity
 from llmprune.recipe import Recipe
 
 pytestmark = [requires_smollm2, pytest.mark.slow]

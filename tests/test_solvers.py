@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmprune.errors import CholeskyError
+from llmprune.pattern import Pattern, n_pruned
 from llmprune.quant import fake_quant, find_params
-from llmprune.recipe import Pattern, n_pruned
 from llmprune.solvers import magnitude, sparsegpt, wanda
 from llmprune.solvers.hinv import inverse_hessian_cholesky
 from llmprune.solvers.masks import nm_mask, row_balanced_mask, smallest_k_mask, split_counts

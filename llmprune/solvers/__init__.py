@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from llmprune.solvers.magnitude import magnitude
+from llmprune.solvers.magnitude import magnitude, round_to_nearest
 from llmprune.solvers.result import SolveResult
-from llmprune.solvers.rtn import round_to_nearest
 from llmprune.solvers.sparsegpt import sparsegpt
 from llmprune.solvers.wanda import wanda
 

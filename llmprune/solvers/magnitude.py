@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from llmprune.pattern import Pattern
 from llmprune.quant import QuantSpec
-from llmprune.recipe import Pattern, n_pruned
-from llmprune.solvers.masks import nm_mask, smallest_k_mask
+from llmprune.solvers.masks import magnitude_mask
 from llmprune.solvers.result import SolveResult
 from llmprune.solvers.rtn import then_rtn
 
@@ -17,6 +17,13 @@ def magnitude(
 ) -> SolveResult:
     """Zero the smallest |w| over the whole matrix (or within each N:M group), then round the rest to
     nearest when quantizing. H is not used."""
-    score = W.abs().float()
-    mask = nm_mask(score, pattern) if pattern else smallest_k_mask(score, n_pruned(sparsity, W.numel()))
+    mask = magnitude_mask(W, sparsity, pattern)
     return then_rtn(W, SolveResult(weight=W.masked_fill(mask, 0), mask=mask), quant, H)
+
+
+def round_to_nearest(
+    W: Tensor, H: Tensor | None, sparsity: float, pattern: Pattern | None = None, quant: QuantSpec | None = None,
+    **kw: object,
+) -> SolveResult:
+    """``--method rtn``: the magnitude solver (no mask at sparsity 0), its kept weights rounded to nearest."""
+    return magnitude(W, H, sparsity, pattern, quant, **kw)

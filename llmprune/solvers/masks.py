@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.recipe import Pattern, n_pruned
+from llmprune.pattern import Pattern, n_pruned
 
 
 def smallest_k_mask(score: Tensor, k: int) -> Tensor:
@@ -40,6 +40,12 @@ def nm_mask(score: Tensor, pattern: Pattern) -> Tensor:
     idx = torch.topk(groups, pattern.m - pattern.n, dim=-1, largest=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.reshape(rows, cols)
+
+
+def magnitude_mask(W: Tensor, sparsity: float, pattern: Pattern | None = None) -> Tensor:
+    """The smallest |w| over the whole matrix (exactly floor(s * numel)), or within each N:M group."""
+    score = W.abs().float()
+    return nm_mask(score, pattern) if pattern else smallest_k_mask(score, n_pruned(sparsity, W.numel()))
 
 
 def split_counts(sizes: list[int], sparsity: float) -> list[int]:

@@ -1,7 +1,7 @@
 """Round to nearest: quantization with no error feedback, the baseline GPTQ and joint SparseGPT must beat.
 
-As a method (``--method rtn``) it prunes by magnitude first when asked for sparsity; Wanda and magnitude
-masks are followed by it when the recipe quantizes.
+Wanda and magnitude masks are followed by it when the recipe quantizes; ``--method rtn`` is the magnitude
+solver (a magnitude mask, none at sparsity 0) with quantization required.
 """
 
 from __future__ import annotations
@@ -26,11 +26,3 @@ def then_rtn(W: Tensor, res: SolveResult, quant: QuantSpec | None, H: Tensor | N
     return SolveResult(weight=Wq, mask=res.mask, damp_frac=res.damp_frac, retries=res.retries, quant=params,
                        quant_share=share)
 
-
-def round_to_nearest(
-    W: Tensor, H: Tensor | None, sparsity: float, pattern=None, quant: QuantSpec | None = None, **kw: object
-) -> SolveResult:
-    """Magnitude mask (none at sparsity 0), then round to nearest."""
-    from llmprune.solvers.magnitude import magnitude
-
-    return magnitude(W, H, sparsity, pattern, quant, **kw)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from llmprune.kernels import use_triton
+from llmprune.pattern import Pattern
 from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
-from llmprune.recipe import Pattern
 from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight
 from llmprune.solvers.masks import nm_mask, smallest_k_mask, split_counts
 from llmprune.solvers.result import SolveResult

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llmprune.pattern import Pattern
 from llmprune.quant import QuantSpec
-from llmprune.recipe import Pattern
 from llmprune.solvers.masks import nm_mask, row_balanced_mask
 from llmprune.solvers.result import SolveResult
 from llmprune.solvers.rtn import then_rtn

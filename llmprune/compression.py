@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections import Counter
@@ -18,10 +19,13 @@ from llmprune.engine import Stream, default_device
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.hessian import HessianCollector
 from llmprune.loading import context_length
+from llmprune.progress import Progress
 from llmprune.quant import QuantParams
 from llmprune.recipe import Recipe
 from llmprune.solvers import SOLVERS
 from llmprune.solvers.result import output_error, relative_error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,6 +141,9 @@ def compress_block(
         if res.quant is not None and grids is not None:
             grids[full] = QuantParams(res.quant.scale.cpu(), res.quant.zero.cpu(), res.quant.spec)
         set_weight(mod, res.weight)
+        if res.retries:
+            log.warning("%s: the damped Hessian needed %d retries; solved with damping %g x its mean diagonal",
+                        full, res.retries, res.damp_frac)
         lead = collector.leader.get(name)
         reports.append(
             LayerReport(
@@ -182,7 +189,7 @@ def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.
 
 def plan_sparsities(
     model: nn.Module, windows: torch.Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
-    device: torch.device, reuse: dict | None = None,
+    device: torch.device, reuse: dict | None = None, progress: Progress = True,
 ) -> dict:
     """Per-layer sparsities for a non-uniform allocation, from one streamed pass over the dense model.
 
@@ -223,7 +230,8 @@ def plan_sparsities(
                 errors[str(s)] = relative_error(W, res.weight, H)
             tables[f"{prefixes[i]}.{name}"] = {"numel": W.numel(), "errors": errors}
 
-    Stream(model, batched(windows, recipe.batch_size), device).run(on_block, desc=f"{recipe.allocation} plan")
+    Stream(model, batched(windows, recipe.batch_size), device, progress=progress).run(
+        on_block, desc=f"{recipe.allocation} plan")
     if recipe.allocation == "owl":
         sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
         per_block = allocate.owl(ratios, sizes, target, recipe.owl_lambda)
@@ -243,13 +251,15 @@ def _dp(tables: dict[str, dict], target: float) -> dict[str, float]:
 def compress_model(
     model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
     grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None, sink=None,
+    progress: Progress = True,
 ) -> dict:
     """Prune (and quantize) ``model`` in place as the recipe says; return the run report.
 
     ``grids``, when given, receives the quantization grid of every quantized linear by full name;
     ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables;
     ``sink``: a ``resume.PartialOutput`` that receives each finished block, and whose finished blocks are
-    only propagated (read back compressed through the model's ``block_source``), not compressed again.
+    only propagated (read back compressed through the model's ``block_source``), not compressed again;
+    ``progress``: a tqdm bar, nothing, or a callback (progress.py).
     """
     t_start = time.perf_counter()
     device = resolve_device(recipe.device)
@@ -260,15 +270,17 @@ def compress_model(
         calib = {"source": "given", "nsamples": windows.shape[0], "seqlen": windows.shape[1],
                  "sha256": windows_hash(windows), "tokens": int(windows.numel())}
     t_calib = time.perf_counter()
+    log.info("%s: %d linears in %d blocks, calibrated on %d x %d tokens (%s)", recipe.label,
+             sum(map(len, linears.values())), len(linears), windows.shape[0], windows.shape[1], calib["source"])
     allocation = None
     if recipe.allocation != "uniform":
         allocation = sink.allocation if sink is not None else None
         if allocation is None:
-            allocation = plan_sparsities(model, windows, recipe, linears, device, reuse_errors)
+            allocation = plan_sparsities(model, windows, recipe, linears, device, reuse_errors, progress)
             if sink is not None:
                 sink.set_allocation(allocation)
     t_plan = time.perf_counter()
-    stream = Stream(model, batched(windows, recipe.batch_size), device)
+    stream = Stream(model, batched(windows, recipe.batch_size), device, progress=progress)
     source = getattr(model, "block_source", None)
     if sink is not None:
         if source is None:

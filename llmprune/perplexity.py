@@ -10,9 +10,11 @@ from torch import nn
 
 from llmprune.data import batched
 from llmprune.engine import Stream
+from llmprune.progress import Progress
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 8,
+               progress: Progress = True) -> float:
     """exp(mean over windows of the mean next-token NLL), windows (n, seqlen) non-overlapping.
 
     The batch is capped so one batch's logits stay under ~1 GB.
@@ -21,7 +23,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     vocab = model.get_output_embeddings().weight.shape[0]
     batch_size = max(1, min(batch_size, (1 << 30) // (seqlen * vocab * 4)))
     batches = batched(windows, batch_size)
-    stream = Stream(model, batches, device)
+    stream = Stream(model, batches, device, progress=progress)
     stream.run(desc="eval")
     nlls = []
     with stream.non_block_modules_on_device(), torch.no_grad():

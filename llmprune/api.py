@@ -1,0 +1,410 @@
+"""The Python API: load -> compress -> save -> report, evaluation, packing. The CLI is a thin layer on it.
+
+    import llmprune
+    report = llmprune.compress("smollm2-135m", out="smollm2-50", sparsity=0.5, calib="shakespeare")
+    print(report.global_sparsity, report.timings["total_s"])
+    model, tokenizer = llmprune.load("smollm2-50")
+    print(llmprune.evaluate(model, "shakespeare", tokenizer=tokenizer, seqlen=512)["ppl"])
+
+``model`` is a hub id, a model directory, a ``.gguf`` file, ``smollm2-135m`` (built in), or an already loaded
+``PreTrainedModel`` (compressed in place; pass its tokenizer). Options are the recipe's fields, by the same
+names as the CLI flags and YAML keys; a bad one raises ``UsageError`` with the message the CLI prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmprune.checkpoint import (
+    REPORT,
+    atomic_dir,
+    is_packed,
+    read_report,
+    save_compressed_tensors,
+    save_hf,
+    save_metadata,
+    write_report,
+)
+from llmprune.compression import (
+    LayerReport,
+    calibration_set,
+    check_output_dir,
+    compress_model,
+    prunable_linears,
+    resolve_device,
+)
+from llmprune.data import eval_windows, load_text, tokenize
+from llmprune.errors import UsageError
+from llmprune.lazy import can_load_lazily, load_lazy
+from llmprune.loading import ModelRef, context_length, load_model, resolve, skeleton
+from llmprune.perplexity import perplexity
+from llmprune.progress import Progress
+from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
+from llmprune.version import __version__
+
+log = logging.getLogger("llmprune")
+
+__all__ = ["Recipe", "Report", "UsageError", "compress", "evaluate", "inspect", "load", "make_recipe", "pack", "unpack"]
+
+
+@dataclass
+class Report:
+    """What a compression run did: the content of ``llmprune.json``, typed. ``to_dict()`` is that file.
+
+    ``module`` and ``tokenizer`` (not part of the file) hold the compressed model in memory when the run had
+    it there (an in-memory model, or no ``out``); a streamed run leaves them None: load ``out`` instead.
+    """
+
+    recipe: dict[str, Any]
+    device: str
+    calibration: dict[str, Any]
+    global_sparsity: float  # zeros / weights over every compressed linear, counted exactly
+    target_sparsity: float
+    pruned_params: int  # weights in the compressed linears
+    layers: list[LayerReport]
+    allocation: dict[str, Any] | None
+    timings: dict[str, float]
+    model: dict[str, Any] = field(default_factory=dict)  # source, kind, type, dtype
+    versions: dict[str, str] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None  # format, bits_per_weight, bytes; None when nothing was written
+    extra: dict[str, Any] = field(default_factory=dict)  # other entries (e.g. ``pack`` after llmprune pack)
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("extra", "module", "tokenizer")}
+        out["layers"] = [dataclasses.asdict(r) for r in self.layers]
+        return json.loads(json.dumps(out | self.extra, default=str))  # plain JSON types, as in the file
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "module", "tokenizer"}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["layers"] = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in data.get("layers", [])]
+        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Report:
+        """The report of a directory written by ``compress``."""
+        data = read_report(Path(directory))
+        if data is None:
+            raise UsageError(f"{directory} holds no {REPORT}: pass a directory written by llmprune compress")
+        return cls.from_dict(data)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def make_recipe(recipe: Recipe | dict | str | Path | None = None, source: str = "options", **options: Any) -> Recipe:
+    """A Recipe from defaults, then ``recipe`` (a Recipe, a dict or a YAML path), then ``options``.
+
+    Option names are the recipe's fields (``block_size``; ``block-size`` works too). An unknown or ill-typed
+    option is a UsageError naming it.
+    """
+    if recipe is None:
+        base = Recipe()
+    elif isinstance(recipe, Recipe):
+        base = recipe
+    elif isinstance(recipe, dict):
+        base = recipe_from_dict(recipe, source="recipe")
+    elif isinstance(recipe, str | Path):
+        base = load_recipe(recipe)
+    else:
+        raise UsageError(f"recipe must be a Recipe, a dict or a YAML path, got {type(recipe).__name__}")
+    if not options:
+        return base
+    return recipe_from_dict(base.to_dict() | options, source=source)
+
+
+def read_error_tables(path: str | Path, recipe: Recipe) -> dict:
+    """The ``allocation`` entry (with error tables) of an earlier dp run's report."""
+    p = Path(path)
+    p = p / REPORT if p.is_dir() else p
+    if recipe.allocation != "dp":
+        raise UsageError("--reuse-errors reuses dp error tables: add --allocation dp")
+    try:
+        alloc = json.loads(p.read_text()).get("allocation") or {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--reuse-errors {str(path)!r} is not a readable run report ({exc.__class__.__name__})"
+                         ) from None
+    if not alloc.get("tables"):
+        raise UsageError(f"--reuse-errors {str(path)!r} holds no error tables: it must come from an --allocation"
+                         " dp run")
+    return alloc
+
+
+def check_kernels(mode: str, device: torch.device | str) -> None:
+    """--kernels triton where Triton cannot run is bad input, said before any work."""
+    from llmprune.kernels import use_triton
+
+    try:
+        use_triton(mode, device)
+    except RuntimeError as exc:
+        raise UsageError(f"{exc}, or use --kernels torch") from None
+
+
+def load(model: str | Path, device: str = "cpu", dtype: str = "auto", semi_structured: bool = False,
+         kernels: str = "auto"):
+    """(model in eval mode on ``device``, tokenizer or None) from any reference ``compress`` takes, packed 2:4
+    directories included (``semi_structured``: their linears on PyTorch's sparse tensor cores, CUDA)."""
+    mref = resolve(str(model))
+    if mref.kind == "dir" and is_packed(Path(mref.location)):
+        from llmprune.pack import load as load_packed
+
+        return load_packed(mref.location, device=device, dtype=dtype, semi_structured=semi_structured,
+                           kernels=kernels)
+    if semi_structured:
+        raise UsageError(f"{model} is not a packed 2:4 directory: `llmprune pack` it first for semi_structured")
+    loaded, tokenizer, _ = load_model(mref, dtype)
+    return loaded.to(device), tokenizer
+
+
+def _describe(report: dict, model: nn.Module, source: str, kind: str, **extra: Any) -> torch.dtype:
+    """Add the model and versions to the report; return the model's (materialised) dtype."""
+    lazy_source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
+    dtype = (lazy_source.dtype if lazy_source is not None
+             else next(p for p in model.parameters() if p.device.type != "meta").dtype)
+    report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
+                       "dtype": str(dtype).removeprefix("torch."), **extra}
+    report["versions"] = versions()
+    return dtype
+
+
+def _dense_checkpoint_info(directory: Path, dtype: torch.dtype) -> dict:
+    return {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
+            "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+
+
+def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_start: float) -> None:
+    """Complete the report (checkpoint size, save and total time) and publish ``out`` atomically."""
+    recipe = report["recipe"]
+    dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
+    t_save = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        if recipe["format"] == "compressed-tensors":
+            report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids,
+                                                           act_order=recipe["act_order"])
+        else:
+            save_hf(model, tokenizer, tmp, report, grids=grids)
+            report["checkpoint"] = _dense_checkpoint_info(tmp, dtype)
+        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
+        report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        write_report(tmp, report)  # again, now with the checkpoint and the save time
+    log.info("wrote %s", out)
+
+
+def _tokenizer_for(model: nn.Module, tokenizer):
+    """The tokenizer given, else the one saved beside the model's weights (its ``name_or_path``)."""
+    if tokenizer is not None:
+        return tokenizer
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if name:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception:  # not found offline, not a tokenizer directory: say what to pass
+            pass
+    raise UsageError("an in-memory model needs its tokenizer: pass tokenizer=... (the one it was loaded with)")
+
+
+def compress(
+    model: str | Path | nn.Module,
+    out: str | Path | None = None,
+    recipe: Recipe | dict | str | Path | None = None,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    lazy: bool = True,
+    reuse_errors: str | Path | None = None,
+    progress: Progress = True,
+    **options: Any,
+) -> Report:
+    """Compress ``model`` as the recipe (and ``options``, which override it) says; return the run report.
+
+    With ``out``, a model directory is written there atomically (the input is never modified); a local
+    safetensors directory with dense output is streamed block by block from disk and resumable (``lazy``).
+    An in-memory model is compressed in place; without ``out`` nothing is written and the compressed model
+    is ``report.module``. ``reuse_errors``: an earlier dp run's report (or its directory). ``progress``:
+    True (a tqdm bar), False, or ``fn(task, done, total)``.
+    """
+    t0 = time.perf_counter()
+    rec = make_recipe(recipe, source="compress()", **options)
+    out_path = Path(out) if out is not None else None
+    in_memory = isinstance(model, nn.Module)
+    mref = None if in_memory else resolve(str(model))
+    if out_path is not None:
+        check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
+    check_kernels(rec.kernels, resolve_device(rec.device))
+    reuse = read_error_tables(reuse_errors, rec) if reuse_errors is not None else None
+    load_text(rec.calib, "train")  # fail fast on an unreachable dataset, before loading the model
+    if in_memory:
+        tokenizer = _tokenizer_for(model, tokenizer)
+        prunable_linears(model, rec)
+        source = getattr(model, "name_or_path", "") or "in-memory"
+        kind, load_s = "memory", 0.0
+    else:
+        prunable_linears(skeleton(mref), rec)  # a pattern some layer cannot hold, before loading
+        if (lazy and out_path is not None and mref.kind == "dir" and rec.format == "dense"
+                and can_load_lazily(Path(mref.location))):
+            return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress)
+        model, loaded_tok = _load_whole(mref, rec.dtype)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        source, kind, load_s = mref.ref, mref.kind, time.perf_counter() - t0
+    grids: dict = {}
+    report = compress_model(model, tokenizer, rec, grids=grids, reuse_errors=reuse, progress=progress)
+    report["timings"]["load_s"] = round(load_s, 3)
+    _describe(report, model, source, kind)
+    if out_path is not None:
+        _save(out_path, model, tokenizer, report, grids, t0)
+    else:
+        report["checkpoint"] = None
+        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+    result = Report.from_dict(report)
+    result.module, result.tokenizer = model, tokenizer
+    return result
+
+
+def _load_whole(mref: ModelRef, dtype: str):
+    """(model, tokenizer) loaded whole into host memory; packed 2:4 directories unpacked."""
+    if mref.kind == "dir" and is_packed(Path(mref.location)):
+        from llmprune.pack import load as load_packed
+
+        return load_packed(mref.location, dtype=dtype)
+    model, tokenizer, _ = load_model(mref, dtype)
+    return model, tokenizer
+
+
+def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float,
+                   progress: Progress) -> Report:
+    """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
+    publish it as ``out``."""
+    from llmprune.resume import PartialOutput
+
+    path = Path(mref.location)
+    model, tokenizer = load_lazy(path, recipe.dtype)
+    load_s = time.perf_counter() - t0
+    windows, calib = calibration_set(tokenizer, model, recipe)
+    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"], "model": str(path),
+            "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
+    partial = PartialOutput(out, spec)
+    if partial.finished:
+        log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
+    report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial,
+                            progress=progress)
+    report["calibration"] = calib
+    report["timings"]["load_s"] = round(load_s, 3)
+    dtype = _describe(report, model, mref.ref, mref.kind, lazy=True)
+    rest = model.block_source.rest_state()  # the tensors outside the blocks, as the input stores them
+    t_save = time.perf_counter()
+
+    def write_meta(directory: Path) -> None:
+        save_metadata(model, tokenizer, directory)
+        report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
+        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
+        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+        write_report(directory, report)
+
+    partial.publish(rest, write_meta, overwrite)
+    log.info("wrote %s", out)
+    return Report.from_dict(report)
+
+
+def evaluate(
+    model: str | Path | nn.Module,
+    dataset: str = "wikitext2",
+    *,
+    tokenizer=None,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 4,
+    progress: Progress = True,
+) -> dict[str, Any]:
+    """Perplexity by the SparseGPT protocol, streamed block by block (from disk for safetensors directories).
+
+    Returns {"dataset", "seqlen" (capped by the model's context), "windows", "ppl", "seconds"}.
+    """
+    if seqlen < 2:
+        raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
+    dev = resolve_device(device)
+    text, description = load_text(dataset, "test")
+    if isinstance(model, nn.Module):
+        m, tok = model, _tokenizer_for(model, tokenizer)
+    else:
+        mref = resolve(str(model))
+        if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
+            m, tok = load_lazy(Path(mref.location), dtype)  # blocks read from disk one at a time
+        else:
+            m, tok = _load_whole(mref, dtype)
+        tok = tokenizer if tokenizer is not None else tok
+        if tok is None:
+            raise UsageError(f"{model} has no tokenizer files: pass tokenizer=... or save one beside it")
+    ctx = context_length(m)
+    seqlen = min(seqlen, ctx) if ctx else seqlen
+    if dataset == "c4" and max_windows is None:
+        max_windows = 256
+    windows = eval_windows(tokenize(tok, text), seqlen, dataset, max_windows)
+    t0 = time.perf_counter()
+    ppl = perplexity(m, windows, dev, batch_size, progress=progress)
+    return {"dataset": description, "seqlen": seqlen, "windows": int(windows.shape[0]), "ppl": ppl,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _model_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        raise UsageError(f"{path} is not a model directory (no config.json): pass a directory written by"
+                         " `llmprune compress`")
+    return p
+
+
+def pack(model: str | Path, out: str | Path, pattern: str = "2:4", *, skip_nonconforming: bool = False,
+         overwrite: bool = False, kernels: str = "auto", progress: Progress = True) -> dict:
+    """Store the 2:4 linears of a compressed checkpoint directory as kept values + 2-bit positions; return
+    the manifest (``pack.py`` documents the layout)."""
+    from llmprune.pack import pack_checkpoint
+
+    src = _model_dir(model)
+    check_kernels(kernels, "cpu")
+    check_output_dir(Path(out), overwrite, src)
+    with atomic_dir(Path(out)) as tmp:
+        manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels, progress=progress)
+    return manifest
+
+
+def unpack(model: str | Path, out: str | Path, *, overwrite: bool = False, kernels: str = "auto") -> None:
+    """Write a packed directory back as a dense Hugging Face model directory (exact)."""
+    from llmprune.pack import unpack_checkpoint
+
+    src = _model_dir(model)
+    if not is_packed(src):
+        raise UsageError(f"{model} is not a packed directory (no llmprune-pack.json): it is already dense")
+    check_kernels(kernels, "cpu")
+    check_output_dir(Path(out), overwrite, src)
+    with atomic_dir(Path(out)) as tmp:
+        unpack_checkpoint(src, tmp, kernels)
+
+
+def inspect(model: str | Path) -> dict:
+    """Per linear and in total: format, pattern, sparsity, bits, bytes on disk vs dense fp16."""
+    from llmprune.inspect import inspect_dir
+
+    return inspect_dir(_model_dir(model))
