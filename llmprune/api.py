@@ -75,6 +75,9 @@ class Report:
     layers: list[LayerReport]
     allocation: dict[str, Any] | None
     timings: dict[str, float]
+    # sequential runs: blocks that fell back to two passes (and why), the peak of the inputs kept across
+    # batches before one sublayer, where activations were kept; None for two-pass runs
+    sequential: dict[str, Any] | None = None
     model: dict[str, Any] = field(default_factory=dict)  # source, kind, type, dtype
     versions: dict[str, str] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None  # format, bits_per_weight, bytes; None when nothing was written

@@ -79,6 +79,9 @@ def _recipe_options(f):
                      help="dp: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
         click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,
                      help="dense (default): dequantized weights; compressed-tensors: pack-quantized ints."),
+        click.option("--sequential/--two-pass", default=None,
+                     help="sequential (default): each block compressed sublayer by sublayer in data-flow order, in"
+                          " one forward; two-pass: every Hessian from the dense block, then a second forward."),
         click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default=None,
                      help="SparseGPT's block loop: auto (default; fused Triton kernel on CUDA), triton, torch."),
         click.option("--config", type=click.Path(dir_okay=False), default=None,

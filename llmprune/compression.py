@@ -6,18 +6,19 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from llmprune import allocate
 from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
 from llmprune.data import batched, calibration_windows, load_text, tokenize, windows_hash
-from llmprune.engine import Stream, default_device
+from llmprune.engine import BlockPass, Stream, default_device
 from llmprune.errors import CholeskyError, UsageError
-from llmprune.hessian import HessianCollector
+from llmprune.hessian import HessianCollector, hessian_update, layer_input_width
 from llmprune.loading import context_length
 from llmprune.progress import Progress
 from llmprune.quant import QuantParams
@@ -97,75 +98,125 @@ def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -
     return params.spec.wbits + extra / (rows * cols)
 
 
-def compress_block(
-    block_prefix: str, linears: dict[str, nn.Module], forward_all, recipe: Recipe,
-    grids: dict[str, QuantParams] | None = None, sparsities: dict[str, float] | None = None,
-) -> list[LayerReport]:
-    """Hessians of every linear in one pass over the calibration data, then one solver call per linear.
+def solve_linear(
+    full: str, mod: nn.Module, H: Tensor | None, recipe: Recipe, sparsity: float, hessian_of: str | None,
+    grids: dict[str, QuantParams] | None = None,
+) -> LayerReport:
+    """One solver call on one linear: its new weights written back, its grid kept, its report returned."""
+    W = get_weight(mod)
+    H = H.to(W.device) if H is not None else None
+    t0 = time.perf_counter()
+    try:
+        res = SOLVERS[recipe.method](
+            W, H, sparsity, recipe.nm, recipe.quant, block_size=recipe.block_size, damp_frac=recipe.damp_frac,
+            act_order=recipe.act_order, kernels=recipe.kernels,
+        )
+    except CholeskyError as exc:
+        raise CholeskyError(f"{full}: {exc}") from None
+    if W.device.type == "cuda":
+        torch.cuda.synchronize(W.device)
+    seconds = time.perf_counter() - t0
+    den = output_error(W, W.new_zeros(()), H) if H is not None else 0.0
+    err = output_error(W, res.weight, H) / den if den > 0 else None
+    q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
+    zeros = int((res.weight == 0).sum())
+    if res.quant is not None and grids is not None:
+        grids[full] = QuantParams(res.quant.scale.cpu(), res.quant.zero.cpu(), res.quant.spec)
+    set_weight(mod, res.weight)
+    if res.retries:
+        log.warning("%s: the damped Hessian needed %d retries; solved with damping %g x its mean diagonal",
+                    full, res.retries, res.damp_frac)
+    return LayerReport(
+        name=full,
+        shape=tuple(W.shape),
+        zeros=zeros,
+        sparsity=zeros / W.numel(),
+        rel_error=err,
+        quant_error=q_err,
+        bits=stored_bits(res.quant, tuple(W.shape), W.element_size()) if res.quant is not None else None,
+        damp_frac=res.damp_frac,
+        retries=res.retries,
+        seconds=round(seconds, 4),
+        hessian_of=hessian_of,
+    )
 
-    ``grids``, when given, receives each quantized linear's grid under its full name (checkpoint writers
-    need it to store integer codes); ``sparsities`` overrides the recipe's sparsity per full name.
+
+def compress_block(
+    block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, recipe: Recipe,
+    grids: dict[str, QuantParams] | None = None, sparsities: dict[str, float] | None = None,
+) -> tuple[list[LayerReport], str | None]:
+    """Compress one block's linears; return their reports and, when the recipe asked for a sequential pass
+    that could not be had, why not (then the Hessians came from the dense block, as in the two-pass order).
+
+    Sequential (``recipe.sequential``): one pass, sublayer by sublayer (``sequential_block``). Two-pass:
+    Hessians of every linear in one pass over the calibration data, then one solver call per linear (the
+    engine then runs the block again for the next block's inputs). ``grids``, when given, receives each
+    quantized linear's grid under its full name (checkpoint writers need it to store integer codes);
+    ``sparsities`` overrides the recipe's sparsity per full name.
     """
-    solver = SOLVERS[recipe.method]
-    needs_h = recipe.method not in ("magnitude", "rtn")
+    def sparsity(name: str) -> float:
+        return (sparsities or {}).get(f"{block_prefix}.{name}", recipe.target_sparsity)
+
+    if recipe.method in ("magnitude", "rtn"):  # no data needed: the engine's one forward feeds the next block
+        return [solve_linear(f"{block_prefix}.{n}", m, None, recipe, sparsity(n), None, grids)
+                for n, m in linears.items()], None
+    fallback = None
+    if recipe.sequential:
+        fallback = block_pass.sequential_fits(linears)
+        if fallback is None:
+            return sequential_block(block_prefix, linears, block_pass, recipe, sparsity, grids), None
+        log.warning("%s: two passes instead of one: %s", block_prefix, fallback)
     collector = HessianCollector(linears, hessian_dtype=recipe.hessian_dtype)
-    if needs_h:
-        with collector:
-            forward_all()
+    with collector:
+        block_pass()
     reports = []
     # how many linears still need each Hessian: it is freed after the last one's solve, so the widest
     # layer's solve does not run beside the whole block's Hessians
     uses = Counter(collector.leader[n] for n in linears if n in collector.leader)
     for name, mod in linears.items():
-        full = f"{block_prefix}.{name}"
-        if needs_h and name not in collector.leader:
+        if name not in collector.leader:
             continue  # never called on calibration data: nothing to calibrate on, left dense
-        W = get_weight(mod)
-        H = collector.hessian(name).to(W.device) if needs_h else None
-        t0 = time.perf_counter()
-        try:
-            res = solver(
-                W, H, (sparsities or {}).get(full, recipe.target_sparsity), recipe.nm, recipe.quant,
-                block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
-                kernels=recipe.kernels,
-            )
-        except CholeskyError as exc:
-            raise CholeskyError(f"{full}: {exc}") from None
-        if W.device.type == "cuda":
-            torch.cuda.synchronize(W.device)
-        seconds = time.perf_counter() - t0
-        den = output_error(W, W.new_zeros(()), H) if H is not None else 0.0
-        err = output_error(W, res.weight, H) / den if den > 0 else None
-        q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
-        zeros = int((res.weight == 0).sum())
-        if res.quant is not None and grids is not None:
-            grids[full] = QuantParams(res.quant.scale.cpu(), res.quant.zero.cpu(), res.quant.spec)
-        set_weight(mod, res.weight)
-        if res.retries:
-            log.warning("%s: the damped Hessian needed %d retries; solved with damping %g x its mean diagonal",
-                        full, res.retries, res.damp_frac)
-        lead = collector.leader.get(name)
-        reports.append(
-            LayerReport(
-                name=full,
-                shape=tuple(W.shape),
-                zeros=zeros,
-                sparsity=zeros / W.numel(),
-                rel_error=err,
-                quant_error=q_err,
-                bits=stored_bits(res.quant, tuple(W.shape), W.element_size()) if res.quant is not None else None,
-                damp_frac=res.damp_frac,
-                retries=res.retries,
-                seconds=round(seconds, 4),
-                hessian_of=f"{block_prefix}.{lead}" if lead and lead != name else None,
-            )
-        )
-        del res, H, W
-        if lead is not None:
-            uses[lead] -= 1
-            if not uses[lead]:
-                collector.drop(lead)
-    return reports
+        lead = collector.leader[name]
+        reports.append(solve_linear(f"{block_prefix}.{name}", mod, collector.hessian(name), recipe, sparsity(name),
+                                    f"{block_prefix}.{lead}" if lead != name else None, grids))
+        uses[lead] -= 1
+        if not uses[lead]:
+            collector.drop(lead)
+    return reports, fallback
+
+
+def sequential_block(
+    block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, recipe: Recipe,
+    sparsity: Callable[[str], float], grids: dict[str, QuantParams] | None = None,
+) -> list[LayerReport]:
+    """True-sequential: each linear's Hessian from its inputs as the block's already-compressed sublayers
+    before it make them, in one forward (the engine keeps its outputs for the next block).
+
+    Linears met with the very same input tensors as the previous one (q/k/v, gate/up) share its Hessian, as
+    in the two-pass order. Reports come in the block's module order.
+    """
+    reports: dict[str, LayerReport] = {}
+    last: dict = {}  # the previous group's inputs, Hessian and first linear
+
+    def on_group(name: str, xs: list[Tensor]) -> None:
+        mod = linears[name]
+        if last and len(xs) == len(last["xs"]) and all(a is b for a, b in zip(xs, last["xs"], strict=True)):
+            H, lead = last["H"], last["lead"]
+        else:
+            last.clear()  # the previous group's Hessian is not needed any more
+            cols = layer_input_width(mod)
+            H = torch.zeros(cols, cols, dtype=torch.float32, device=xs[0].device)
+            n = 0
+            for x in xs:
+                H, n = hessian_update(H, n, x.reshape(-1, cols), recipe.hessian_dtype)
+            lead = name
+            last.update(xs=xs, H=H, lead=name)
+        reports[name] = solve_linear(f"{block_prefix}.{name}", mod, H, recipe, sparsity(name),
+                                     f"{block_prefix}.{lead}" if lead != name else None, grids)
+
+    block_pass.sequential(linears, on_group)
+    last.clear()
+    return [reports[n] for n in linears if n in reports]  # linears never called: left dense
 
 
 def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.Tensor, dict]:
@@ -213,11 +264,11 @@ def plan_sparsities(
     solver = SOLVERS[recipe.method]
     cands = allocate.candidates(target, recipe.dp_radius)
 
-    def on_block(i: int, block: nn.Module, forward_all) -> None:
+    def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         lin = linears[prefixes[i]]
         collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype)
         with collector:
-            forward_all()
+            block_pass()
         pairs = [(get_weight(m), collector.hessian(n)) for n, m in lin.items() if n in collector.leader]
         if recipe.allocation == "owl":
             ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
@@ -290,15 +341,21 @@ def compress_model(
     prefixes = list(linears)
     layers: list[LayerReport] = []
 
-    def on_block(i: int, block: nn.Module, forward_all) -> None:
+    two_pass: dict[str, str] = {}  # blocks a sequential run had to compress in two passes, and why
+    kept_peak = [0]
+
+    def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         if sink is not None and sink.done(i):
             layers.extend(LayerReport(**r) for r in sink.layers(i))
             if grids is not None:
                 grids.update(sink.grids(i))
             return
         block_grids: dict[str, QuantParams] = {}
-        reports = compress_block(prefixes[i], linears[prefixes[i]], forward_all, recipe, block_grids,
-                                 allocation["sparsities"] if allocation else None)
+        reports, fallback = compress_block(prefixes[i], linears[prefixes[i]], block_pass, recipe, block_grids,
+                                           allocation["sparsities"] if allocation else None)
+        if fallback is not None:
+            two_pass[prefixes[i]] = fallback
+        kept_peak[0] = max(kept_peak[0], block_pass.kept_peak_bytes)
         layers.extend(reports)
         if grids is not None:
             grids.update(block_grids)
@@ -319,6 +376,9 @@ def compress_model(
         "pruned_params": total,
         "layers": [asdict(r) for r in layers],
         "allocation": allocation,
+        "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
+                       "kept_inputs_peak_bytes": kept_peak[0],
+                       "kept_on": str(stream.store)} if recipe.sequential else None,
         "timings": {"calibration_s": round(t_calib - t_start, 3), "plan_s": round(t_plan - t_calib, 3),
                     "prune_s": round(t_done - t_plan, 3)},
     }

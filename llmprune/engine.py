@@ -2,14 +2,17 @@
 
 It knows nothing of pruning. It captures what the model feeds its first block, then for each block calls
 ``on_block`` (which may run the block over the data and change its weights) and re-runs the block to make
-the next block's inputs. To stay architecture-agnostic it never re-implements a model's embeddings, masks,
-rotary tables, final norm or head: it runs the model's own forward with light stand-ins in place of the
-blocks, which record what each block is called with, or return injected hidden states to get logits.
+the next block's inputs; or, when ``on_block`` runs the block sublayer by sublayer
+(``BlockPass.sequential``), that one pass's outputs are the next block's inputs and the block is not run
+again. To stay architecture-agnostic it never re-implements a model's embeddings, masks, rotary tables,
+final norm or head: it runs the model's own forward with light stand-ins in place of the blocks, which
+record what each block is called with, or return injected hidden states to get logits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -101,6 +104,164 @@ def _fits(nbytes: int, device: torch.device) -> bool:
     return 2 * nbytes < 0.4 * free
 
 
+class _Abort(Exception):
+    """Raised inside a paused batch's forward when the pass is abandoned (an error elsewhere)."""
+
+
+class _Batch(threading.Thread):
+    """One batch's forward through one block, run on its own thread so it can stop before a module and be
+    resumed later. Only one batch runs at a time (the caller hands control back and forth), so results are
+    deterministic and the cores are not oversubscribed."""
+
+    def __init__(self, run: Callable[[], object], device: torch.device):
+        super().__init__(daemon=True, name="llmprune-sublayer")
+        self._run, self._device = run, device
+        self.go, self.back = threading.Semaphore(0), threading.Semaphore(0)
+        self.at: str | None = None  # module it waits before, while paused
+        self.x: Tensor | None = None  # that module's input
+        self.out: object = None
+        self.error: BaseException | None = None
+        self.abort = False
+
+    def run(self) -> None:
+        self.go.acquire()
+        try:
+            if self._device.type == "cuda":
+                torch.cuda.set_device(self._device)
+            with torch.no_grad():  # grad mode is per thread
+                self.out = self._run()
+        except _Abort:
+            pass
+        except BaseException as exc:  # handed to the caller, raised there
+            self.error = exc
+        self.at, self.x = None, None
+        self.back.release()
+
+    def step(self) -> None:
+        """Let this batch run until it pauses before a module or finishes."""
+        self.go.release()
+        self.back.acquire()
+
+    def pause(self, name: str, x: Tensor) -> None:
+        """Called on this batch's thread: wait before module ``name`` (input ``x``) until resumed."""
+        self.at, self.x = name, x
+        self.back.release()
+        self.go.acquire()
+        self.at, self.x = None, None
+        if self.abort:
+            raise _Abort
+
+
+class BlockPass:
+    """What ``on_block`` gets for one block: call it to run the block over every batch (outputs dropped), or
+    ``sequential(...)`` to run it once, sublayer by sublayer, keeping the outputs for the next block."""
+
+    def __init__(self, stream: Stream, i: int, block: nn.Module):
+        self.stream, self.i, self.block = stream, i, block
+        self.outputs: list[Tensor] | None = None  # set by sequential(): the block's outputs, on the store
+        self.kept_peak_bytes = 0  # the largest set of inputs held across batches before one module
+
+    def __call__(self) -> None:
+        self.stream.forward_block(self.i, self.block, keep=False)
+
+    def sequential_fits(self, modules: dict[str, nn.Module]) -> str | None:
+        """None when a sequential pass's activations fit beside what is there, else why not.
+
+        Every batch is held inside the block at once: its residual stream, the normed input, and the
+        widest module's input and output; asked for at most half of what is free (device or host memory).
+        """
+        import psutil
+
+        stream = self.stream
+        h = stream.hidden[0]
+        tokens = sum(int(ids.numel()) for ids in stream.batches)
+        widest = max((max(m.weight.shape) for m in modules.values()), default=h.shape[-1])
+        need = tokens * h.element_size() * (3 * h.shape[-1] + 2 * widest)
+        if stream.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(stream.device)
+        else:
+            free = psutil.virtual_memory().available
+        if need > free // 2:
+            return (f"a sequential pass would hold ~{need >> 20} MiB of activations, more than half of the"
+                    f" {free >> 20} MiB free on {stream.device}")
+        return None
+
+    def sequential(self, modules: dict[str, nn.Module], on_group: Callable[[str, list[Tensor]], None]) -> None:
+        """Run every batch through the block, all stopping before each of ``modules`` in turn.
+
+        When every batch waits before module ``name`` (or has finished without reaching it), ``on_group(name,
+        inputs)`` is called with that module's input from each batch that reached it, in batch order; it may
+        change the module's weights, which the batches then use as they go on. The order is the data's: the
+        modules are met as the block's own forward calls them, whatever the family. Batches whose control flow
+        differs (one reaches module B while another waits before A) are served in the order the modules are
+        registered in the block. A module called again after its turn is not paused at. The block's outputs
+        are kept in ``outputs``.
+        """
+        stream, order = self.stream, list(modules)
+        local = threading.local()
+        served: set[str] = set()
+
+        def hook(name: str):
+            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                batch = getattr(local, "batch", None)
+                if batch is not None and name not in served:
+                    batch.pause(name, args[0] if args else next(iter(kwargs.values())))
+
+            return pre
+
+        def job(b: int, ids: Tensor, h: Tensor):
+            def run():
+                local.batch = workers[b]
+                call = stream.calls[tuple(ids.shape)][self.i]
+                return self.block(h.to(stream.device), *call.args, **call.kwargs)
+
+            return run
+
+        workers: list[_Batch] = []
+        workers.extend(_Batch(job(b, ids, h), stream.device)
+                       for b, (ids, h) in enumerate(zip(stream.batches, stream.hidden, strict=True)))
+        handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in modules.items()]
+        try:
+            for w in workers:
+                w.start()
+                w.step()
+                self._raise(workers)
+            while waiting := [w for w in workers if w.is_alive() and w.at is not None]:
+                name = min({w.at for w in waiting}, key=order.index)
+                group = [w for w in waiting if w.at == name]
+                xs = [w.x for w in group]
+                self.kept_peak_bytes = max(self.kept_peak_bytes, sum(x.numel() * x.element_size() for x in xs))
+                on_group(name, xs)
+                served.add(name)
+                del xs
+                for w in group:
+                    w.step()
+                    self._raise(workers)
+        except BaseException:
+            for w in workers:  # resume every paused batch into an _Abort, so no thread is left waiting
+                if w.is_alive():
+                    w.abort = True
+                    w.go.release()
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+            for w in workers:
+                if w.ident is not None:
+                    w.join()
+        outs = []
+        for w in workers:
+            stream.tape.wrap = _wrap_like(w.out)
+            outs.append(_unwrap(w.out).to(stream.store))
+        self.outputs = outs
+
+    @staticmethod
+    def _raise(workers: list[_Batch]) -> None:
+        for w in workers:
+            if w.error is not None:
+                raise w.error
+
+
 class Stream:
     """Streams ``batches`` (token ids, each (b, T)) through ``model`` block by block on ``device``."""
 
@@ -183,10 +344,10 @@ class Stream:
         return outs
 
     @torch.no_grad()
-    def run(self, on_block: Callable[[int, nn.Module, Callable[[], None]], None] | None = None,
+    def run(self, on_block: Callable[[int, nn.Module, BlockPass], None] | None = None,
             desc: str = "blocks") -> list[Tensor]:
-        """Capture, then per block: to device, ``on_block(i, block, forward_all)``, propagate, back to CPU
-        (with ``prefetch``, the next block is readied meanwhile).
+        """Capture, then per block: to device, ``on_block(i, block, block_pass)``, propagate (unless the block
+        pass already did), back to CPU (with ``prefetch``, the next block is readied meanwhile).
 
         Returns the hidden states after the last block (before the final norm), one tensor per batch.
         """
@@ -197,9 +358,13 @@ class Stream:
         try:
             for i in track(range(len(self.blocks)), len(self.blocks), desc, self.progress):
                 block = fetcher.get(i)
+                block_pass = BlockPass(self, i, block)
                 if on_block is not None:
-                    on_block(i, block, lambda i=i, block=block: self.forward_block(i, block, keep=False))
-                self.hidden = self.forward_block(i, block, keep=True)
+                    on_block(i, block, block_pass)
+                if block_pass.outputs is not None:  # run once, sublayer by sublayer: its outputs are ready
+                    self.hidden = block_pass.outputs
+                else:
+                    self.hidden = self.forward_block(i, block, keep=True)
                 fetcher.put_back(i)
         finally:
             fetcher.close()

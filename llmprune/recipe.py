@@ -66,6 +66,10 @@ class Recipe:
     dp_radius: float = 0.1
     # the block loop of sparsegpt: auto = the fused Triton kernel on CUDA, torch on CPU; triton or torch forces
     kernels: str = "auto"
+    # compress each block sublayer by sublayer in data-flow order, each group's Hessian from the outputs of
+    # the already-compressed sublayers before it, in one forward per block (false: every linear's Hessian
+    # from the dense block, then a second forward to feed the next block)
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
