@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from llmprune.errors import CholeskyError, UsageError
-from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
+from llmprune.recipe import METHODS, Recipe, load_recipe, recipe_from_dict
 from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
@@ -39,9 +39,10 @@ _log_file = click.option("--log-file", type=click.Path(dir_okay=False), expose_v
 
 def _recipe_options(f):
     opts = [
-        click.option("--method", type=click.Choice(["sparsegpt", "wanda", "magnitude", "rtn"]), default=None,
+        click.option("--method", type=click.Choice(list(METHODS)), default=None,
                      help="sparsegpt (default; with --wbits: joint pruning + GPTQ quantization in one pass), wanda,"
-                          " magnitude, rtn (magnitude mask + round to nearest)."),
+                          " magnitude, rtn (magnitude mask + round to nearest), admm (mask and weights searched"
+                          " together, from SparseGPT's answer), obc (exact per-row greedy OBS; small layers)."),
         click.option("--sparsity", type=float, default=None,
                      help="Fraction of each linear's weights zeroed (default 0.5, or 0 with --wbits; implied by"
                           " --pattern N:M)."),
@@ -79,6 +80,16 @@ def _recipe_options(f):
                      help="dp: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
         click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,
                      help="dense (default): dequantized weights; compressed-tensors: pack-quantized ints."),
+        click.option("--refit/--no-refit", default=None,
+                     help="Re-solve the kept weights of the method's mask (PCG; never raises a layer's error)."),
+        click.option("--refit-iters", type=int, default=None, help="PCG steps of --refit and of admm (default 40)."),
+        click.option("--admm-iters", type=int, default=None, help="admm: at most this many iterations (default 60)."),
+        click.option("--admm-rho0", type=float, default=None,
+                     help="admm: first penalty, x the mean Hessian diagonal (default 0.05)."),
+        click.option("--admm-rho-growth", type=float, default=None,
+                     help="admm: penalty factor per iteration (default 1.25)."),
+        click.option("--obc-max-cols", type=int, default=None,
+                     help="obc: refuse layers with more inputs than this (default 1024)."),
         click.option("--sequential/--two-pass", default=None,
                      help="sequential (default): each block compressed sublayer by sublayer in data-flow order, in"
                           " one forward; two-pass: every Hessian from the dense block, then a second forward."),

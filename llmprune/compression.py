@@ -24,6 +24,7 @@ from llmprune.progress import Progress
 from llmprune.quant import QuantParams
 from llmprune.recipe import Recipe
 from llmprune.solvers import SOLVERS
+from llmprune.solvers.refit import refit_result
 from llmprune.solvers.result import output_error, relative_error
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class LayerReport:
     retries: int
     seconds: float
     hessian_of: str | None  # the linear whose (shared) Hessian this one used
+    iterations: int | None = None  # admm / refit: iterations run
+    # admm: its error over its SparseGPT warm start's (≤ 1: never worse on the layer's objective)
+    vs_sparsegpt: float | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +84,11 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
                     f"--group-size {quant.group_size} does not divide the {cols} inputs of layer {full}: pick a"
                     f" divisor of {cols} (e.g. 64 or 32), -1 for per-channel, or --skip '{re.escape(name)}$'"
                 )
+            if recipe.method == "obc" and cols > recipe.obc_max_cols:
+                raise UsageError(
+                    f"layer {full} has {cols} inputs, more than --obc-max-cols {recipe.obc_max_cols} (obc's work"
+                    f" grows as rows x cols³): use --method admm, raise --obc-max-cols, or --skip '{re.escape(name)}$'"
+                )
             if recipe.format == "compressed-tensors" and not isinstance(mod, nn.Linear):
                 raise UsageError(
                     f"layer {full} is a {type(mod).__name__}, which compressed-tensors cannot store:"
@@ -98,6 +107,16 @@ def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -
     return params.spec.wbits + extra / (rows * cols)
 
 
+def solver_options(recipe: Recipe) -> dict:
+    """The recipe's knobs of the chosen solver, by its argument names."""
+    if recipe.method == "admm":
+        return dict(iters=recipe.admm_iters, rho0=recipe.admm_rho0, rho_growth=recipe.admm_rho_growth,
+                    refit_iters=recipe.refit_iters)
+    if recipe.method == "obc":
+        return dict(max_cols=recipe.obc_max_cols)
+    return {}
+
+
 def solve_linear(
     full: str, mod: nn.Module, H: Tensor | None, recipe: Recipe, sparsity: float, hessian_of: str | None,
     grids: dict[str, QuantParams] | None = None,
@@ -106,11 +125,15 @@ def solve_linear(
     W = get_weight(mod)
     H = H.to(W.device) if H is not None else None
     t0 = time.perf_counter()
+    common = dict(block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
+                  kernels=recipe.kernels)
     try:
-        res = SOLVERS[recipe.method](
-            W, H, sparsity, recipe.nm, recipe.quant, block_size=recipe.block_size, damp_frac=recipe.damp_frac,
-            act_order=recipe.act_order, kernels=recipe.kernels,
-        )
+        res = SOLVERS[recipe.method](W, H, sparsity, recipe.nm, recipe.quant, **common, **solver_options(recipe))
+        if recipe.refit and H is not None:
+            if recipe.quant is None:
+                res = refit_result(W, H, res, recipe.refit_iters, res.damp_frac or recipe.damp_frac)
+            else:  # rounding would undo a real-valued refit: the GPTQ sweep compensates on the mask instead
+                res = SOLVERS["sparsegpt"](W, H, sparsity, None, recipe.quant, **common, mask=res.mask)
     except CholeskyError as exc:
         raise CholeskyError(f"{full}: {exc}") from None
     if W.device.type == "cuda":
@@ -138,6 +161,9 @@ def solve_linear(
         retries=res.retries,
         seconds=round(seconds, 4),
         hessian_of=hessian_of,
+        iterations=res.iterations,
+        vs_sparsegpt=(output_error(W, res.weight, H) / res.warm_error
+                      if res.warm_error and H is not None else None),
     )
 
 
@@ -157,7 +183,7 @@ def compress_block(
     def sparsity(name: str) -> float:
         return (sparsities or {}).get(f"{block_prefix}.{name}", recipe.target_sparsity)
 
-    if recipe.method in ("magnitude", "rtn"):  # no data needed: the engine's one forward feeds the next block
+    if recipe.method in ("magnitude", "rtn") and not recipe.refit:  # no data needed: the engine's one forward
         return [solve_linear(f"{block_prefix}.{n}", m, None, recipe, sparsity(n), None, grids)
                 for n, m in linears.items()], None
     fallback = None
@@ -277,7 +303,7 @@ def plan_sparsities(
             errors = {}
             for s in cands:
                 res = solver(W, H, s, None, recipe.quant, block_size=recipe.block_size, damp_frac=recipe.damp_frac,
-                             act_order=recipe.act_order, kernels=recipe.kernels)
+                             act_order=recipe.act_order, kernels=recipe.kernels, **solver_options(recipe))
                 errors[str(s)] = relative_error(W, res.weight, H)
             tables[f"{prefixes[i]}.{name}"] = {"numel": W.numel(), "errors": errors}
 

@@ -126,7 +126,7 @@ class _Batch(threading.Thread):
     def run(self) -> None:
         self.go.acquire()
         try:
-            if self._device.type == "cuda":
+            if self._device.type == "cuda" and self._device.index is not None:  # the current device is per thread
                 torch.cuda.set_device(self._device)
             with torch.no_grad():  # grad mode is per thread
                 self.out = self._run()

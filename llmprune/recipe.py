@@ -21,7 +21,7 @@ from llmprune.quant import SEARCHES, QuantSpec
 
 __all__ = ["Pattern", "Recipe", "load_recipe", "n_pruned", "parse_pattern", "recipe_from_dict"]
 
-METHODS = ("sparsegpt", "wanda", "magnitude", "rtn")
+METHODS = ("sparsegpt", "wanda", "magnitude", "rtn", "admm", "obc")
 ALLOCATIONS = ("uniform", "owl", "dp")
 FORMATS = ("dense", "compressed-tensors")
 
@@ -30,7 +30,9 @@ FORMATS = ("dense", "compressed-tensors")
 class Recipe:
     """A compression run. Defaults follow the SparseGPT paper's protocol."""
 
-    method: str = "sparsegpt"  # sparsegpt (joint with quantization), wanda, magnitude, rtn (magnitude mask + RTN)
+    # sparsegpt (joint with quantization), wanda, magnitude, rtn (magnitude mask + RTN), admm (mask and weights
+    # searched together from SparseGPT's answer, then refitted), obc (exact per-row greedy OBS; small layers)
+    method: str = "sparsegpt"
     # fraction of each pruned linear's weights set to zero; None = the pattern's own (2:4 -> 0.5), else 0.5
     # when only pruning and 0 when quantizing (--wbits 4 alone is GPTQ)
     sparsity: float | None = None
@@ -70,6 +72,15 @@ class Recipe:
     # the already-compressed sublayers before it, in one forward per block (false: every linear's Hessian
     # from the dense block, then a second forward to feed the next block)
     sequential: bool = True
+    # admm: at most admm_iters iterations, the penalty from admm_rho0 x mean diag(H), x admm_rho_growth each
+    admm_iters: int = 60
+    admm_rho0: float = 0.05
+    admm_rho_growth: float = 1.25
+    # re-solve the kept weights of any method's mask (PCG, refit_iters steps; never raises a layer's error);
+    # with wbits the mask's weights are compensated and quantized by the GPTQ sweep on that mask instead
+    refit: bool = False
+    refit_iters: int = 40
+    obc_max_cols: int = 1024  # obc: wider layers are refused (its work grows as rows x cols³): use admm
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -83,13 +94,20 @@ class Recipe:
                     f"--sparsity {self.sparsity} contradicts --pattern {pat} (which means {pat.sparsity:g}):"
                     " drop --sparsity or change the pattern"
                 )
-        for name in ("nsamples", "seqlen", "block_size", "batch_size"):
+        for name in ("nsamples", "seqlen", "block_size", "batch_size", "admm_iters", "refit_iters", "obc_max_cols"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if pat is not None and self.block_size % pat.m:
             raise UsageError(f"block_size {self.block_size} is not a multiple of M={pat.m}: pick e.g. 128")
         if not (0.0 < self.damp_frac < 10.0):
             raise UsageError(f"damp_frac {self.damp_frac} must be in (0, 10): the paper uses 0.01")
+        if not (self.admm_rho0 > 0 and self.admm_rho_growth >= 1):
+            raise UsageError(f"admm_rho0 {self.admm_rho0} must be > 0 and admm_rho_growth {self.admm_rho_growth}"
+                             " >= 1: e.g. 0.05 and 1.25")
+        if self.refit and self.method in ("admm", "rtn"):
+            raise UsageError(f"--refit re-solves another method's mask; --method {self.method} "
+                             + ("refits already: drop --refit" if self.method == "admm" else
+                                "is rounding only: use --method magnitude --refit"))
         if self.hessian_dtype not in ("auto", "fp32"):
             raise UsageError(f"unknown hessian_dtype {self.hessian_dtype!r}: choose auto or fp32")
         if self.kernels not in ("auto", "triton", "torch"):
@@ -128,7 +146,7 @@ class Recipe:
             )
         if self.quant_search not in SEARCHES:
             raise UsageError(f"unknown quant_search {self.quant_search!r}: choose {' or '.join(SEARCHES)}")
-        if self.act_order and self.method != "sparsegpt":
+        if self.act_order and self.method not in ("sparsegpt", "admm", "obc"):
             raise UsageError(f"--act-order orders SparseGPT/GPTQ's sweep; --method {self.method} has none: drop it")
         if self.act_order and self.nm is not None:
             raise UsageError(
@@ -175,7 +193,8 @@ class Recipe:
         if self.method == "sparsegpt" and self.target_sparsity == 0:
             parts = ["gptq"]  # the same sweep with nothing to prune
         else:
-            parts = [self.method, self.pattern if self.nm else f"{self.target_sparsity:g}"]
+            parts = [self.method + (" + refit" if self.refit else ""),
+                     self.pattern if self.nm else f"{self.target_sparsity:g}"]
             if self.allocation != "uniform":
                 parts.append(self.allocation)
         if self.wbits is not None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from llmprune.solvers.admm import admm
 from llmprune.solvers.magnitude import magnitude, round_to_nearest
+from llmprune.solvers.obc import obc
 from llmprune.solvers.result import SolveResult
 from llmprune.solvers.sparsegpt import sparsegpt
 from llmprune.solvers.wanda import wanda
@@ -19,6 +21,8 @@ SOLVERS: dict[str, Solver] = {
     "wanda": wanda,
     "magnitude": magnitude,
     "rtn": round_to_nearest,
+    "admm": admm,
+    "obc": obc,
 }
 
-__all__ = ["SOLVERS", "SolveResult", "Solver", "magnitude", "round_to_nearest", "sparsegpt", "wanda"]
+__all__ = ["SOLVERS", "SolveResult", "Solver", "admm", "magnitude", "obc", "round_to_nearest", "sparsegpt", "wanda"]

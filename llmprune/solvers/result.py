@@ -19,6 +19,9 @@ class SolveResult:
     # share of the output error ||WX - ŴX||² due to rounding the kept weights (the rest is pruning's), from
     # the losses of each step; None when not quantized or without a Hessian
     quant_share: float | None = None
+    iterations: int | None = None  # iterative solvers (admm, refit): iterations run
+    # admm: the output error of its SparseGPT warm start, tr((W - Ŵ₀) H (W - Ŵ₀)ᵀ), to compare against
+    warm_error: float | None = None
 
     @property
     def sparsity(self) -> float:

@@ -64,6 +64,7 @@ def sparsegpt(
     damp_frac: float = 0.01,
     act_order: bool = False,
     kernels: str = "auto",
+    mask: Tensor | None = None,
 ) -> SolveResult:
     """Prune (and quantize) ``W`` (rows, cols) given the Hessian ``H`` (cols, cols) = 2/n Σ x xᵀ of its inputs.
 
@@ -77,6 +78,8 @@ def sparsegpt(
     from the updated weights when the sweep reaches its first column, as GPTQ does.
 
     ``kernels``: the column loop of each block in one fused Triton kernel (``auto``: on CUDA) or in torch.
+    ``mask`` (bool (rows, cols), True = pruned): a fixed mask, e.g. another solver's; the sweep then only
+    compensates (and quantizes) around it, choosing nothing (``sparsity`` and ``pattern`` are not used).
     """
     dtype = W.dtype
     dead = dead_inputs(H)
@@ -102,6 +105,9 @@ def sparsegpt(
     if act_order:
         perm = torch.argsort(torch.diag(H).masked_fill(dead, 1), descending=True, stable=True)
         W, H, gidx = W[:, perm], H[perm][:, perm], gidx[perm]
+        mask = mask[:, perm] if mask is not None else None
+    if mask is not None:
+        pattern = None  # nothing to choose: the given mask holds whatever pattern it has
 
     Hinv, damp_used, retries = inverse_hessian_cholesky(H, damp_frac)
     del H
@@ -122,7 +128,9 @@ def sparsegpt(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
 
-        if pattern is None:
+        if mask is not None:
+            mask1 = mask[:, i1:i2].t().contiguous()
+        elif pattern is None:
             mask1 = smallest_k_mask(W1**2 / d1.unsqueeze(1) ** 2, k)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)

@@ -1,0 +1,106 @@
+"""ADMM, refit and OBC against SparseGPT on SmolLM2-135M: held-out perplexity and wall time, same windows.
+
+Calibration on the Shakespeare train part, perplexity on its held-out tail; every row uses the same windows,
+in one process (read the time ratios, the machine is shared). Rows: SparseGPT vs admm at 50%, 70% and 2:4;
+admm with OWL at 70%; wanda and magnitude with and without --refit; joint 50% + w4g64 vs SparseGPT then
+round-to-nearest on the same grid (the two-stage recipe of llm-compressor).
+
+    python scripts/bench_admm.py [--nsamples 32] [--seqlen 512] [--rows NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tables import publish  # scripts/tables.py
+
+from llmprune.compression import calibration_set, compress_model
+from llmprune.data import eval_windows, load_text, tokenize
+from llmprune.loading import load_model
+from llmprune.perplexity import perplexity
+from llmprune.quant import QuantSpec, rtn
+from llmprune.recipe import Recipe
+
+ROWS = {
+    "sparsegpt 50%": dict(sparsity=0.5),
+    "admm 50%": dict(method="admm", sparsity=0.5),
+    "sparsegpt 70%": dict(sparsity=0.7),
+    "admm 70%": dict(method="admm", sparsity=0.7),
+    "sparsegpt 2:4": dict(pattern="2:4"),
+    "admm 2:4": dict(method="admm", pattern="2:4"),
+    "sparsegpt 70% owl": dict(sparsity=0.7, allocation="owl"),
+    "admm 70% owl": dict(method="admm", sparsity=0.7, allocation="owl"),
+    "wanda 50%": dict(method="wanda", sparsity=0.5),
+    "wanda 50% + refit": dict(method="wanda", sparsity=0.5, refit=True),
+    "magnitude 50%": dict(method="magnitude", sparsity=0.5),
+    "magnitude 50% + refit": dict(method="magnitude", sparsity=0.5, refit=True),
+    "sparsegpt 50% + w4g64 joint": dict(sparsity=0.5, wbits=4, group_size=64),
+    "sparsegpt 50% then rtn w4g64": dict(sparsity=0.5),  # rounded after, below
+}
+
+
+def round_after(model: torch.nn.Module, report: dict, spec: QuantSpec) -> None:
+    """The two-stage recipe: every compressed linear rounded to nearest on its own grids (zeros stay zero)."""
+    names = {r["name"] for r in report["layers"]}
+    for name, mod in model.named_modules():
+        if name in names:
+            mod.weight.data.copy_(rtn(mod.weight.data, spec)[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_admm.txt"))
+    args = ap.parse_args()
+
+    model, tokenizer, _ = load_model("smollm2-135m")
+    pristine = copy.deepcopy(model.state_dict())
+    cpu = torch.device("cpu")
+    base = Recipe(calib="shakespeare", nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
+    windows, _ = calibration_set(tokenizer, model, base)
+    held_out = eval_windows(tokenize(tokenizer, load_text("shakespeare", "test")[0]), args.seqlen,
+                            max_windows=args.eval_windows)
+    dense = perplexity(model, held_out, cpu, progress=False)
+    results: dict[str, tuple[float, float, float]] = {}
+    for name in args.rows.split(","):
+        model.load_state_dict(pristine)
+        recipe = base.replace(**ROWS[name])
+        t0 = time.perf_counter()
+        report = compress_model(model, tokenizer, recipe, windows, progress=False)
+        if name.endswith("then rtn w4g64"):
+            round_after(model, report, QuantSpec(4, 64, True, "minmax"))
+        seconds = time.perf_counter() - t0
+        ppl = perplexity(model, held_out, cpu, progress=False)
+        results[name] = (report["global_sparsity"], ppl, seconds)
+        print(f"{name:<30} {ppl:9.3f} {seconds:8.1f} s", flush=True)
+
+    def ratio(a: str, b: str, col: int) -> str:
+        return f"{results[a][col] / results[b][col]:.3f}" if a in results and b in results else "-"
+
+    lines = [
+        f"# bench_admm: SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} Shakespeare (train part),"
+        f" held-out {held_out.shape[0]} x {args.seqlen} (dense ppl {dense:.3f}); CPU, {os.cpu_count()} cores,"
+        f" {platform.machine()}, torch {torch.__version__}; sequential order (the default)",
+        f"{'recipe':<30} {'zeros':>7} {'ppl':>9} {'compress s':>11}",
+        *(f"{n:<30} {z:>7.2%} {p:>9.3f} {s:>11.1f}" for n, (z, p, s) in results.items()),
+        "# ratios (ppl, wall): admm/sparsegpt 50% " + ratio("admm 50%", "sparsegpt 50%", 1)
+        + f" {ratio('admm 50%', 'sparsegpt 50%', 2)}; 70% " + ratio("admm 70%", "sparsegpt 70%", 1)
+        + f" {ratio('admm 70%', 'sparsegpt 70%', 2)}; 2:4 " + ratio("admm 2:4", "sparsegpt 2:4", 1)
+        + f" {ratio('admm 2:4', 'sparsegpt 2:4', 2)}; admm+owl 70% / sparsegpt 70% "
+        + ratio("admm 70% owl", "sparsegpt 70%", 1)
+        + "; joint / sparsegpt-then-rtn " + ratio("sparsegpt 50% + w4g64 joint", "sparsegpt 50% then rtn w4g64", 1),
+    ]
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
