@@ -44,10 +44,10 @@ from llmprune.compression import (
     prunable_linears,
     resolve_device,
 )
-from llmprune.data import eval_windows, load_text, tokenize
+from llmprune.data import bos_token_id, eval_windows, joined_text, load_documents, tokenize, with_bos
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy
-from llmprune.loading import ModelRef, context_length, load_model, resolve, skeleton
+from llmprune.loading import ModelRef, context_length, load_model, load_tokenizer, resolve, skeleton
 from llmprune.perplexity import perplexity
 from llmprune.progress import Progress
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
@@ -163,10 +163,10 @@ def check_kernels(mode: str, device: torch.device | str) -> None:
 
 
 def load(model: str | Path, device: str = "cpu", dtype: str = "auto", semi_structured: bool = False,
-         kernels: str = "auto"):
+         kernels: str = "auto", *, revision: str | None = None, trust_remote_code: bool = False):
     """(model in eval mode on ``device``, tokenizer or None) from any reference ``compress`` takes, packed 2:4
     directories included (``semi_structured``: their linears on PyTorch's sparse tensor cores, CUDA)."""
-    mref = resolve(str(model))
+    mref = resolve(str(model), revision, trust_remote_code)
     if mref.kind == "dir" and is_packed(Path(mref.location)):
         from llmprune.pack import load as load_packed
 
@@ -212,10 +212,20 @@ def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_s
     log.info("wrote %s", out)
 
 
+def _tokenizer_arg(tokenizer, mref: ModelRef | None = None):
+    """A tokenizer given as an object, or as a hub id / directory (``--tokenizer``), loaded."""
+    if tokenizer is None or not isinstance(tokenizer, str | Path):
+        return tokenizer
+    tok = load_tokenizer(str(tokenizer), **({"revision": mref.revision} if mref and mref.revision else {}))
+    if tok is None:
+        raise UsageError(f"--tokenizer {str(tokenizer)!r} is not a tokenizer directory or a reachable hub id")
+    return tok
+
+
 def _tokenizer_for(model: nn.Module, tokenizer):
     """The tokenizer given, else the one saved beside the model's weights (its ``name_or_path``)."""
     if tokenizer is not None:
-        return tokenizer
+        return _tokenizer_arg(tokenizer)
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     if name:
         from transformers import AutoTokenizer
@@ -237,6 +247,8 @@ def compress(
     lazy: bool = True,
     reuse_errors: str | Path | None = None,
     progress: Progress = True,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
     **options: Any,
 ) -> Report:
     """Compress ``model`` as the recipe (and ``options``, which override it) says; return the run report.
@@ -245,18 +257,21 @@ def compress(
     safetensors directory with dense output is streamed block by block from disk and resumable (``lazy``).
     An in-memory model is compressed in place; without ``out`` nothing is written and the compressed model
     is ``report.module``. ``reuse_errors``: an earlier dp run's report (or its directory). ``progress``:
-    True (a tqdm bar), False, or ``fn(task, done, total)``.
+    True (a tqdm bar), False, or ``fn(task, done, total)``. ``tokenizer``: an object, or a hub id /
+    directory to load one from (a model directory without tokenizer files needs it). ``revision`` and
+    ``trust_remote_code`` go to transformers' loaders.
     """
     t0 = time.perf_counter()
     rec = make_recipe(recipe, source="compress()", **options)
     out_path = Path(out) if out is not None else None
     in_memory = isinstance(model, nn.Module)
-    mref = None if in_memory else resolve(str(model))
+    mref = None if in_memory else resolve(str(model), revision, trust_remote_code)
     if out_path is not None:
         check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
     check_kernels(rec.kernels, resolve_device(rec.device))
     reuse = read_error_tables(reuse_errors, rec) if reuse_errors is not None else None
-    load_text(rec.calib, "train")  # fail fast on an unreachable dataset, before loading the model
+    load_documents(rec.calib, rec.split, rec.text_field)  # an unreachable dataset fails before the model loads
+    tokenizer = _tokenizer_arg(tokenizer, mref)
     if in_memory:
         tokenizer = _tokenizer_for(model, tokenizer)
         prunable_linears(model, rec)
@@ -266,7 +281,7 @@ def compress(
         prunable_linears(skeleton(mref), rec)  # a pattern some layer cannot hold, before loading
         if (lazy and out_path is not None and mref.kind == "dir" and rec.format == "dense"
                 and can_load_lazily(Path(mref.location))):
-            return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress)
+            return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer)
         model, loaded_tok = _load_whole(mref, rec.dtype)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
         source, kind, load_s = mref.ref, mref.kind, time.perf_counter() - t0
@@ -295,13 +310,14 @@ def _load_whole(mref: ModelRef, dtype: str):
 
 
 def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float,
-                   progress: Progress) -> Report:
+                   progress: Progress, tokenizer=None) -> Report:
     """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
     publish it as ``out``."""
     from llmprune.resume import PartialOutput
 
     path = Path(mref.location)
-    model, tokenizer = load_lazy(path, recipe.dtype)
+    model, loaded_tok = load_lazy(path, recipe.dtype, mref.trust_remote_code)
+    tokenizer = tokenizer if tokenizer is not None else loaded_tok
     load_s = time.perf_counter() - t0
     windows, calib = calibration_set(tokenizer, model, recipe)
     spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"], "model": str(path),
@@ -339,36 +355,63 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     batch_size: int = 4,
+    split: str | None = None,
+    text_field: str = "text",
+    bos: bool | None = None,
     progress: Progress = True,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Perplexity by the SparseGPT protocol, streamed block by block (from disk for safetensors directories).
 
-    Returns {"dataset", "seqlen" (capped by the model's context), "windows", "ppl", "seconds"}.
+    ``split``: the dataset's (default: its test split; a local file: all of it, or train/test). ``bos``: start
+    every window with BOS (default: when the tokenizer adds one). Returns {"dataset", "seqlen" (capped by the
+    model's context), "windows", "bos", "ppl", "seconds"}.
     """
     if seqlen < 2:
         raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
     dev = resolve_device(device)
-    text, description = load_text(dataset, "test")
+    docs, description = load_documents(dataset, split, text_field, "eval")
     if isinstance(model, nn.Module):
         m, tok = model, _tokenizer_for(model, tokenizer)
     else:
-        mref = resolve(str(model))
+        mref = resolve(str(model), revision, trust_remote_code)
         if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
-            m, tok = load_lazy(Path(mref.location), dtype)  # blocks read from disk one at a time
+            m, tok = load_lazy(Path(mref.location), dtype, trust_remote_code)  # blocks read from disk one at a time
         else:
             m, tok = _load_whole(mref, dtype)
-        tok = tokenizer if tokenizer is not None else tok
+        tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         if tok is None:
-            raise UsageError(f"{model} has no tokenizer files: pass tokenizer=... or save one beside it")
+            raise UsageError(f"{model} has no tokenizer files: pass --tokenizer ID_OR_DIR (tokenizer=...)")
+        _warn_if_calibrated_on(mref, description)
     ctx = context_length(m)
     seqlen = min(seqlen, ctx) if ctx else seqlen
     if dataset == "c4" and max_windows is None:
         max_windows = 256
-    windows = eval_windows(tokenize(tok, text), seqlen, dataset, max_windows)
+    bos_id = bos_token_id(tok) if bos is not False else None
+    if bos and bos_id is None:
+        raise UsageError("--bos: this tokenizer adds no BOS token by default; drop --bos")
+    width = seqlen - (bos_id is not None)  # each window: BOS + seqlen - 1 text tokens
+    windows = with_bos(eval_windows(tokenize(tok, joined_text(docs, tok)), width, dataset, max_windows), bos_id)
     t0 = time.perf_counter()
     ppl = perplexity(m, windows, dev, batch_size, progress=progress)
-    return {"dataset": description, "seqlen": seqlen, "windows": int(windows.shape[0]), "ppl": ppl,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {"dataset": description, "seqlen": seqlen, "windows": int(windows.shape[0]), "bos": bos_id is not None,
+            "ppl": ppl, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _warn_if_calibrated_on(mref: ModelRef, description: str) -> None:
+    """A local evaluation file that overlaps the model's own calibration text measures the calibration fit."""
+    report = read_report(Path(mref.location)) if mref.kind == "dir" else None
+    calib = ((report or {}).get("calibration") or {}).get("source", "")
+    if not (calib.startswith("file:") and description.startswith("file:")):
+        return
+    path_c, _, split_c = calib.removeprefix("file:").partition(":")
+    path_e, _, split_e = description.removeprefix("file:").partition(":")
+    disjoint = {split_c, split_e} == {"train", "test"}
+    if path_c == path_e and not disjoint:
+        log.warning("evaluating on %s, which this model was calibrated on (%s): the perplexity measures the"
+                    " calibration fit; evaluate on held-out text (--split test after calibrating with --split"
+                    " train)", path_e, calib)
 
 
 def _model_dir(path: str | Path) -> Path:

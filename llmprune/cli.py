@@ -33,6 +33,16 @@ def _log_to_file(ctx: click.Context, param: click.Parameter, value: str | None) 
         ctx.call_on_close(lambda: (log.removeHandler(handler), handler.close()))
 
 
+def _model_options(f):
+    """How to read MODEL: its tokenizer from elsewhere, a hub revision, its own code."""
+    f = click.option("--trust-remote-code", is_flag=True,
+                     help="Run the model's own modelling code (off by default: only for sources you trust).")(f)
+    f = click.option("--revision", default=None, help="Hub ids: the branch, tag or commit to read.")(f)
+    f = click.option("--tokenizer", default=None,
+                     help="A tokenizer directory or hub id, for models saved without one.")(f)
+    return f
+
+
 _log_file = click.option("--log-file", type=click.Path(dir_okay=False), expose_value=False, is_eager=True,
                          callback=_log_to_file, help="Also write the log (INFO and up) to this file.")
 
@@ -49,6 +59,15 @@ def _recipe_options(f):
         click.option("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8."),
         click.option("--calib", default=None,
                      help="wikitext2 (default), ptb, c4, shakespeare (built in), or a .txt/.jsonl file."),
+        click.option("--split", default=None,
+                     help="Calibration split: the dataset's (default train); local files: all (default), train"
+                          " (first 90%), test (last 10%)."),
+        click.option("--text-field", default=None, help="The rows' text field (default text; 'messages' chats are"
+                                                          " rendered with the chat template)."),
+        click.option("--by-document/--joined", default=None,
+                     help="Each window from one random document (default for c4), or cut from the text joined."),
+        click.option("--bos/--no-bos", default=None,
+                     help="Start every window with BOS (default: when the tokenizer adds one)."),
         click.option("--nsamples", type=int, default=None, help="Calibration windows (default 128)."),
         click.option("--seqlen", type=int, default=None, help="Tokens per window (default 2048, capped by context)."),
         click.option("--seed", type=int, default=None, help="Seed for the calibration windows (default 0)."),
@@ -120,14 +139,16 @@ def cli() -> None:
               help="With --allocation dp: the llmprune.json (or its directory) of an earlier dp run of this model;"
                    " its error tables are reused instead of measured.")
 @_recipe_options
+@_model_options
 @_log_file
 def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: str | None, config: str | None,
-             **flags) -> None:
+             tokenizer: str | None, revision: str | None, trust_remote_code: bool, **flags) -> None:
     """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
     from llmprune import api
 
     recipe = build_recipe(config, **flags)
-    report = api.compress(model, out, recipe, overwrite=overwrite, lazy=lazy, reuse_errors=reuse_errors)
+    report = api.compress(model, out, recipe, overwrite=overwrite, lazy=lazy, reuse_errors=reuse_errors,
+                          tokenizer=tokenizer, revision=revision, trust_remote_code=trust_remote_code)
     ckpt = report.checkpoint
     click.echo(
         f"compressed {len(report.layers)} linears ({recipe.label}): {report.global_sparsity:.2%} sparsity,"
@@ -142,26 +163,32 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
 @cli.command("eval-ppl")
 @click.argument("model")
 @click.option("--dataset", default="wikitext2", show_default=True,
-              help="wikitext2, ptb, c4, shakespeare (built in, its held-out tail), or a .txt/.jsonl file.")
+              help="wikitext2, ptb, c4, shakespeare (built in, its held-out tail), hf:NAME[:CONFIG], or a"
+                   " .txt/.jsonl/.json/.parquet file.")
+@click.option("--split", default=None,
+              help="The dataset's split (default test); local files: all (default), train or test.")
+@click.option("--text-field", default="text", show_default=True, help="The rows' text field.")
+@click.option("--bos/--no-bos", default=None, help="Start every window with BOS (default: when the tokenizer"
+                                                    " adds one).")
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
+@_model_options
 @_log_file
-def eval_ppl(model: str, dataset: str, seqlen: int, max_windows: int | None, device: str, dtype: str,
-             batch_size: int, as_json: bool) -> None:
+def eval_ppl(model: str, as_json: bool, **options) -> None:
     """Perplexity of MODEL on a dataset (SparseGPT protocol), streamed block by block."""
     from llmprune import api
 
-    result = {"model": model} | api.evaluate(model, dataset, seqlen=seqlen, max_windows=max_windows, device=device,
-                                             dtype=dtype, batch_size=batch_size)
+    result = {"model": model} | api.evaluate(model, **options)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(f"{model}: {result['dataset']} perplexity {result['ppl']:.3f} "
-                   f"({result['windows']} x {result['seqlen']} tokens, {result['seconds']:.1f} s)")
+                   f"({result['windows']} x {result['seqlen']} tokens{', BOS first' if result['bos'] else ''},"
+                   f" {result['seconds']:.1f} s)")
 
 
 _kernels = click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto",

@@ -15,7 +15,17 @@ from torch import Tensor, nn
 
 from llmprune import allocate
 from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
-from llmprune.data import batched, calibration_windows, load_text, tokenize, windows_hash
+from llmprune.data import (
+    batched,
+    bos_token_id,
+    calibration_windows,
+    document_windows,
+    joined_text,
+    load_documents,
+    tokenize,
+    windows_hash,
+    with_bos,
+)
 from llmprune.engine import BlockPass, Stream, default_device
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.hessian import HessianCollector, hessian_update, layer_input_width
@@ -246,18 +256,32 @@ def sequential_block(
 
 
 def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.Tensor, dict]:
-    text, description = load_text(recipe.calib, "train")
+    """The calibration windows the recipe asks for, and their description for the report."""
+    if tokenizer is None:
+        raise UsageError("no tokenizer to cut calibration windows with: pass --tokenizer ID_OR_DIR")
+    docs, description = load_documents(recipe.calib, recipe.split, recipe.text_field)
     seqlen = recipe.seqlen
     ctx = context_length(model)
     if ctx is not None and seqlen > ctx:
         seqlen = ctx
-    ids = tokenize(tokenizer, text)
-    windows = calibration_windows(ids, recipe.nsamples, seqlen, recipe.seed, source=recipe.calib)
+    bos = bos_token_id(tokenizer) if recipe.bos is not False else None
+    if recipe.bos and bos is None:
+        raise UsageError("--bos: this tokenizer adds no BOS token by default; drop --bos")
+    by_document = recipe.by_document if recipe.by_document is not None else recipe.calib == "c4"
+    width = seqlen - (bos is not None)  # text tokens per window: the BOS takes one place
+    if by_document:
+        windows = document_windows(docs, tokenizer, recipe.nsamples, width, recipe.seed, source=recipe.calib)
+    else:
+        ids = tokenize(tokenizer, joined_text(docs, tokenizer))
+        windows = calibration_windows(ids, recipe.nsamples, width, recipe.seed, source=recipe.calib)
+    windows = with_bos(windows, bos)
     info = {
         "source": description,
         "nsamples": recipe.nsamples,
         "seqlen": seqlen,
         "seed": recipe.seed,
+        "bos": bos is not None,
+        "by_document": by_document,
         "tokens": int(windows.numel()),
         "sha256": windows_hash(windows),
     }

@@ -116,6 +116,7 @@ class _Batch(threading.Thread):
     def __init__(self, run: Callable[[], object], device: torch.device):
         super().__init__(daemon=True, name="llmprune-sublayer")
         self._run, self._device = run, device
+        self._threads = torch.get_num_threads()  # the caller's intra-op threads (the setting is per thread)
         self.go, self.back = threading.Semaphore(0), threading.Semaphore(0)
         self.at: str | None = None  # module it waits before, while paused
         self.x: Tensor | None = None  # that module's input
@@ -126,6 +127,7 @@ class _Batch(threading.Thread):
     def run(self) -> None:
         self.go.acquire()
         try:
+            torch.set_num_threads(self._threads)
             if self._device.type == "cuda" and self._device.index is not None:  # the current device is per thread
                 torch.cuda.set_device(self._device)
             with torch.no_grad():  # grad mode is per thread

