@@ -2,8 +2,8 @@
 
 The API (``llmprune/api.py``) is imported on first use, so ``import llmprune`` and ``llmprune --help`` stay
 fast: ``llmprune.compress``, ``llmprune.evaluate``, ``llmprune.load``, ``llmprune.Recipe``, ``llmprune.Report``,
-``llmprune.UsageError``. Packing lives in ``llmprune.api`` (``pack``, ``unpack``, ``inspect``): those names
-are also the package's modules. No module of the package is named like an exported function.
+``llmprune.UsageError``. Packing and sweeps live in ``llmprune.api`` (``pack``, ``unpack``, ``inspect``,
+``sweep``): those names are also the package's modules. No module of the package is named like an exported function.
 """
 
 from llmprune.version import __version__
@@ -14,8 +14,9 @@ __all__ = ["__version__", *sorted(_API)]
 
 
 def __getattr__(name: str):
-    if name in _API:
-        from llmprune import api
+    if name in _API or name == "api":
+        import importlib
 
-        return getattr(api, name)
+        api = importlib.import_module("llmprune.api")  # `from llmprune import api` would come back here
+        return api if name == "api" else getattr(api, name)
     raise AttributeError(f"module 'llmprune' has no attribute {name!r}")

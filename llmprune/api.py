@@ -44,11 +44,11 @@ from llmprune.compression import (
     prunable_linears,
     resolve_device,
 )
-from llmprune.data import bos_token_id, eval_windows, joined_text, load_documents, tokenize, with_bos
+from llmprune.data import load_documents
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy
-from llmprune.loading import ModelRef, context_length, load_model, load_tokenizer, resolve, skeleton
-from llmprune.perplexity import perplexity
+from llmprune.loading import ModelRef, load_model, load_tokenizer, resolve, skeleton
+from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.progress import Progress
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
 from llmprune.version import __version__
@@ -371,7 +371,7 @@ def evaluate(
     if seqlen < 2:
         raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
     dev = resolve_device(device)
-    docs, description = load_documents(dataset, split, text_field, "eval")
+    _, description = load_documents(dataset, split, text_field, "eval")  # unreachable data fails before the model
     if isinstance(model, nn.Module):
         m, tok = model, _tokenizer_for(model, tokenizer)
     else:
@@ -384,19 +384,10 @@ def evaluate(
         if tok is None:
             raise UsageError(f"{model} has no tokenizer files: pass --tokenizer ID_OR_DIR (tokenizer=...)")
         _warn_if_calibrated_on(mref, description)
-    ctx = context_length(m)
-    seqlen = min(seqlen, ctx) if ctx else seqlen
-    if dataset == "c4" and max_windows is None:
-        max_windows = 256
-    bos_id = bos_token_id(tok) if bos is not False else None
-    if bos and bos_id is None:
-        raise UsageError("--bos: this tokenizer adds no BOS token by default; drop --bos")
-    width = seqlen - (bos_id is not None)  # each window: BOS + seqlen - 1 text tokens
-    windows = with_bos(eval_windows(tokenize(tok, joined_text(docs, tok)), width, dataset, max_windows), bos_id)
+    windows, info = evaluation_windows(tok, m, dataset, seqlen, max_windows, split, text_field, bos)
     t0 = time.perf_counter()
     ppl = perplexity(m, windows, dev, batch_size, progress=progress)
-    return {"dataset": description, "seqlen": seqlen, "windows": int(windows.shape[0]), "bos": bos_id is not None,
-            "ppl": ppl, "seconds": round(time.perf_counter() - t0, 3)}
+    return info | {"windows": int(windows.shape[0]), "ppl": ppl, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _warn_if_calibrated_on(mref: ModelRef, description: str) -> None:
@@ -454,3 +445,69 @@ def inspect(model: str | Path) -> dict:
     from llmprune.inspect import inspect_dir
 
     return inspect_dir(_model_dir(model))
+
+
+def sweep(
+    model: str | Path | nn.Module,
+    out: str | Path,
+    *,
+    methods: str | list[str],
+    sparsities: str | list,
+    wbits: str | list | None = None,
+    evals: str | list[str] = "wikitext2",
+    recipe: Recipe | dict | str | Path | None = None,
+    tokenizer=None,
+    eval_seqlen: int | None = None,
+    max_windows: int | None = None,
+    keep_checkpoints: bool = False,
+    tasks: str | list[str] | None = None,
+    progress: Progress = True,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> list[dict]:
+    """Methods × sparsities (× ``wbits``, e.g. "none,4") on one calibration set, each cell evaluated on the
+    same windows of every ``evals`` dataset; rows (dense first) also written to ``out`` as results.csv,
+    results.json, results.md and ppl_vs_sparsity.png. Resumable: finished cells are kept in ``out/cells``.
+    ``options``/``recipe``: the shared recipe (calibration, damping, ...); the grid sets method, sparsity,
+    pattern and bits. ``tasks``: lm-eval zero-shot tasks (needs the ``lm-eval`` package)."""
+    from llmprune import sweep as sweeps
+
+    grid_keys = {"method", "sparsity", "pattern", "wbits"} & set(options)
+    if grid_keys:
+        raise UsageError(f"a sweep sets {', '.join(sorted(grid_keys))} from its grid: use --methods, --sparsities"
+                         " and --wbits instead")
+    base = make_recipe(recipe, source="sweep()", **options)
+    cells = sweeps.grid(methods, sparsities, wbits)
+    for cell in cells:
+        cell.recipe(base)  # every cell's recipe is valid, before any data or model is read
+    eval_names = sweeps._split(evals)
+    task_names = sweeps._split(tasks)
+    for name in eval_names:
+        load_documents(name, None, "text", "eval")
+    load_documents(base.calib, base.split, base.text_field)
+    out_path = Path(out).expanduser()
+    if out_path.exists() and not out_path.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
+    if task_names:
+        sweeps.check_lm_eval()
+    if isinstance(model, nn.Module):
+        m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
+    else:
+        mref = resolve(str(model), revision, trust_remote_code)
+        m, tok = _load_whole(mref, base.dtype)
+        tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
+        name = mref.ref
+    out_path.mkdir(parents=True, exist_ok=True)
+
+    def save(cell, compressed: nn.Module, report: dict) -> None:
+        slug = cell.label.replace(" ", "-").replace(":", "of")
+        _describe(report, compressed, name, "sweep")
+        _save(out_path / "checkpoints" / slug, compressed, tok, report, {}, time.perf_counter())
+
+    def after(cell, compressed: nn.Module) -> dict:
+        return sweeps.zero_shot(compressed, tok, task_names) if task_names else {}
+
+    return sweeps.run_sweep(m, tok, base, cells, eval_names, out_path, model_name=name, eval_seqlen=eval_seqlen,
+                            max_windows=max_windows, save=save if keep_checkpoints else None,
+                            extra=after if task_names else None, extra_key=task_names or None, progress=progress)

@@ -47,7 +47,10 @@ _log_file = click.option("--log-file", type=click.Path(dir_okay=False), expose_v
                          callback=_log_to_file, help="Also write the log (INFO and up) to this file.")
 
 
-def _recipe_options(f):
+def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
+    """Every recipe field as an option (``exclude``: flags a command sets otherwise, e.g. a sweep's grid)."""
+    if f is None:
+        return lambda g: _recipe_options(g, exclude=exclude)
     opts = [
         click.option("--method", type=click.Choice(list(METHODS)), default=None,
                      help="sparsegpt (default; with --wbits: joint pruning + GPTQ quantization in one pass), wanda,"
@@ -118,7 +121,9 @@ def _recipe_options(f):
                      help="YAML recipe (see configs/); flags override it."),
     ]
     for opt in reversed(opts):
-        f = opt(f)
+        probe = opt(lambda: None)  # the option's own names, to leave out the excluded ones
+        if not set(probe.__click_params__[0].opts) & set(exclude):
+            f = opt(f)
     return f
 
 
@@ -189,6 +194,66 @@ def eval_ppl(model: str, as_json: bool, **options) -> None:
         click.echo(f"{model}: {result['dataset']} perplexity {result['ppl']:.3f} "
                    f"({result['windows']} x {result['seqlen']} tokens{', BOS first' if result['bos'] else ''},"
                    f" {result['seconds']:.1f} s)")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Sweep directory: results.csv/.json/.md, ppl_vs_sparsity.png, cells/ (resumable).")
+@click.option("--methods", default=None, help="Comma-separated methods, e.g. sparsegpt,wanda,magnitude,admm.")
+@click.option("--sparsities", default=None, help="Comma-separated sparsities and N:M patterns, e.g. 0.5,0.7,2:4.")
+@click.option("--wbits", "grid_wbits", default=None,
+              help="Comma-separated bits per cell, 'none' for unquantized (default: none), e.g. none,4.")
+@click.option("--eval", "evals", default="wikitext2", show_default=True,
+              help="Comma-separated evaluation datasets (as eval-ppl's --dataset).")
+@click.option("--eval-seqlen", type=int, default=None, help="Evaluation window (default: --seqlen).")
+@click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows per dataset.")
+@click.option("--keep-checkpoints", is_flag=True, help="Also write every cell's model to OUT/checkpoints/.")
+@click.option("--tasks", default=None, help="Comma-separated lm-eval zero-shot tasks (needs lm-eval).")
+@_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--wbits"))
+@_model_options
+@_log_file
+def sweep(model: str, out: str, methods: str | None, sparsities: str | None, grid_wbits: str | None, evals: str,
+          eval_seqlen: int | None, max_windows: int | None, keep_checkpoints: bool, tasks: str | None,
+          config: str | None, tokenizer: str | None, revision: str | None, trust_remote_code: bool,
+          **flags) -> None:
+    """Compress MODEL with every method x sparsity on one calibration set and evaluate every cell alike.
+
+    --config takes a YAML grid: methods, sparsities, wbits, eval, tasks, and recipe (the shared recipe's keys).
+    """
+    from llmprune import api
+
+    recipe, grid = build_sweep(config, flags)
+    rows = api.sweep(model, out, methods=methods or grid.get("methods"),
+                     sparsities=sparsities or grid.get("sparsities"), wbits=grid_wbits or grid.get("wbits"),
+                     evals=grid.get("eval", evals) if evals == "wikitext2" else evals, recipe=recipe,
+                     tokenizer=tokenizer, eval_seqlen=eval_seqlen, max_windows=max_windows,
+                     keep_checkpoints=keep_checkpoints, tasks=tasks or grid.get("tasks"), revision=revision,
+                     trust_remote_code=trust_remote_code)
+    click.echo((Path(out) / "results.md").read_text(), nl=False)
+    click.echo(f"{len(rows) - 1} cells and the dense model -> {out}/results.csv, results.json, results.md,"
+               " ppl_vs_sparsity.png")
+
+
+SWEEP_KEYS = {"methods", "sparsities", "wbits", "eval", "tasks", "recipe"}
+
+
+def build_sweep(config: str | None, flags: dict) -> tuple[Recipe, dict]:
+    """(shared recipe, grid keys) from an optional YAML grid and the recipe flags given."""
+    import yaml
+
+    grid: dict = {}
+    if config:
+        try:
+            grid = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"sweep config {config!r} cannot be read ({type(exc).__name__})") from None
+        if not isinstance(grid, dict) or set(grid) - SWEEP_KEYS:
+            raise UsageError(f"sweep config {config!r}: unknown keys {sorted(set(grid) - SWEEP_KEYS)}; known keys:"
+                             f" {', '.join(sorted(SWEEP_KEYS))}")
+    given = {k: v for k, v in flags.items() if v is not None and v != ()}
+    base = recipe_from_dict(grid.get("recipe") or {}, source=config or "recipe")
+    return recipe_from_dict(base.to_dict() | given, source="options"), grid
 
 
 _kernels = click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto",

@@ -352,7 +352,7 @@ def _dp(tables: dict[str, dict], target: float) -> dict[str, float]:
 def compress_model(
     model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
     grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None, sink=None,
-    progress: Progress = True,
+    progress: Progress = True, captured: dict | None = None,
 ) -> dict:
     """Prune (and quantize) ``model`` in place as the recipe says; return the run report.
 
@@ -360,7 +360,8 @@ def compress_model(
     ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables;
     ``sink``: a ``resume.PartialOutput`` that receives each finished block, and whose finished blocks are
     only propagated (read back compressed through the model's ``block_source``), not compressed again;
-    ``progress``: a tqdm bar, nothing, or a callback (progress.py).
+    ``progress``: a tqdm bar, nothing, or a callback (progress.py); ``captured``: block 0's inputs shared by
+    runs over the same windows (engine.Stream), e.g. a sweep's cells.
     """
     t_start = time.perf_counter()
     device = resolve_device(recipe.device)
@@ -381,7 +382,7 @@ def compress_model(
             if sink is not None:
                 sink.set_allocation(allocation)
     t_plan = time.perf_counter()
-    stream = Stream(model, batched(windows, recipe.batch_size), device, progress=progress)
+    stream = Stream(model, batched(windows, recipe.batch_size), device, progress=progress, captured=captured)
     source = getattr(model, "block_source", None)
     if sink is not None:
         if source is None:

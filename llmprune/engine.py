@@ -268,8 +268,11 @@ class Stream:
     """Streams ``batches`` (token ids, each (b, T)) through ``model`` block by block on ``device``."""
 
     def __init__(self, model: nn.Module, batches: list[Tensor], device: torch.device | str,
-                 prefetch: bool | None = None, progress: Progress = True):
+                 prefetch: bool | None = None, progress: Progress = True, captured: dict | None = None):
         self.model = model
+        # block 0's inputs and the blocks' call arguments, shared by runs over the same batches (a sweep's
+        # cells): filled by the first run's capture, read by the next instead of running the embeddings again
+        self.captured = captured
         self.progress = progress  # a tqdm bar, nothing, or a callback fn(task, done, total) (progress.py)
         self.batches = batches
         self.device = torch.device(device)
@@ -354,8 +357,14 @@ class Stream:
         Returns the hidden states after the last block (before the final norm), one tensor per batch.
         """
         source = getattr(self.model, "block_source", None)  # lazy models: weights read per block (lazy.py)
-        with self.non_block_modules_on_device():
-            self.capture()
+        if self.captured:
+            self.hidden, self.calls, self.store = list(self.captured["hidden"]), self.captured["calls"], \
+                self.captured["store"]
+        else:
+            with self.non_block_modules_on_device():
+                self.capture()
+            if self.captured is not None:
+                self.captured.update(hidden=list(self.hidden), calls=self.calls, store=self.store)
         fetcher = BlockFetcher(self.blocks, source, self.device, ahead=self.prefetch)
         try:
             for i in track(range(len(self.blocks)), len(self.blocks), desc, self.progress):

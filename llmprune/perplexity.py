@@ -8,8 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.data import batched
+from llmprune.data import (
+    batched,
+    bos_token_id,
+    eval_windows,
+    joined_text,
+    load_documents,
+    tokenize,
+    with_bos,
+)
 from llmprune.engine import Stream
+from llmprune.errors import UsageError
+from llmprune.loading import context_length
 from llmprune.progress import Progress
 
 
@@ -35,3 +45,26 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
             )
             nlls.append(loss.view(ids.shape[0], seqlen - 1).mean(1).cpu())
     return math.exp(torch.cat(nlls).double().mean().item())
+
+
+def evaluation_windows(tokenizer, model: nn.Module, dataset: str, seqlen: int, max_windows: int | None = None,
+                       split: str | None = None, text_field: str = "text",
+                       bos: bool | None = None) -> tuple[torch.Tensor, dict]:
+    """The SparseGPT protocol's windows of ``dataset`` for this model: (windows, {"dataset", "seqlen", "bos"}).
+
+    seqlen is capped by the model's context; with BOS (by default when the tokenizer adds one) each window is
+    BOS + seqlen − 1 text tokens; c4 is capped at 256 windows as in the protocol."""
+    if seqlen < 2:
+        raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
+    docs, description = load_documents(dataset, split, text_field, "eval")
+    ctx = context_length(model)
+    seqlen = min(seqlen, ctx) if ctx else seqlen
+    if dataset == "c4" and max_windows is None:
+        max_windows = 256
+    bos_id = bos_token_id(tokenizer) if bos is not False else None
+    if bos and bos_id is None:
+        raise UsageError("--bos: this tokenizer adds no BOS token by default; drop --bos")
+    width = seqlen - (bos_id is not None)
+    ids = tokenize(tokenizer, joined_text(docs, tokenizer))
+    windows = with_bos(eval_windows(ids, width, dataset, max_windows), bos_id)
+    return windows, {"dataset": description, "seqlen": seqlen, "bos": bos_id is not None}

@@ -1,0 +1,291 @@
+"""``llmprune sweep``: methods × sparsities (× bits) on one calibration set, every cell evaluated alike.
+
+Every cell is compressed from the same calibration windows (made once, with block 0's inputs captured once)
+and evaluated on the same evaluation windows; the dense model is evaluated once. Cells run one after another
+on one in-memory model restored from a pristine copy between them. Each finished cell is written at once to
+``DIR/cells/<key>.json`` (atomically) under a key that hashes everything its result depends on, so
+re-running the same command skips it and a changed grid runs only the new cells. The tables and the plot are
+written from all the cells at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.compression import calibration_set, compress_model, resolve_device
+from llmprune.errors import UsageError
+from llmprune.pattern import parse_pattern
+from llmprune.perplexity import evaluation_windows, perplexity
+from llmprune.progress import Progress, track
+from llmprune.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    sparsity: str  # "0.5", or an N:M pattern such as "2:4"
+    wbits: int | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.sparsity}" + (f" w{self.wbits}" if self.wbits else "")
+
+    def recipe(self, base: Recipe) -> Recipe:
+        pattern = parse_pattern(self.sparsity) if ":" in self.sparsity else None
+        try:
+            return base.replace(method=self.method, wbits=self.wbits,
+                                pattern=str(pattern) if pattern else "unstructured",
+                                sparsity=None if pattern else float(self.sparsity))
+        except UsageError as exc:
+            raise UsageError(f"sweep cell '{self.label}': {exc}") from None
+
+
+def _split(value: str | list | tuple | None) -> list[str]:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [v.strip() for v in items if v.strip()]
+
+
+def grid(methods, sparsities, wbits=None) -> list[Cell]:
+    """The cells of methods × sparsities × bits (``wbits``: e.g. "none,4"; default: no quantization)."""
+    ms, ss = _split(methods), _split(sparsities)
+    if not ms or not ss:
+        raise UsageError("a sweep needs --methods and --sparsities, e.g. --methods sparsegpt,wanda"
+                         " --sparsities 0.5,0.7,2:4")
+    bits: list[int | None] = []
+    for b in _split(wbits) or ["none"]:
+        if b.lower() == "none":
+            bits.append(None)
+        elif b.isdigit():
+            bits.append(int(b))
+        else:
+            raise UsageError(f"--wbits {b!r} in a sweep: use integers 2..8 or 'none', comma-separated")
+    for s in ss:
+        if ":" not in s:
+            try:
+                float(s)
+            except ValueError:
+                raise UsageError(f"--sparsities {s!r}: use fractions such as 0.5 or patterns such as 2:4") from None
+    return [Cell(m, s, b) for b in bits for m in ms for s in ss]
+
+
+class CellStore:
+    """``DIR/cells/<key>.json``, one file per finished cell, each written whole (temp file + rename)."""
+
+    def __init__(self, out: Path):
+        self.dir = Path(out) / "cells"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str) -> dict | None:
+        path = self.dir / f"{key}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put(self, key: str, row: dict) -> None:
+        _write_atomic(self.dir / f"{key}.json", json.dumps(row, indent=2, default=str) + "\n")
+
+
+def _write_atomic(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's peak so far
+
+
+def run_sweep(
+    model: nn.Module, tokenizer, base: Recipe, cells: list[Cell], evals: list[str], out: Path, *,
+    model_name: str, eval_seqlen: int | None = None, max_windows: int | None = None, eval_batch_size: int = 4,
+    save: Callable[[Cell, nn.Module, dict], None] | None = None,
+    extra: Callable[[Cell | None, nn.Module], dict] | None = None, extra_key: object = None,
+    progress: Progress = True,
+) -> list[dict]:
+    """Compress and evaluate every cell; return the rows (dense first) and write the tables and the plot.
+
+    ``save(cell, model, report)``, when given, keeps each cell's checkpoint (the caller writes it);
+    ``extra(cell, model)`` adds further scores to each row (zero-shot accuracies: ``zero_shot``), and
+    ``extra_key`` (e.g. the task names) is part of every cell's key.
+    """
+    recipes = [c.recipe(base) for c in cells]  # every cell's recipe is valid before any work
+    device = resolve_device(base.device)
+    windows, calib = calibration_set(tokenizer, model, base)
+    eval_sets = {}
+    for name in evals:
+        w, info = evaluation_windows(tokenizer, model, name, eval_seqlen or base.seqlen, max_windows)
+        eval_sets[name] = (w, info)
+    eval_spec = {n: {"sha": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16], **i}
+                 for n, (w, i) in eval_sets.items()}
+    store = CellStore(out)
+    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    captured: dict = {}
+
+    def evaluate_all() -> dict[str, float]:
+        return {n: perplexity(model, w, device, eval_batch_size, progress=False) for n, (w, _) in eval_sets.items()}
+
+    dense_key = _key("dense", model_name, eval_spec, extra_key)
+    dense = store.get(dense_key)
+    if dense is None:
+        dense = {"method": "dense", "sparsity": "0", "wbits": None, "label": "dense", "global_sparsity": 0.0,
+                 "ppl": evaluate_all(), "compress_s": 0.0, "peak_mib": round(_peak_mib(device), 1),
+                 "scores": extra(None, model) if extra else {}}
+        store.put(dense_key, dense)
+    rows = [dense]
+    todo = []
+    for cell, recipe in zip(cells, recipes, strict=True):
+        key = _key(model_name, recipe.to_dict(), calib["sha256"], eval_spec, extra_key)
+        row = store.get(key)
+        if row is None:
+            todo.append((cell, recipe, key))
+        rows.append(row or {"key": key})
+    if len(todo) < len(cells):
+        log.info("sweep: %d of %d cells already done in %s", len(cells) - len(todo), len(cells), out)
+    done: dict[str, dict] = {}
+    try:
+        for cell, recipe, key in track(todo, len(todo), "sweep", progress, unit="cell"):
+            model.load_state_dict(pristine)
+            t0 = time.perf_counter()
+            report = compress_model(model, tokenizer, recipe, windows, progress=False, captured=captured)
+            seconds = time.perf_counter() - t0
+            row = {"method": cell.method, "sparsity": cell.sparsity, "wbits": cell.wbits, "label": cell.label,
+                   "global_sparsity": report["global_sparsity"], "ppl": evaluate_all(),
+                   "compress_s": round(seconds, 3), "peak_mib": round(_peak_mib(device), 1),
+                   "scores": extra(cell, model) if extra else {},
+                   "recipe": recipe.to_dict(), "report": {k: report[k] for k in ("calibration", "timings",
+                                                                                 "sequential", "allocation")}}
+            if save is not None:
+                save(cell, model, report)
+            store.put(key, row)
+            done[key] = row
+            log.info("sweep: %s: %s", cell.label, ", ".join(f"{n} {p:.3f}" for n, p in row["ppl"].items()))
+    finally:
+        model.load_state_dict(pristine)
+    rows = [done.get(r.get("key"), r) if "key" in r else r for r in rows]
+    title = f"{model_name}, calibration {calib['source']} ({calib['nsamples']} x {calib['seqlen']} tokens)"
+    write_outputs(out, rows, list(eval_sets), title)
+    return rows
+
+
+def check_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UsageError("--tasks runs lm-eval-harness: pip install 'llmprune[lmeval]' (or lm-eval)") from None
+
+
+def zero_shot(model: nn.Module, tokenizer, tasks: list[str], batch_size: int = 8) -> dict[str, float]:
+    """Accuracy of ``model`` on each lm-eval task (its Python API, with our model object); a task that cannot
+    be had (no network for its data, an unknown name) is a one-line error naming it."""
+    check_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    scores = {}
+    for task in tasks:
+        try:
+            result = simple_evaluate(model=lm, tasks=[task], verbosity="ERROR")
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UsageError(f"lm-eval task {task!r} cannot run ({first}): check its name, and that its data is"
+                             " in the local cache (no network)") from None
+        metrics = result["results"][task]
+        acc = next((v for k, v in metrics.items() if k.split(",")[0] in ("acc_norm", "acc", "exact_match")
+                    and isinstance(v, int | float)), None)
+        scores[task] = float(acc) if acc is not None else float("nan")
+    return scores
+
+
+def table_rows(rows: list[dict], evals: list[str], tasks: list[str]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        out.append([r["method"], r["sparsity"], str(r["wbits"] or 16), *(f"{r['ppl'][e]:.3f}" for e in evals),
+                    *(f"{r.get('scores', {}).get(t, float('nan')):.4f}" for t in tasks),
+                    f"{r['global_sparsity']:.4f}", f"{r['compress_s']:.1f}", f"{r['peak_mib']:.0f}"])
+    return out
+
+
+def write_outputs(out: Path, rows: list[dict], evals: list[str], title: str) -> None:
+    """results.csv, results.json, results.md and ppl_vs_sparsity.png, from the same rows."""
+    tasks = sorted({t for r in rows for t in r.get("scores", {})})
+    header = ["method", "sparsity", "bits", *(f"ppl {e}" for e in evals), *(f"acc {t}" for t in tasks),
+              "global sparsity", "compress s", "peak MiB"]
+    body = table_rows(rows, evals, tasks)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(body)
+    _write_atomic(out / "results.csv", buf.getvalue())
+    _write_atomic(out / "results.json", json.dumps({"title": title, "evals": evals, "rows": rows}, indent=2,
+                                                   default=str) + "\n")
+    md = [f"<!-- {title} -->", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in body]
+    _write_atomic(out / "results.md", "\n".join(md) + "\n")
+    _write_atomic(out / "ppl_vs_sparsity.png", plot(rows, evals, title))
+
+
+def plot(rows: list[dict], evals: list[str], title: str) -> bytes:
+    """One panel per evaluation set: perplexity (log axis) against sparsity, one line per method (and bits),
+    N:M cells as marked points, the dense perplexity as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(evals), figsize=(6.4 * len(evals), 4.6), squeeze=False)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            groups.setdefault(r["method"] + (f" w{r['wbits']}" if r["wbits"] else ""), []).append(r)
+    for ax, e in zip(axes[0], evals, strict=True):
+        for k, (name, rs) in enumerate(sorted(groups.items())):
+            color = f"C{k % 10}"
+            line = sorted((float(r["sparsity"]), r["ppl"][e]) for r in rs if ":" not in r["sparsity"])
+            if line:
+                ax.plot(*zip(*line, strict=True), marker="o", color=color, label=name)
+            for r in rs:
+                if ":" in r["sparsity"]:
+                    pat = parse_pattern(r["sparsity"])
+                    ax.scatter([pat.sparsity], [r["ppl"][e]], marker="*", s=140, color=color, zorder=3,
+                               label=f"{name} {r['sparsity']}")
+                    ax.annotate(r["sparsity"], (pat.sparsity, r["ppl"][e]), textcoords="offset points",
+                                xytext=(6, 4), fontsize=8)
+        if dense is not None and math.isfinite(dense["ppl"][e]):
+            ax.axhline(dense["ppl"][e], color="gray", linestyle="--", label=f"dense {dense['ppl'][e]:.2f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel(f"perplexity ({e})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
