@@ -78,6 +78,7 @@ class Report:
     # sequential runs: blocks that fell back to two passes (and why), the peak of the inputs kept across
     # batches before one sublayer, where activations were kept; None for two-pass runs
     sequential: dict[str, Any] | None = None
+    left_dense: dict[str, list[str]] = field(default_factory=dict)  # skipped (--skip), never_called (no data)
     model: dict[str, Any] = field(default_factory=dict)  # source, kind, type, dtype
     versions: dict[str, str] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None  # format, bits_per_weight, bytes; None when nothing was written
@@ -178,6 +179,16 @@ def load(model: str | Path, device: str = "cpu", dtype: str = "auto", semi_struc
     return loaded.to(device), tokenizer
 
 
+def check_not_quantized(config: dict, name: str) -> None:
+    """An already quantized input (GPTQ, AWQ, FP8, compressed-tensors, bitsandbytes) has no real-valued linears
+    to prune: refuse it in one line instead of compressing nothing."""
+    q = config.get("quantization_config")
+    if q:
+        method = (q.get("quant_method") or q.get("format") or "quantized") if isinstance(q, dict) else "quantized"
+        raise UsageError(f"{name} is already quantized ({method}): compress its unquantized original (the dense"
+                         " bf16/fp16 checkpoint), or dequantize it first")
+
+
 def _describe(report: dict, model: nn.Module, source: str, kind: str, **extra: Any) -> torch.dtype:
     """Add the model and versions to the report; return the model's (materialised) dtype."""
     lazy_source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
@@ -274,11 +285,15 @@ def compress(
     tokenizer = _tokenizer_arg(tokenizer, mref)
     if in_memory:
         tokenizer = _tokenizer_for(model, tokenizer)
+        check_not_quantized(model.config.to_dict(), "the model")
         prunable_linears(model, rec)
         source = getattr(model, "name_or_path", "") or "in-memory"
         kind, load_s = "memory", 0.0
     else:
-        prunable_linears(skeleton(mref), rec)  # a pattern some layer cannot hold, before loading
+        shape = skeleton(mref)
+        if mref.kind in ("dir", "hub"):  # gguf files are dequantized by transformers on load
+            check_not_quantized(shape.config.to_dict(), mref.ref)
+        prunable_linears(shape, rec)  # a pattern some layer cannot hold, before loading
         if (lazy and out_path is not None and mref.kind == "dir" and rec.format == "dense"
                 and can_load_lazily(Path(mref.location))):
             return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer)

@@ -106,6 +106,12 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
                 )
             chosen[name] = mod
         out[prefix] = chosen
+    names = [f"{p}.{n}" for p, lin in out.items() for n in find_linears(model.get_submodule(p))]
+    for rx in recipe.skip:
+        if not any(re.search(rx, n) for n in names):
+            raise UsageError(f"--skip {rx!r} matches no linear of this model (e.g. {names[0]}): fix the regex")
+    if not any(out.values()):
+        raise UsageError("every linear is skipped: nothing to compress; loosen --skip")
     return out
 
 
@@ -418,6 +424,13 @@ def compress_model(
     t_done = time.perf_counter()
     zeros = sum(r.zeros for r in layers)
     total = sum(r.shape[0] * r.shape[1] for r in layers)
+    done = {r.name for r in layers}
+    never = [f"{p}.{n}" for p, lin in linears.items() for n in lin if f"{p}.{n}" not in done]
+    if never:
+        log.warning("%d linears were never called on the calibration data and are left dense: %s", len(never),
+                    ", ".join(never[:8]) + (" ..." if len(never) > 8 else ""))
+    skipped = [f"{p}.{n}" for p in linears for n in find_linears(model.get_submodule(p))
+               if n not in linears[p]]
     return {
         "recipe": recipe.to_dict(),
         "device": str(device),
@@ -426,6 +439,8 @@ def compress_model(
         "target_sparsity": recipe.target_sparsity,
         "pruned_params": total,
         "layers": [asdict(r) for r in layers],
+        # linears of the blocks not compressed, and why (global_sparsity counts only the compressed ones)
+        "left_dense": {"skipped": skipped, "never_called": never},
         "allocation": allocation,
         "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
                        "kept_inputs_peak_bytes": kept_peak[0],
