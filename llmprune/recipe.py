@@ -80,12 +80,12 @@ class Recipe:
     sequential: bool = True
     # admm: at most admm_iters iterations, the penalty from admm_rho0 x mean diag(H), x admm_rho_growth each
     admm_iters: int = 60
-    admm_rho0: float = 0.05
-    admm_rho_growth: float = 1.25
+    admm_rho0: float = 0.3
+    admm_rho_growth: float = 1.6
     # re-solve the kept weights of any method's mask (PCG, refit_iters steps; never raises a layer's error);
     # with wbits the mask's weights are compensated and quantized by the GPTQ sweep on that mask instead
     refit: bool = False
-    refit_iters: int = 40
+    refit_iters: int = 20
     obc_max_cols: int = 1024  # obc: wider layers are refused (its work grows as rows x cols³): use admm
 
     def __post_init__(self) -> None:
