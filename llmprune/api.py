@@ -526,3 +526,98 @@ def sweep(
     return sweeps.run_sweep(m, tok, base, cells, eval_names, out_path, model_name=name, eval_seqlen=eval_seqlen,
                             max_windows=max_windows, save=save if keep_checkpoints else None,
                             extra=after if task_names else None, extra_key=task_names or None, progress=progress)
+
+
+def shrink(
+    model: str | Path | nn.Module,
+    out: str | Path | None = None,
+    recipe: Recipe | dict | str | Path | None = None,
+    *,
+    mlp: float = 0.0,
+    heads: float = 0.0,
+    drop_blocks: int = 0,
+    method: str = "obs",
+    align: int = 64,
+    tokenizer=None,
+    overwrite: bool = False,
+    progress: Progress = True,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    **options: Any,
+) -> dict:
+    """Structured pruning: remove a fraction of every block's MLP channels (``mlp``) and attention heads
+    (``heads``) and ``drop_blocks`` whole blocks, choosing by ``method`` (obs, l1, wanda) on the calibration
+    data of ``recipe``/``options``; write a standard, smaller model directory to ``out`` (or shrink an
+    in-memory model in place). Returns the run report (also ``out/llmprune.json``)."""
+    from llmprune.shrink import ShrinkSpec, plan, shrink_model
+
+    t0 = time.perf_counter()
+    spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align)
+    rec = make_recipe(recipe, source="shrink()", **options)
+    out_path = Path(out) if out is not None else None
+    in_memory = isinstance(model, nn.Module)
+    mref = None if in_memory else resolve(str(model), revision, trust_remote_code)
+    if out_path is not None:
+        check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
+    load_documents(rec.calib, rec.split, rec.text_field)
+    tokenizer = _tokenizer_arg(tokenizer, mref)
+    if in_memory:
+        m, tok, source, kind = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", ""), "memory"
+        plan(m, spec)
+    else:
+        shape = skeleton(mref)
+        check_not_quantized(shape.config.to_dict(), mref.ref)
+        plan(shape, spec)  # bad sizes fail before the model loads
+        m, loaded = _load_whole(mref, rec.dtype)
+        tok = tokenizer if tokenizer is not None else loaded
+        source, kind = mref.ref, mref.kind
+    report = shrink_model(m, tok, rec, spec, progress=progress)
+    _describe(report, m, source or "in-memory", kind)
+    if out_path is not None:
+        with atomic_dir(out_path) as tmp:
+            report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+            save_hf(m, tok, tmp, report)
+        log.info("wrote %s", out_path)
+    return report
+
+
+def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, new_tokens: int = 32,
+                repeats: int = 5, device: str = "auto", dtype: str = "auto") -> list[dict]:
+    """Prefill and decode tokens/s of each model with plain transformers, the same inputs for all, repeats
+    interleaved across the models, medians. Rows: model, params, prefill_tok_s, decode_tok_s."""
+    import statistics
+
+    from llmprune.shrink import count_params
+
+    dev = resolve_device(device)
+    loaded = []
+    for ref in models:
+        m, _ = load(ref, device=str(dev), dtype=dtype)
+        loaded.append((str(ref), m))
+    vocab = min(m.config.vocab_size for _, m in loaded)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    times: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "decode": []} for r, _ in loaded}
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with torch.no_grad():
+        for rep in range(repeats + 1):  # the first round warms up and is not counted
+            for ref, m in loaded:
+                sync()
+                t = time.perf_counter()
+                m(input_ids=ids, use_cache=False)
+                sync()
+                prefill = time.perf_counter() - t
+                t = time.perf_counter()
+                m.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           use_cache=True, pad_token_id=0)
+                sync()
+                decode = time.perf_counter() - t
+                if rep:
+                    times[ref]["prefill"].append(batch * tokens / prefill)
+                    times[ref]["decode"].append(batch * new_tokens / decode)
+    return [{"model": ref, "params": count_params(m),
+             "prefill_tok_s": statistics.median(times[ref]["prefill"]),
+             "decode_tok_s": statistics.median(times[ref]["decode"])} for ref, m in loaded]

@@ -6,6 +6,8 @@ the engine runs it with stand-ins in place of the blocks, so a family needs one 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 # model_type -> attribute path of the nn.ModuleList of decoder blocks
@@ -73,3 +75,34 @@ def get_weight(module: nn.Module) -> Tensor:
 def set_weight(module: nn.Module, W: Tensor) -> None:
     target = module.weight.data
     target.copy_(W if isinstance(module, nn.Linear) else W.t())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a block keeps what structured pruning removes, by module names inside the block.
+
+    MLP channels: rows of each ``mlp_in`` (gate/up, fc1) and columns of ``mlp_out`` (down, fc2), their count
+    the config key ``mlp_size``. Heads (None where the family derives head_dim from the hidden size, so a head
+    cannot go without changing it): rows of q (and of k/v with whole KV groups), columns of o.
+    """
+
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    mlp_size: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    o: str | None = None
+    attn: str | None = None  # the attention module, whose num_key_value_groups follows the head count
+
+
+_LLAMA = Layout(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size", "self_attn.q_proj",
+                "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn")
+
+# model_type -> Layout, for ``llmprune shrink``
+LAYOUTS: dict[str, Layout] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), _LLAMA),
+    "opt": Layout(("fc1",), "fc2", "ffn_dim"),
+    "gpt_neox": Layout(("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size"),
+    "gpt2": Layout(("mlp.c_fc",), "mlp.c_proj", "n_inner"),
+}

@@ -235,6 +235,66 @@ def sweep(model: str, out: str, methods: str | None, sparsities: str | None, gri
                " ppl_vs_sparsity.png")
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
+@click.option("--mlp", type=float, default=0.0, show_default=True, help="Fraction of every block's MLP channels"
+                                                                          " removed.")
+@click.option("--heads", type=float, default=0.0, show_default=True,
+              help="Fraction of every block's attention heads removed (GQA: as many from every KV group).")
+@click.option("--drop-blocks", type=int, default=0, show_default=True,
+              help="Whole blocks removed: those whose output is most like their input.")
+@click.option("--method", "shrink_method", type=click.Choice(["obs", "l1", "wanda"]),
+              default="obs", show_default=True,
+              help="obs: second-order cost on the consumer's Hessian, with its update; l1, wanda: scores only.")
+@click.option("--align", type=int, default=64, show_default=True,
+              help="Kept MLP channels rounded to a multiple of this (1: no rounding).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--wbits", "--allocation"))
+@_model_options
+@_log_file
+def shrink(model: str, out: str, mlp: float, heads: float, drop_blocks: int, shrink_method: str, align: int,
+           overwrite: bool, config: str | None, tokenizer: str | None, revision: str | None,
+           trust_remote_code: bool, **flags) -> None:
+    """Structured pruning: a smaller standard model (fewer MLP channels, heads, blocks) that runs faster."""
+    from llmprune import api
+
+    recipe = build_recipe(config, **flags)
+    report = api.shrink(model, out, recipe, mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=shrink_method,
+                        align=align, overwrite=overwrite, tokenizer=tokenizer, revision=revision,
+                        trust_remote_code=trust_remote_code)
+    before, after = report["params"]["before"], report["params"]["after"]
+    sizes = report["sizes"]
+    click.echo(f"shrunk ({shrink_method}): MLP {sizes['mlp_channels'][0]} -> {sizes['mlp_channels'][1]} channels"
+               + (f", heads {sizes['heads'][0]} -> {sizes['heads'][1]}" if sizes["heads"] else "")
+               + f", blocks {sizes['blocks'][0]} -> {sizes['blocks'][1]}; {before:,} -> {after:,} parameters"
+               f" ({1 - after / before:.1%} fewer) -> {out}")
+
+
+@cli.command("bench-speed")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--tokens", type=int, default=512, show_default=True, help="Prefill tokens per sequence.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per repeat.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats (medians).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto")
+@_log_file
+def bench_speed(models: tuple[str, ...], tokens: int, batch: int, new_tokens: int, repeats: int, device: str,
+                dtype: str) -> None:
+    """Prefill and decode tokens/s of each MODEL with plain transformers, side by side (ratios to the first)."""
+    from llmprune import api
+
+    rows = api.bench_speed(list(models), tokens=tokens, batch=batch, new_tokens=new_tokens, repeats=repeats,
+                           device=device, dtype=dtype)
+    first = rows[0]
+    click.echo(f"{'model':<40} {'params':>13} {'prefill tok/s':>14} {'x':>6} {'decode tok/s':>13} {'x':>6}")
+    for r in rows:
+        click.echo(f"{r['model'][-40:]:<40} {r['params']:>13,} {r['prefill_tok_s']:>14.1f}"
+                   f" {r['prefill_tok_s'] / first['prefill_tok_s']:>6.2f} {r['decode_tok_s']:>13.1f}"
+                   f" {r['decode_tok_s'] / first['decode_tok_s']:>6.2f}")
+
+
 SWEEP_KEYS = {"methods", "sparsities", "wbits", "eval", "tasks", "recipe"}
 
 

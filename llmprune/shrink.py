@@ -1,0 +1,308 @@
+"""Structured pruning: fewer MLP channels, attention heads and blocks; a smaller model of the same family.
+
+One streamed pass (the engine's): per block, the Hessians of the linears that read the removable groups
+(down_proj / fc2 for channels, o_proj for heads) and the block's input/output cosine similarity; then the
+groups go (solvers/structured.py: OBS with the consumer's update, or l1 / wanda scores), the producing rows
+(gate/up, fc1; q, and k/v with whole KV groups) and the consuming columns are cut out, the modules are
+replaced by smaller ones, and the shrunk block feeds the next. At the end the blocks that change their input
+least (1 − cosine) are dropped. The config says the new sizes, so transformers loads the result with no
+custom code. Widths are the same in every block (the standard config has one of each) and channel counts are
+rounded to a multiple of ``align``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from llmprune.arch import LAYOUTS, Layout, find_blocks, get_weight
+from llmprune.compression import calibration_set, resolve_device
+from llmprune.data import batched
+from llmprune.engine import BlockPass, Stream
+from llmprune.errors import UsageError
+from llmprune.hessian import HessianCollector
+from llmprune.progress import Progress
+from llmprune.recipe import Recipe
+from llmprune.solvers.result import relative_error
+from llmprune.solvers.structured import METHODS, channel_chunk, obs_remove, score_remove
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShrinkSpec:
+    mlp: float = 0.0  # fraction of each block's MLP channels removed
+    heads: float = 0.0  # fraction of each block's attention heads removed
+    drop_blocks: int = 0  # whole blocks removed
+    method: str = "obs"  # obs (second order, with the consumer's update), l1, wanda
+    align: int = 64  # kept MLP channels rounded to a multiple of this (GEMM widths that run fast)
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    channels: int  # MLP channels before
+    keep_channels: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    remove_per_group: int  # query heads removed from every KV group (GQA), or
+    whole_groups: int  # whole heads (with their k/v) removed (one query head per KV head)
+
+
+def _fraction(name: str, value: float) -> None:
+    if not (0.0 <= value < 1.0):
+        raise UsageError(f"--{name} {value} is outside [0, 1): pass e.g. --{name} 0.25")
+
+
+def plan(model: nn.Module, spec: ShrinkSpec) -> Plan:
+    """What the spec removes from this model, checked before any work (one-line errors)."""
+    _fraction("mlp", spec.mlp)
+    _fraction("heads", spec.heads)
+    if spec.method not in METHODS:
+        raise UsageError(f"unknown shrink method {spec.method!r}: choose {', '.join(METHODS)}")
+    if spec.align < 1:
+        raise UsageError(f"--align {spec.align} must be a positive number of channels (1 = no rounding)")
+    config = model.config
+    layout = LAYOUTS.get(config.model_type)
+    if layout is None:
+        raise UsageError(f"llmprune shrink does not know where {config.model_type} keeps its MLP channels and"
+                         f" heads: supported: {', '.join(sorted(LAYOUTS))}")
+    _, blocks = find_blocks(model)
+    if not (0 <= spec.drop_blocks < len(blocks)):
+        raise UsageError(f"--drop-blocks {spec.drop_blocks}: the model has {len(blocks)} blocks; drop fewer")
+    channels = get_weight(blocks[0].get_submodule(layout.mlp_out)).shape[1]
+    keep = channels
+    if spec.mlp > 0:
+        target = channels * (1 - spec.mlp)
+        keep = round(target / spec.align) * spec.align if spec.align > 1 else round(target)
+        keep = min(keep, channels)
+        if keep <= 0:
+            raise UsageError(f"--mlp {spec.mlp} leaves no MLP channel of {channels} (with --align {spec.align}):"
+                             " remove less or lower --align")
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = 0
+    per_group = whole = 0
+    if spec.heads > 0:
+        if layout.q is None:
+            raise UsageError(f"{config.model_type} derives its head size from the hidden size, so heads cannot be"
+                             " removed without changing it: use --mlp and --drop-blocks only")
+        head_dim = get_weight(blocks[0].get_submodule(layout.q)).shape[0] // heads
+        group = heads // kv
+        if group > 1:  # GQA: the same number of query heads from every KV group keeps the config valid
+            per_group = round(spec.heads * group)
+            if per_group >= group:
+                raise UsageError(f"--heads {spec.heads} removes every query head of a KV group ({group} each):"
+                                 " remove less")
+        else:
+            whole = round(spec.heads * heads)
+            if whole >= heads:
+                raise UsageError(f"--heads {spec.heads} leaves no attention head of {heads}: remove less")
+    return Plan(layout, channels, keep, heads, kv, head_dim, per_group, whole)
+
+
+def _replace(block: nn.Module, name: str, W: Tensor, bias: Tensor | None) -> None:
+    """Put a linear of the new shape (W as (out, in)) in place of ``name``, same kind, dtype and device."""
+    old = block.get_submodule(name)
+    owner_name, _, leaf = name.rpartition(".")
+    owner = block.get_submodule(owner_name) if owner_name else block
+    dtype, device = old.weight.dtype, old.weight.device
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, dtype=dtype, device=device)
+        new.weight.data.copy_(W)
+    else:  # transformers' Conv1D (GPT-2): weight stored (in, out)
+        new = type(old)(W.shape[0], W.shape[1]).to(dtype=dtype, device=device)
+        new.weight.data.copy_(W.t())
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    new.requires_grad_(False)
+    setattr(owner, leaf, new)
+
+
+def _bias(mod: nn.Module) -> Tensor | None:
+    return mod.bias.data if getattr(mod, "bias", None) is not None else None
+
+
+def _remove_groups(W: Tensor, H: Tensor, groups: Tensor, n: int, spec: ShrinkSpec, recipe: Recipe,
+                   producers: list[Tensor], allowed=None, chunk: int = 1) -> tuple[Tensor, Tensor, float | None]:
+    """(removed group indices, the consumer's new full-width weight (removed columns zero), relative error)."""
+    if spec.method == "obs":
+        removed, W_new = obs_remove(W, H, groups, n, damp_frac=recipe.damp_frac, chunk=chunk, allowed=allowed)
+    else:
+        removed = score_remove(W, H, producers, groups, n, spec.method, allowed)
+        W_new = W.float().clone()
+        W_new[:, groups[removed].reshape(-1)] = 0
+    return removed, W_new, relative_error(W, W_new, H) if spec.method != "l1" else None
+
+
+def _keep(n: int, removed: Tensor) -> Tensor:
+    mask = torch.ones(n, dtype=torch.bool, device=removed.device)
+    mask[removed] = False
+    return mask
+
+
+def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_mlp: Tensor | None,
+                 H_attn: Tensor | None) -> dict:
+    """Remove this block's heads and channels in place (smaller modules); return what was removed."""
+    lay, info = p.layout, {}
+    if H_attn is not None and (p.remove_per_group or p.whole_groups):
+        o = block.get_submodule(lay.o)
+        q = block.get_submodule(lay.q)
+        W_o, W_q = get_weight(o), get_weight(q)
+        groups = torch.arange(p.heads * p.head_dim, device=W_o.device).view(p.heads, p.head_dim)
+        group = p.heads // p.kv_heads
+        if p.remove_per_group:
+            n = p.remove_per_group * p.kv_heads
+
+            def allowed(removed: Tensor) -> Tensor:
+                return (removed.view(p.kv_heads, group).sum(1) < p.remove_per_group).repeat_interleave(group)
+        else:
+            n, allowed = p.whole_groups, None
+        removed, W_new, err = _remove_groups(W_o, H_attn, groups, n, spec, recipe, [W_q], allowed)
+        keep_heads = _keep(p.heads, removed)
+        cols = groups[keep_heads].reshape(-1)
+        _replace(block, lay.o, W_new[:, cols].to(W_o.dtype), _bias(o))
+        _replace(block, lay.q, W_q[cols], None if _bias(q) is None else _bias(q)[cols])
+        if p.whole_groups:  # one query head per KV head: its k and v rows go with it
+            for name in (lay.k, lay.v):
+                mod = block.get_submodule(name)
+                W = get_weight(mod)
+                _replace(block, name, W[cols], None if _bias(mod) is None else _bias(mod)[cols])
+        attn = block.get_submodule(lay.attn)
+        new_heads, new_kv = int(keep_heads.sum()), p.kv_heads - (n if p.whole_groups else 0)
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = new_heads // new_kv
+        info.update(heads_removed=removed.tolist(), attn_rel_error=err)
+    if H_mlp is not None and p.keep_channels < p.channels:
+        down = block.get_submodule(lay.mlp_out)
+        W_down = get_weight(down)
+        producers = [get_weight(block.get_submodule(n)) for n in lay.mlp_in]
+        groups = torch.arange(p.channels, device=W_down.device).unsqueeze(1)
+        n = p.channels - p.keep_channels
+        removed, W_new, err = _remove_groups(W_down, H_mlp, groups, n, spec, recipe, producers,
+                                             chunk=channel_chunk(n))
+        keep = _keep(p.channels, removed)
+        _replace(block, lay.mlp_out, W_new[:, keep].to(W_down.dtype), _bias(down))
+        for name, W in zip(lay.mlp_in, producers, strict=True):
+            mod = block.get_submodule(name)
+            _replace(block, name, W[keep], None if _bias(mod) is None else _bias(mod)[keep])
+        info.update(channels_removed=removed.tolist(), mlp_rel_error=err)
+    return info
+
+
+class _Similarity:
+    """Mean cosine similarity between a block's input and output hidden states over the calibration tokens."""
+
+    def __init__(self, block: nn.Module):
+        self.total, self.n = 0.0, 0
+        self.handle = block.register_forward_hook(self.hook, with_kwargs=True)
+
+    def hook(self, mod: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        y = out[0] if isinstance(out, tuple | list) else out
+        cos = torch.nn.functional.cosine_similarity(x.float().flatten(0, -2), y.float().flatten(0, -2), dim=-1)
+        self.total += float(cos.sum())
+        self.n += cos.numel()
+
+    def close(self) -> float:
+        self.handle.remove()
+        return self.total / max(self.n, 1)
+
+
+def _update_config(model: nn.Module, p: Plan, kept_blocks: list[int]) -> None:
+    config = model.config
+    if p.keep_channels < p.channels:
+        setattr(config, p.layout.mlp_size, p.keep_channels)
+    if p.remove_per_group or p.whole_groups:
+        heads = p.heads - (p.remove_per_group * p.kv_heads or p.whole_groups)
+        config.num_attention_heads = heads
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = p.kv_heads - p.whole_groups
+        config.head_dim = p.head_dim  # kept explicit: hidden_size / heads no longer gives it
+    n_layers = len(kept_blocks)
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key) and getattr(config, key) is not None:
+            setattr(config, key, n_layers)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) >= max(kept_blocks, default=0) + 1:
+        config.layer_types = [layer_types[i] for i in kept_blocks]
+
+
+def _drop_blocks(model: nn.Module, drop: list[int]) -> list[int]:
+    path, blocks = find_blocks(model)
+    kept = [i for i in range(len(blocks)) if i not in set(drop)]
+    new = nn.ModuleList([blocks[i] for i in kept])
+    for j, block in enumerate(new):  # the cache indexes layers by their position
+        for mod in block.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = j
+    owner_name, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(owner_name) if owner_name else model, leaf, new)
+    return kept
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, progress: Progress = True) -> dict:
+    """Shrink ``model`` in place as ``spec`` says (calibration as in ``recipe``); return the run report."""
+    t0 = time.perf_counter()
+    p = plan(model, spec)
+    device = resolve_device(recipe.device)
+    before = count_params(model)
+    windows, calib = calibration_set(tokenizer, model, recipe)
+    lay = p.layout
+    per_block: list[dict] = []
+    heads_go = bool(p.remove_per_group or p.whole_groups)
+    channels_go = p.keep_channels < p.channels
+
+    def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
+        watch = {}
+        if channels_go and spec.method != "l1":
+            watch["mlp"] = block.get_submodule(lay.mlp_out)
+        if heads_go and spec.method != "l1":
+            watch["attn"] = block.get_submodule(lay.o)
+        similarity = _Similarity(block)
+        collector = HessianCollector(watch, hessian_dtype=recipe.hessian_dtype)
+        try:
+            with collector:
+                block_pass()
+        finally:
+            cos = similarity.close()
+        H = {k: collector.hessian(k) if k in collector.leader else None for k in ("mlp", "attn")}
+        if spec.method == "l1":  # chooses by weights alone; a zero H makes the error read "no data"
+            H = {"mlp": _identity(block, lay.mlp_out) if channels_go else None,
+                 "attn": _identity(block, lay.o) if heads_go else None}
+        info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
+        per_block.append({"block": i, "cosine": cos, **info})
+
+    Stream(model, batched(windows, recipe.batch_size), device, progress=progress).run(on_block, desc="shrink")
+    drop = sorted(sorted(range(len(per_block)), key=lambda i: per_block[i]["cosine"], reverse=True)
+                  [: spec.drop_blocks])
+    kept = _drop_blocks(model, drop) if drop else list(range(len(per_block)))
+    _update_config(model, p, kept)
+    after = count_params(model)
+    log.info("shrink: %d -> %d parameters (%.1f%% fewer)", before, after, 100 * (1 - after / before))
+    return {
+        "shrink": asdict(spec),
+        "recipe": recipe.to_dict(),
+        "calibration": calib,
+        "sizes": {"mlp_channels": [p.channels, p.keep_channels],
+                  "heads": [p.heads, model.config.num_attention_heads] if heads_go else None,
+                  "blocks": [len(per_block), len(kept)]},
+        "dropped_blocks": drop,
+        "blocks": per_block,
+        "params": {"before": before, "after": after},
+        "timings": {"shrink_s": round(time.perf_counter() - t0, 3)},
+    }
+
+
+def _identity(block: nn.Module, name: str) -> Tensor:
+    W = get_weight(block.get_submodule(name))
+    return torch.eye(W.shape[1], device=W.device)
