@@ -127,7 +127,7 @@ def solver_options(recipe: Recipe) -> dict:
     """The recipe's knobs of the chosen solver, by its argument names."""
     if recipe.method == "admm":
         return dict(iters=recipe.admm_iters, rho0=recipe.admm_rho0, rho_growth=recipe.admm_rho_growth,
-                    refit_iters=recipe.refit_iters)
+                    refit_iters=recipe.admm_refit_iters)
     if recipe.method == "obc":
         return dict(max_cols=recipe.obc_max_cols)
     return {}

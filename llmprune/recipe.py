@@ -82,6 +82,7 @@ class Recipe:
     admm_iters: int = 60
     admm_rho0: float = 0.3
     admm_rho_growth: float = 1.6
+    admm_refit_iters: int = 10  # admm: PCG steps of the refit on the support it found
     # re-solve the kept weights of any method's mask (PCG, refit_iters steps; never raises a layer's error);
     # with wbits the mask's weights are compensated and quantized by the GPTQ sweep on that mask instead
     refit: bool = False
@@ -100,7 +101,8 @@ class Recipe:
                     f"--sparsity {self.sparsity} contradicts --pattern {pat} (which means {pat.sparsity:g}):"
                     " drop --sparsity or change the pattern"
                 )
-        for name in ("nsamples", "seqlen", "block_size", "batch_size", "admm_iters", "refit_iters", "obc_max_cols"):
+        for name in ("nsamples", "seqlen", "block_size", "batch_size", "admm_iters", "admm_refit_iters", "refit_iters",
+                     "obc_max_cols"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if pat is not None and self.block_size % pat.m:
