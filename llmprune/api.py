@@ -274,26 +274,14 @@ def compress(
     """
     t0 = time.perf_counter()
     rec = make_recipe(recipe, source="compress()", **options)
-    out_path = Path(out) if out is not None else None
-    in_memory = isinstance(model, nn.Module)
-    mref = None if in_memory else resolve(str(model), revision, trust_remote_code)
-    if out_path is not None:
-        check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
     check_kernels(rec.kernels, resolve_device(rec.device))
     reuse = read_error_tables(reuse_errors, rec) if reuse_errors is not None else None
-    load_documents(rec.calib, rec.split, rec.text_field)  # an unreachable dataset fails before the model loads
-    tokenizer = _tokenizer_arg(tokenizer, mref)
-    if in_memory:
-        tokenizer = _tokenizer_for(model, tokenizer)
-        check_not_quantized(model.config.to_dict(), "the model")
-        prunable_linears(model, rec)
+    mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
+                                               lambda m: prunable_linears(m, rec))
+    if mref is None:
         source = getattr(model, "name_or_path", "") or "in-memory"
         kind, load_s = "memory", 0.0
     else:
-        shape = skeleton(mref)
-        if mref.kind in ("dir", "hub"):  # gguf files are dequantized by transformers on load
-            check_not_quantized(shape.config.to_dict(), mref.ref)
-        prunable_linears(shape, rec)  # a pattern some layer cannot hold, before loading
         if (lazy and out_path is not None and mref.kind == "dir" and rec.format == "dense"
                 and can_load_lazily(Path(mref.location))):
             return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer)
@@ -312,6 +300,30 @@ def compress(
     result = Report.from_dict(report)
     result.module, result.tokenizer = model, tokenizer
     return result
+
+
+def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision: str | None,
+                   trust_remote_code: bool, check) -> tuple[ModelRef | None, Path | None, Any]:
+    """What compress and shrink check before any weight is read: where the model is (None: in memory), an
+    --out that loses nothing, reachable calibration data, the tokenizer (an object or a reference), an input
+    that is not already quantized, and ``check(model or its weightless skeleton)`` (the shapes the run needs).
+    Returns (model reference, out path, tokenizer)."""
+    out_path = Path(out) if out is not None else None
+    mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)
+    if out_path is not None:
+        check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
+    load_documents(rec.calib, rec.split, rec.text_field)  # an unreachable dataset fails before the model loads
+    tokenizer = _tokenizer_arg(tokenizer, mref)
+    if mref is None:
+        tokenizer = _tokenizer_for(model, tokenizer)
+        check_not_quantized(model.config.to_dict(), "the model")
+        check(model)
+    else:
+        shape = skeleton(mref)
+        if mref.kind in ("dir", "hub"):  # gguf files are dequantized by transformers on load
+            check_not_quantized(shape.config.to_dict(), mref.ref)
+        check(shape)
+    return mref, out_path, tokenizer
 
 
 def _load_whole(mref: ModelRef, dtype: str):
@@ -554,20 +566,11 @@ def shrink(
     t0 = time.perf_counter()
     spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align)
     rec = make_recipe(recipe, source="shrink()", **options)
-    out_path = Path(out) if out is not None else None
-    in_memory = isinstance(model, nn.Module)
-    mref = None if in_memory else resolve(str(model), revision, trust_remote_code)
-    if out_path is not None:
-        check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
-    load_documents(rec.calib, rec.split, rec.text_field)
-    tokenizer = _tokenizer_arg(tokenizer, mref)
-    if in_memory:
-        m, tok, source, kind = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", ""), "memory"
-        plan(m, spec)
+    mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
+                                               lambda m: plan(m, spec))
+    if mref is None:
+        m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
     else:
-        shape = skeleton(mref)
-        check_not_quantized(shape.config.to_dict(), mref.ref)
-        plan(shape, spec)  # bad sizes fail before the model loads
         m, loaded = _load_whole(mref, rec.dtype)
         tok = tokenizer if tokenizer is not None else loaded
         source, kind = mref.ref, mref.kind

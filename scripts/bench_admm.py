@@ -11,21 +11,18 @@ round-to-nearest on the same grid (the two-stage recipe of llm-compressor).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from smollm2 import CPU, setup  # scripts/smollm2.py
 from tables import publish  # scripts/tables.py
 
-from llmprune.compression import calibration_set, compress_model
-from llmprune.data import eval_windows, load_text, tokenize
-from llmprune.loading import load_model
+from llmprune.compression import compress_model
 from llmprune.perplexity import perplexity
 from llmprune.quant import QuantSpec, rtn
-from llmprune.recipe import Recipe
 
 ROWS = {
     "sparsegpt 50%": dict(sparsity=0.5),
@@ -62,13 +59,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_admm.txt"))
     args = ap.parse_args()
 
-    model, tokenizer, _ = load_model("smollm2-135m")
-    pristine = copy.deepcopy(model.state_dict())
-    cpu = torch.device("cpu")
-    base = Recipe(calib="shakespeare", nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
-    windows, _ = calibration_set(tokenizer, model, base)
-    held_out = eval_windows(tokenize(tokenizer, load_text("shakespeare", "test")[0]), args.seqlen,
-                            max_windows=args.eval_windows)
+    model, tokenizer, pristine, base, windows, held_out = setup(args.nsamples, args.seqlen, args.eval_windows)
+    cpu = CPU
     dense = perplexity(model, held_out, cpu, progress=False)
     results: dict[str, tuple[float, float, float]] = {}
     for name in args.rows.split(","):

@@ -12,20 +12,17 @@ compare methods with each other, not with the dense model.
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from smollm2 import CPU, setup  # scripts/smollm2.py
 from tables import publish  # scripts/tables.py
 
 from llmprune.checkpoint import save_compressed_tensors
-from llmprune.compression import calibration_set, compress_model
-from llmprune.data import eval_windows, load_text, tokenize
-from llmprune.loading import load_model
+from llmprune.compression import compress_model
 from llmprune.perplexity import perplexity
-from llmprune.recipe import Recipe
 
 RECIPES = {
     "dense": None,
@@ -55,12 +52,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer, _ = load_model("smollm2-135m")
-    pristine = copy.deepcopy(model.state_dict())
-    cpu = torch.device("cpu")
-    base = Recipe(calib="shakespeare", nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
-    windows, _ = calibration_set(tokenizer, model, base)
-    held_out = eval_windows(tokenize(tokenizer, load_text("shakespeare", "test")[0]), args.seqlen, max_windows=16)
+    model, tokenizer, pristine, base, windows, held_out = setup(args.nsamples, args.seqlen, 16)
+    cpu = CPU
 
     rows = []
     for name in args.recipes.split(","):
