@@ -55,7 +55,8 @@ from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
 
-__all__ = ["Recipe", "Report", "UsageError", "compress", "evaluate", "inspect", "load", "make_recipe", "pack", "unpack"]
+__all__ = ["Recipe", "Report", "UsageError", "bench_speed", "compress", "evaluate", "inspect", "load", "make_recipe",
+           "pack", "shrink", "sweep", "unpack"]
 
 
 @dataclass
@@ -498,7 +499,7 @@ def sweep(
     results.json, results.md and ppl_vs_sparsity.png. Resumable: finished cells are kept in ``out/cells``.
     ``options``/``recipe``: the shared recipe (calibration, damping, ...); the grid sets method, sparsity,
     pattern and bits. ``tasks``: lm-eval zero-shot tasks (needs the ``lm-eval`` package)."""
-    from llmprune import sweep as sweeps
+    from llmprune import sweeps
 
     grid_keys = {"method", "sparsity", "pattern", "wbits"} & set(options)
     if grid_keys:
@@ -561,7 +562,7 @@ def shrink(
     (``heads``) and ``drop_blocks`` whole blocks, choosing by ``method`` (obs, l1, wanda) on the calibration
     data of ``recipe``/``options``; write a standard, smaller model directory to ``out`` (or shrink an
     in-memory model in place). Returns the run report (also ``out/llmprune.json``)."""
-    from llmprune.shrink import ShrinkSpec, plan, shrink_model
+    from llmprune.structured import ShrinkSpec, plan, shrink_model
 
     t0 = time.perf_counter()
     spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align)
@@ -590,7 +591,7 @@ def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, 
     interleaved across the models, medians. Rows: model, params, prefill_tok_s, decode_tok_s."""
     import statistics
 
-    from llmprune.shrink import count_params
+    from llmprune.structured import count_params
 
     dev = resolve_device(device)
     loaded = []

@@ -27,7 +27,7 @@ from llmprune.data import eval_windows, load_text, tokenize
 from llmprune.loading import load_model
 from llmprune.perplexity import perplexity
 from llmprune.recipe import Recipe
-from llmprune.shrink import ShrinkSpec, count_params, shrink_model
+from llmprune.structured import ShrinkSpec, count_params, shrink_model
 
 
 def block_params(model) -> tuple[int, int, int]:
@@ -94,7 +94,7 @@ def main() -> None:
                     tokenizer.save_pretrained(d)
                     speed_dirs[(budget, struct)] = d
                 del m
-    speed = llmprune.api.bench_speed([tmp / "dense", *speed_dirs.values()], tokens=512, repeats=5, new_tokens=16,
+    speed = llmprune.bench_speed([tmp / "dense", *speed_dirs.values()], tokens=512, repeats=5, new_tokens=16,
                                      device="cpu")
     prefill = {key: r["prefill_tok_s"] / speed[0]["prefill_tok_s"] for key, r in zip(speed_dirs, speed[1:],
                                                                                        strict=True)}

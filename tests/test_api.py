@@ -271,5 +271,5 @@ def test_package_exports_the_api_without_importing_it_eagerly():
     code = "import sys, llmprune; assert 'llmprune.api' not in sys.modules; print(llmprune.compress.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "llmprune.api"
-    for name in ("compress", "evaluate", "load", "Recipe", "Report", "UsageError"):
+    for name in ("compress", "shrink", "evaluate", "sweep", "bench_speed", "load", "Recipe", "Report", "UsageError"):
         assert callable(getattr(llmprune, name)), name

@@ -87,7 +87,7 @@ def test_shrunk_model_equals_the_masked_original(family, method, tiny_tokenizer)
     original = tiny_model(family)
     shrunk = copy.deepcopy(original)
     heads = 0.5 if family in HEADS else 0.0
-    report = llmprune.api.shrink(shrunk, tokenizer=tiny_tokenizer, mlp=0.5, heads=heads, method=method, align=8,
+    report = llmprune.shrink(shrunk, tokenizer=tiny_tokenizer, mlp=0.5, heads=heads, method=method, align=8,
                                  **CALIB)
     assert report["params"]["after"] < report["params"]["before"]
     ref = _masked_reference(original, shrunk, report, family)
@@ -108,7 +108,7 @@ def test_shrunk_model_loads_and_generates(family, tiny_tokenizer, tmp_path):
     model.save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     heads = 0.5 if family in HEADS else 0.0
-    report = llmprune.api.shrink(d, tmp_path / "out", mlp=0.25, heads=heads, drop_blocks=1, align=8, **CALIB)
+    report = llmprune.shrink(d, tmp_path / "out", mlp=0.25, heads=heads, drop_blocks=1, align=8, **CALIB)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     config = loaded.config
     _, blocks = find_blocks(loaded)
@@ -142,11 +142,11 @@ def test_bad_shrink_input_is_one_line(tiny_model_dir, tmp_path, capsys):
 
 def test_heads_of_a_family_that_derives_head_size_are_refused(tiny_tokenizer, tmp_path):
     with pytest.raises(llmprune.UsageError, match="opt derives its head size"):
-        llmprune.api.shrink(tiny_model("opt"), tokenizer=tiny_tokenizer, heads=0.25, **CALIB)
+        llmprune.shrink(tiny_model("opt"), tokenizer=tiny_tokenizer, heads=0.25, **CALIB)
 
 
 def test_bench_speed_prints_both_models(tiny_model_dir, tmp_path, capsys):
-    llmprune.api.shrink(tiny_model_dir, tmp_path / "s", mlp=0.5, align=8, **CALIB)
+    llmprune.shrink(tiny_model_dir, tmp_path / "s", mlp=0.5, align=8, **CALIB)
     with pytest.raises(SystemExit) as exc:
         main(["bench-speed", str(tiny_model_dir), str(tmp_path / "s"), "--tokens", "16", "--new-tokens", "4",
               "--repeats", "1", "--device", "cpu"])

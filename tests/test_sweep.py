@@ -24,7 +24,7 @@ def text(tmp_path_factory) -> Path:
 
 
 def run_sweep(model_dir, out, text, methods="sparsegpt,magnitude", sparsities="0.5,2:4"):
-    return llmprune.api.sweep(model_dir, out, methods=methods, sparsities=sparsities, evals=str(text),
+    return llmprune.sweep(model_dir, out, methods=methods, sparsities=sparsities, evals=str(text),
                               calib=str(text), split="train", max_windows=4, progress=False, **CALIB)
 
 
@@ -59,7 +59,7 @@ def test_each_cell_equals_a_separate_compress_and_eval(tiny_model_dir, text, tmp
 
 def test_a_killed_sweep_resumes_and_a_changed_grid_runs_only_new_cells(tiny_model_dir, text, tmp_path,
                                                                          monkeypatch):
-    import llmprune.sweep as sweep
+    import llmprune.sweeps as sweep
 
     real = sweep.compress_model
     calls: list[str] = []
@@ -123,7 +123,7 @@ def test_yaml_grid(tiny_model_dir, text, tmp_path, capsys):
                     reason="lm-eval is an optional extra (pip install 'llmprune[lmeval]'): not installed here")
 def test_zero_shot_tasks_through_lm_eval(tiny_model_dir, text, tmp_path):
     with pytest.raises(llmprune.UsageError, match="no-such-task"):
-        llmprune.api.sweep(tiny_model_dir, tmp_path / "t", methods="magnitude", sparsities="0.5", evals=str(text),
+        llmprune.sweep(tiny_model_dir, tmp_path / "t", methods="magnitude", sparsities="0.5", evals=str(text),
                            calib=str(text), tasks="no-such-task", max_windows=2, progress=False, **CALIB)
 
 
@@ -139,6 +139,6 @@ def test_without_lm_eval_tasks_say_how_to_get_it(tiny_model_dir, text, tmp_path,
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(llmprune.UsageError, match="lm-eval"):
-        llmprune.api.sweep(tiny_model_dir, tmp_path / "t", methods="magnitude", sparsities="0.5", evals=str(text),
+        llmprune.sweep(tiny_model_dir, tmp_path / "t", methods="magnitude", sparsities="0.5", evals=str(text),
                            calib=str(text), tasks="hellaswag", progress=False, **CALIB)
     assert not (tmp_path / "t").exists()
