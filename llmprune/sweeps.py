@@ -186,7 +186,8 @@ def run_sweep(
     finally:
         model.load_state_dict(pristine)
     rows = [done.get(r.get("key"), r) if "key" in r else r for r in rows]
-    title = f"{model_name}, calibration {calib['source']} ({calib['nsamples']} x {calib['seqlen']} tokens)"
+    source = calib["source"].split(" (", 1)[0]  # the built-in text's description ends with its file path
+    title = f"{model_name}, calibration {source} ({calib['nsamples']} x {calib['seqlen']} tokens)"
     write_outputs(out, rows, list(eval_sets), title)
     return rows
 
