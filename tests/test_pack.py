@@ -118,9 +118,13 @@ def test_pack_then_load_is_exact_and_small(tiny_model_dir, calib, tmp_path, caps
     assert got <= bound * fp16
     # the model's forward is unchanged, and eval-ppl/compress accept the packed directory
     from llmprune import load
+    from llmprune.errors import UsageError
+    from llmprune.loading import load_model
 
     m1, tok = load(src)
     m2, _ = load(packed)
+    with pytest.raises(UsageError, match="packed 2:4"):  # transformers alone would leave its linears random
+        load_model(str(packed))
     ids = torch.randint(0, 300, (2, 16))
     assert torch.equal(m1(ids).logits, m2(ids).logits)
     code, out, err = run(["unpack", packed, "--out", tmp_path / "u"], capsys)

@@ -136,8 +136,8 @@ def test_packed_24_checkpoint_is_small_and_loads_exactly(tmp_path, extra, bound,
     at most 0.57 (0.21) of the packed layers' dense fp16 size."""
     from safetensors.torch import load_file
 
+    from llmprune import load
     from llmprune.cli import main
-    from llmprune.loading import load_model
 
     def cli(*args) -> None:
         with pytest.raises(SystemExit) as exc:
@@ -147,8 +147,8 @@ def test_packed_24_checkpoint_is_small_and_loads_exactly(tmp_path, extra, bound,
     cli("compress", "smollm2-135m", "--pattern", "2:4", "--dtype", "float16", "--calib", "shakespeare",
         "--nsamples", 4, "--seqlen", 128, "--device", "cpu", "--out", tmp_path / "c", *extra)
     cli("pack", tmp_path / "c", "--pattern", "2:4", "--out", tmp_path / "p")
-    dense, _, _ = load_model(str(tmp_path / "c"))
-    packed, _, _ = load_model(str(tmp_path / "p"))
+    dense, _ = load(tmp_path / "c")
+    packed, _ = load(tmp_path / "p")
     a, b = dense.state_dict(), packed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.randint(0, dense.config.vocab_size, (1, 32))
