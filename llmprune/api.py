@@ -239,13 +239,9 @@ def _tokenizer_for(model: nn.Module, tokenizer):
     if tokenizer is not None:
         return _tokenizer_arg(tokenizer)
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-    if name:
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(name)
-        except Exception:  # not found offline, not a tokenizer directory: say what to pass
-            pass
+    tok = load_tokenizer(name) if name else None  # None: not found offline, not a tokenizer directory
+    if tok is not None:
+        return tok
     raise UsageError("an in-memory model needs its tokenizer: pass tokenizer=... (the one it was loaded with)")
 
 

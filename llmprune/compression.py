@@ -17,12 +17,12 @@ from llmprune import allocate
 from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
 from llmprune.data import (
     batched,
-    bos_token_id,
     calibration_windows,
     document_windows,
     joined_text,
     load_documents,
     tokenize,
+    window_layout,
     windows_hash,
     with_bos,
 )
@@ -123,14 +123,20 @@ def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -
     return params.spec.wbits + extra / (rows * cols)
 
 
+def common_options(recipe: Recipe) -> dict:
+    """The keyword arguments every solver takes, from the recipe."""
+    return dict(block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
+                kernels=recipe.kernels)
+
+
 def solver_options(recipe: Recipe) -> dict:
-    """The recipe's knobs of the chosen solver, by its argument names."""
+    """The keyword arguments of the recipe's solver: the common ones and its own knobs."""
     if recipe.method == "admm":
-        return dict(iters=recipe.admm_iters, rho0=recipe.admm_rho0, rho_growth=recipe.admm_rho_growth,
-                    refit_iters=recipe.admm_refit_iters)
+        return common_options(recipe) | dict(iters=recipe.admm_iters, rho0=recipe.admm_rho0,
+                                             rho_growth=recipe.admm_rho_growth, refit_iters=recipe.admm_refit_iters)
     if recipe.method == "obc":
-        return dict(max_cols=recipe.obc_max_cols)
-    return {}
+        return common_options(recipe) | dict(max_cols=recipe.obc_max_cols)
+    return common_options(recipe)
 
 
 def solve_linear(
@@ -141,22 +147,22 @@ def solve_linear(
     W = get_weight(mod)
     H = H.to(W.device) if H is not None else None
     t0 = time.perf_counter()
-    common = dict(block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
-                  kernels=recipe.kernels)
     try:
-        res = SOLVERS[recipe.method](W, H, sparsity, recipe.nm, recipe.quant, **common, **solver_options(recipe))
+        res = SOLVERS[recipe.method](W, H, sparsity, recipe.nm, recipe.quant, **solver_options(recipe))
         if recipe.refit and H is not None:
             if recipe.quant is None:
                 res = refit_result(W, H, res, recipe.refit_iters, res.damp_frac or recipe.damp_frac)
             else:  # rounding would undo a real-valued refit: the GPTQ sweep compensates on the mask instead
-                res = SOLVERS["sparsegpt"](W, H, sparsity, None, recipe.quant, **common, mask=res.mask)
+                res = SOLVERS["sparsegpt"](W, H, sparsity, None, recipe.quant, **common_options(recipe),
+                                           mask=res.mask)
     except CholeskyError as exc:
         raise CholeskyError(f"{full}: {exc}") from None
     if W.device.type == "cuda":
         torch.cuda.synchronize(W.device)
     seconds = time.perf_counter() - t0
     den = output_error(W, W.new_zeros(()), H) if H is not None else 0.0
-    err = output_error(W, res.weight, H) / den if den > 0 else None
+    num = output_error(W, res.weight, H) if H is not None else 0.0
+    err = num / den if den > 0 else None
     q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
     zeros = int((res.weight == 0).sum())
     if res.quant is not None and grids is not None:
@@ -178,8 +184,7 @@ def solve_linear(
         seconds=round(seconds, 4),
         hessian_of=hessian_of,
         iterations=res.iterations,
-        vs_sparsegpt=(output_error(W, res.weight, H) / res.warm_error
-                      if res.warm_error and H is not None else None),
+        vs_sparsegpt=num / res.warm_error if res.warm_error and H is not None else None,
     )
 
 
@@ -266,15 +271,8 @@ def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.
     if tokenizer is None:
         raise UsageError("no tokenizer to cut calibration windows with: pass --tokenizer ID_OR_DIR")
     docs, description = load_documents(recipe.calib, recipe.split, recipe.text_field)
-    seqlen = recipe.seqlen
-    ctx = context_length(model)
-    if ctx is not None and seqlen > ctx:
-        seqlen = ctx
-    bos = bos_token_id(tokenizer) if recipe.bos is not False else None
-    if recipe.bos and bos is None:
-        raise UsageError("--bos: this tokenizer adds no BOS token by default; drop --bos")
+    seqlen, bos, width = window_layout(tokenizer, recipe.seqlen, context_length(model), recipe.bos)
     by_document = recipe.by_document if recipe.by_document is not None else recipe.calib == "c4"
-    width = seqlen - (bos is not None)  # text tokens per window: the BOS takes one place
     if by_document:
         windows = document_windows(docs, tokenizer, recipe.nsamples, width, recipe.seed, source=recipe.calib)
     else:
@@ -332,8 +330,7 @@ def plan_sparsities(
         for (name, _), (W, H) in zip([(n, m) for n, m in lin.items() if n in collector.leader], pairs, strict=True):
             errors = {}
             for s in cands:
-                res = solver(W, H, s, None, recipe.quant, block_size=recipe.block_size, damp_frac=recipe.damp_frac,
-                             act_order=recipe.act_order, kernels=recipe.kernels, **solver_options(recipe))
+                res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
                 errors[str(s)] = relative_error(W, res.weight, H)
             tables[f"{prefixes[i]}.{name}"] = {"numel": W.numel(), "errors": errors}
 

@@ -244,6 +244,16 @@ def document_windows(docs: tuple[Doc, ...], tokenizer, nsamples: int, seqlen: in
     return torch.stack(out)
 
 
+def window_layout(tokenizer, seqlen: int, ctx: int | None, bos: bool | None) -> tuple[int, int | None, int]:
+    """(window length capped by the model's context ``ctx``, the BOS id that opens every window or None, the
+    text tokens per window). ``bos``: None = when the tokenizer adds one, False = never, True = required."""
+    seqlen = min(seqlen, ctx) if ctx else seqlen
+    bos_id = bos_token_id(tokenizer) if bos is not False else None
+    if bos and bos_id is None:
+        raise UsageError("--bos: this tokenizer adds no BOS token by default; drop --bos")
+    return seqlen, bos_id, seqlen - (bos_id is not None)
+
+
 def with_bos(windows: Tensor, bos: int | None) -> Tensor:
     """Windows with ``bos`` in front (they were cut one token short for it)."""
     if bos is None:

@@ -10,11 +10,11 @@ from torch import nn
 
 from llmprune.data import (
     batched,
-    bos_token_id,
     eval_windows,
     joined_text,
     load_documents,
     tokenize,
+    window_layout,
     with_bos,
 )
 from llmprune.engine import Stream
@@ -57,14 +57,9 @@ def evaluation_windows(tokenizer, model: nn.Module, dataset: str, seqlen: int, m
     if seqlen < 2:
         raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
     docs, description = load_documents(dataset, split, text_field, "eval")
-    ctx = context_length(model)
-    seqlen = min(seqlen, ctx) if ctx else seqlen
+    seqlen, bos_id, width = window_layout(tokenizer, seqlen, context_length(model), bos)
     if dataset == "c4" and max_windows is None:
         max_windows = 256
-    bos_id = bos_token_id(tokenizer) if bos is not False else None
-    if bos and bos_id is None:
-        raise UsageError("--bos: this tokenizer adds no BOS token by default; drop --bos")
-    width = seqlen - (bos_id is not None)
     ids = tokenize(tokenizer, joined_text(docs, tokenizer))
     windows = with_bos(eval_windows(ids, width, dataset, max_windows), bos_id)
     return windows, {"dataset": description, "seqlen": seqlen, "bos": bos_id is not None}

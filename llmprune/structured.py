@@ -137,7 +137,7 @@ def _remove_groups(W: Tensor, H: Tensor, groups: Tensor, n: int, spec: ShrinkSpe
         removed = score_remove(W, H, producers, groups, n, spec.method, allowed)
         W_new = W.float().clone()
         W_new[:, groups[removed].reshape(-1)] = 0
-    return removed, W_new, relative_error(W, W_new, H) if spec.method != "l1" else None
+    return removed, W_new, relative_error(W, W_new, H) if H is not None else None
 
 
 def _keep(n: int, removed: Tensor) -> Tensor:
@@ -150,7 +150,7 @@ def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_
                  H_attn: Tensor | None) -> dict:
     """Remove this block's heads and channels in place (smaller modules); return what was removed."""
     lay, info = p.layout, {}
-    if H_attn is not None and (p.remove_per_group or p.whole_groups):
+    if p.remove_per_group or p.whole_groups:
         o = block.get_submodule(lay.o)
         q = block.get_submodule(lay.q)
         W_o, W_q = get_weight(o), get_weight(q)
@@ -178,7 +178,7 @@ def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_
         if hasattr(attn, "num_key_value_groups"):
             attn.num_key_value_groups = new_heads // new_kv
         info.update(heads_removed=removed.tolist(), attn_rel_error=err)
-    if H_mlp is not None and p.keep_channels < p.channels:
+    if p.keep_channels < p.channels:
         down = block.get_submodule(lay.mlp_out)
         W_down = get_weight(down)
         producers = [get_weight(block.get_submodule(n)) for n in lay.mlp_in]
@@ -275,10 +275,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
                 block_pass()
         finally:
             cos = similarity.close()
-        H = {k: collector.hessian(k) if k in collector.leader else None for k in ("mlp", "attn")}
-        if spec.method == "l1":  # chooses by weights alone; a zero H makes the error read "no data"
-            H = {"mlp": _identity(block, lay.mlp_out) if channels_go else None,
-                 "attn": _identity(block, lay.o) if heads_go else None}
+        H = {k: collector.hessian(k) if k in collector.leader else None for k in ("mlp", "attn")}  # l1: none
         info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
         per_block.append({"block": i, "cosine": cos, **info})
 
@@ -302,7 +299,3 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         "timings": {"shrink_s": round(time.perf_counter() - t0, 3)},
     }
 
-
-def _identity(block: nn.Module, name: str) -> Tensor:
-    W = get_weight(block.get_submodule(name))
-    return torch.eye(W.shape[1], device=W.device)
