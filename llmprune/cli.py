@@ -61,7 +61,8 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                           " --pattern N:M)."),
         click.option("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8."),
         click.option("--calib", default=None,
-                     help="wikitext2 (default), ptb, c4, shakespeare (built in), or a .txt/.jsonl file."),
+                     help="wikitext2 (default), ptb, c4, shakespeare (built in), hf:NAME[:CONFIG], or a"
+                          " .txt/.jsonl/.json/.parquet file."),
         click.option("--split", default=None,
                      help="Calibration split: the dataset's (default train); local files: all (default), train"
                           " (first 90%), test (last 10%)."),
