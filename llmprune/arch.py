@@ -63,11 +63,46 @@ def is_prunable(module: nn.Module) -> bool:
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear / Conv1D registered in the block (routers and per-expert linears included)."""
     return {name: mod for name, mod in block.named_modules() if is_prunable(mod)}
 
 
+# Leaf names of the linears that route tokens in a mixture-of-experts block: never pruned (a router's rows
+# decide where every token goes; it is a tiny share of the weights). transformers 5 keeps routers as their
+# own modules (MixtralTopKRouter, ...), older checkpoints and remote code as nn.Linear.
+ROUTERS = ("gate", "router", "shared_expert_gate")
+
+# Attribute names of fused expert parameters, (experts, rows, cols) or transposed (experts, cols, rows)
+FUSED_EXPERTS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A module holding its experts as 3-D parameters (transformers 5's MoE layout)."""
+    down = getattr(module, "down_proj", None)
+    return isinstance(down, nn.Parameter) and down.dim() == 3
+
+
+def find_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """Name in block -> fused experts module."""
+    return {name: mod for name, mod in block.named_modules() if is_fused_experts(mod)}
+
+
+def is_moe(block: nn.Module) -> bool:
+    """Fused experts, or a ModuleList named ``experts`` (per-expert linears, older checkpoints)."""
+    return any(is_fused_experts(m) or (n.rpartition(".")[2] == "experts" and isinstance(m, nn.ModuleList))
+               for n, m in block.named_modules())
+
+
+def find_routers(block: nn.Module) -> list[str]:
+    """Names of the router linears of an MoE block (none in a dense block)."""
+    if not is_moe(block):
+        return []
+    return [n for n in find_linears(block) if n.rpartition(".")[2] in ROUTERS]
+
+
 def get_weight(module: nn.Module) -> Tensor:
-    """The weight as (out_features, in_features), whatever the module's storage layout."""
+    """The weight as (out_features, in_features), whatever the module's storage layout (a view: writes to it
+    change the module)."""
     w = module.weight.data
     return w if isinstance(module, nn.Linear) else w.t()
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from llmprune import allocate
-from llmprune.arch import find_blocks, find_linears, get_weight, set_weight
+from llmprune import allocate, experts
+from llmprune.arch import find_blocks, find_linears, find_routers, get_weight, is_moe, set_weight
 from llmprune.data import (
     batched,
     calibration_windows,
@@ -56,6 +57,8 @@ class LayerReport:
     iterations: int | None = None  # admm / refit: iterations run
     # admm: its error over its SparseGPT warm start's (≤ 1: never worse on the layer's objective)
     vs_sparsegpt: float | None = None
+    method: str | None = None  # the solver used (an expert with too few tokens: magnitude, not the recipe's)
+    tokens: int | None = None  # calibration tokens its Hessian came from (an expert: those routed to it)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +73,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def block_targets(block: nn.Module) -> dict[str, nn.Module]:
+    """What a solver compresses in a block: its linears (routers excepted) and, in a mixture of experts, every
+    expert's matrices as views of the fused parameters (experts.py). Views are made anew from the block's
+    current tensors, so call it after the block is loaded onto its device."""
+    routers = set(find_routers(block))
+    out = {n: m for n, m in find_linears(block).items() if n not in routers}
+    out.update(experts.block_views(block))
+    return out
+
+
 def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn.Module]]:
     """block path prefix -> {name in block: linear}, with recipe.skip applied and N:M / group fit checked."""
     path, blocks = find_blocks(model)
@@ -79,7 +92,11 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
     for i, block in enumerate(blocks):
         prefix = f"{path}.{i}"
         chosen = {}
-        for name, mod in find_linears(block).items():
+        if recipe.format == "compressed-tensors" and experts.block_views(block):
+            raise UsageError(f"{prefix} holds fused mixture-of-experts weights, which llmprune cannot write as"
+                             " compressed-tensors yet: use --format dense (the experts are pruned and quantized"
+                             " there too)")
+        for name, mod in block_targets(block).items():
             full = f"{prefix}.{name}"
             if any(re.search(rx, full) for rx in recipe.skip):
                 continue
@@ -106,7 +123,7 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
                 )
             chosen[name] = mod
         out[prefix] = chosen
-    names = [f"{p}.{n}" for p, lin in out.items() for n in find_linears(model.get_submodule(p))]
+    names = [f"{p}.{n}" for p in out for n in block_targets(model.get_submodule(p))]
     for rx in recipe.skip:
         if not any(re.search(rx, n) for n in names):
             raise UsageError(f"--skip {rx!r} matches no linear of this model (e.g. {names[0]}): fix the regex")
@@ -141,15 +158,20 @@ def solver_options(recipe: Recipe) -> dict:
 
 def solve_linear(
     full: str, mod: nn.Module, H: Tensor | None, recipe: Recipe, sparsity: float, hessian_of: str | None,
-    grids: dict[str, QuantParams] | None = None,
+    grids: dict[str, QuantParams] | None = None, tokens: int | None = None, method: str | None = None,
 ) -> LayerReport:
-    """One solver call on one linear: its new weights written back, its grid kept, its report returned."""
+    """One solver call on one linear: its new weights written back, its grid kept, its report returned.
+
+    ``method`` overrides the recipe's (an expert with too few calibration tokens is pruned by magnitude; its
+    few-token Hessian, when there is one, still measures the error); ``tokens``: the Hessian's token count.
+    """
+    method = method or recipe.method
     W = get_weight(mod)
     H = H.to(W.device) if H is not None else None
     t0 = time.perf_counter()
     try:
-        res = SOLVERS[recipe.method](W, H, sparsity, recipe.nm, recipe.quant, **solver_options(recipe))
-        if recipe.refit and H is not None:
+        res = SOLVERS[method](W, H, sparsity, recipe.nm, recipe.quant, **solver_options(recipe))
+        if recipe.refit and H is not None and method == recipe.method:
             if recipe.quant is None:
                 res = refit_result(W, H, res, recipe.refit_iters, res.damp_frac or recipe.damp_frac)
             else:  # rounding would undo a real-valued refit: the GPTQ sweep compensates on the mask instead
@@ -185,7 +207,14 @@ def solve_linear(
         hessian_of=hessian_of,
         iterations=res.iterations,
         vs_sparsegpt=num / res.warm_error if res.warm_error and H is not None else None,
+        method=method,
+        tokens=tokens,
     )
+
+
+def fallback_method(recipe: Recipe) -> str:
+    """What prunes an expert that got too few calibration tokens for its Hessian: the data-free solver."""
+    return "rtn" if recipe.target_sparsity == 0 and recipe.nm is None else "magnitude"
 
 
 def compress_block(
@@ -199,7 +228,8 @@ def compress_block(
     Hessians of every linear in one pass over the calibration data, then one solver call per linear (the
     engine then runs the block again for the next block's inputs). ``grids``, when given, receives each
     quantized linear's grid under its full name (checkpoint writers need it to store integer codes);
-    ``sparsities`` overrides the recipe's sparsity per full name.
+    ``sparsities`` overrides the recipe's sparsity per full name. Experts (views named ``...experts.E....``)
+    that received fewer than ``recipe.min_expert_tokens`` tokens, none included, are pruned by magnitude.
     """
     def sparsity(name: str) -> float:
         return (sparsities or {}).get(f"{block_prefix}.{name}", recipe.target_sparsity)
@@ -222,10 +252,16 @@ def compress_block(
     uses = Counter(collector.leader[n] for n in linears if n in collector.leader)
     for name, mod in linears.items():
         if name not in collector.leader:
+            if experts.expert_of(name) is not None:  # routed no token: pruned without data, reported
+                reports.append(solve_linear(f"{block_prefix}.{name}", mod, None, recipe, sparsity(name), None,
+                                            grids, tokens=0, method=fallback_method(recipe)))
             continue  # never called on calibration data: nothing to calibrate on, left dense
         lead = collector.leader[name]
+        tokens = collector.n[lead]
+        few = experts.expert_of(name) is not None and tokens < recipe.min_expert_tokens
         reports.append(solve_linear(f"{block_prefix}.{name}", mod, collector.hessian(name), recipe, sparsity(name),
-                                    f"{block_prefix}.{lead}" if lead != name else None, grids))
+                                    f"{block_prefix}.{lead}" if lead != name else None, grids, tokens=tokens,
+                                    method=fallback_method(recipe) if few else None))
         uses[lead] -= 1
         if not uses[lead]:
             collector.drop(lead)
@@ -240,7 +276,8 @@ def sequential_block(
     before it make them, in one forward (the engine keeps its outputs for the next block).
 
     Linears met with the very same input tensors as the previous one (q/k/v, gate/up) share its Hessian, as
-    in the two-pass order. Reports come in the block's module order.
+    in the two-pass order. Reports come in the block's module order. Experts with too few tokens: as in
+    ``compress_block``.
     """
     reports: dict[str, LayerReport] = {}
     last: dict = {}  # the previous group's inputs, Hessian and first linear
@@ -248,7 +285,7 @@ def sequential_block(
     def on_group(name: str, xs: list[Tensor]) -> None:
         mod = linears[name]
         if last and len(xs) == len(last["xs"]) and all(a is b for a, b in zip(xs, last["xs"], strict=True)):
-            H, lead = last["H"], last["lead"]
+            H, lead, n = last["H"], last["lead"], last["n"]
         else:
             last.clear()  # the previous group's Hessian is not needed any more
             cols = layer_input_width(mod)
@@ -257,12 +294,18 @@ def sequential_block(
             for x in xs:
                 H, n = hessian_update(H, n, x.reshape(-1, cols), recipe.hessian_dtype)
             lead = name
-            last.update(xs=xs, H=H, lead=name)
+            last.update(xs=xs, H=H, lead=name, n=n)
+        few = experts.expert_of(name) is not None and n < recipe.min_expert_tokens
         reports[name] = solve_linear(f"{block_prefix}.{name}", mod, H, recipe, sparsity(name),
-                                     f"{block_prefix}.{lead}" if lead != name else None, grids)
+                                     f"{block_prefix}.{lead}" if lead != name else None, grids, tokens=n,
+                                     method=fallback_method(recipe) if few else None)
 
     block_pass.sequential(linears, on_group)
     last.clear()
+    for name, mod in linears.items():  # experts routed no token: pruned without data, reported
+        if name not in reports and experts.expert_of(name) is not None:
+            reports[name] = solve_linear(f"{block_prefix}.{name}", mod, None, recipe, sparsity(name), None, grids,
+                                         tokens=0, method=fallback_method(recipe))
     return [reports[n] for n in linears if n in reports]  # linears never called: left dense
 
 
@@ -319,10 +362,10 @@ def plan_sparsities(
     cands = allocate.candidates(target, recipe.dp_radius)
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
-        lin = linears[prefixes[i]]
-        collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype)
-        with collector:
-            block_pass()
+        with on_device(block, linears[prefixes[i]]) as lin:
+            collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype)
+            with collector:
+                block_pass()
         pairs = [(get_weight(m), collector.hessian(n)) for n, m in lin.items() if n in collector.leader]
         if recipe.allocation == "owl":
             ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
@@ -405,8 +448,15 @@ def compress_model(
                 grids.update(sink.grids(i))
             return
         block_grids: dict[str, QuantParams] = {}
-        reports, fallback = compress_block(prefixes[i], linears[prefixes[i]], block_pass, recipe, block_grids,
-                                           allocation["sparsities"] if allocation else None)
+        with on_device(block, linears[prefixes[i]]) as lin:
+            reports, fallback = compress_block(prefixes[i], lin, block_pass, recipe, block_grids,
+                                               allocation["sparsities"] if allocation else None)
+        few = [r for r in reports if r.method != recipe.method and experts.expert_of(r.name) is not None]
+        if few:
+            log.warning("%s: %d expert matrices got fewer than %d calibration tokens and were pruned by %s: %s",
+                        prefixes[i], len(few), recipe.min_expert_tokens, few[0].method,
+                        ", ".join(f"{r.name.removeprefix(prefixes[i] + '.')} ({r.tokens})" for r in few[:6])
+                        + (" ..." if len(few) > 6 else ""))
         if fallback is not None:
             two_pass[prefixes[i]] = fallback
         kept_peak[0] = max(kept_peak[0], block_pass.kept_peak_bytes)
@@ -414,20 +464,30 @@ def compress_model(
         if grids is not None:
             grids.update(block_grids)
         if sink is not None:
-            tensors = {f"{stream.path}.{i}.{k}": v for k, v in block.state_dict().items()}
+            tensors = source.checkpoint_tensors(i, block)  # in the input's own layout and keys
             sink.finish_block(i, tensors, [asdict(r) for r in reports], block_grids)
 
     stream.run(on_block, desc=recipe.label)
     t_done = time.perf_counter()
-    zeros = sum(r.zeros for r in layers)
-    total = sum(r.shape[0] * r.shape[1] for r in layers)
     done = {r.name for r in layers}
     never = [f"{p}.{n}" for p, lin in linears.items() for n in lin if f"{p}.{n}" not in done]
     if never:
         log.warning("%d linears were never called on the calibration data and are left dense: %s", len(never),
                     ", ".join(never[:8]) + (" ..." if len(never) > 8 else ""))
-    skipped = [f"{p}.{n}" for p in linears for n in find_linears(model.get_submodule(p))
-               if n not in linears[p]]
+    numel = {f"{p}.{n}": get_weight(m).numel() for p, lin in linears.items() for n, m in lin.items()}
+    zeros = sum(r.zeros for r in layers)
+    total = sum(numel.values())  # every weight meant to be pruned: those left dense count as dense
+    skipped, routers, unsupported = [], [], []
+    for p in linears:
+        block = model.get_submodule(p)
+        routers += [f"{p}.{n}" for n in find_routers(block)]
+        routers += [f"{p}.{n}" for n in experts.router_names(block) if f"{p}.{n}" not in routers]
+        skipped += [f"{p}.{n}" for n in block_targets(block) if n not in linears[p]]
+        unsupported += [f"{p}.{n}" for n in experts.unsupported(block)]
+    if unsupported:
+        log.warning("%d fused experts modules do not record their layout (no transformers experts decorator) and"
+                    " are left dense: %s", len(unsupported), ", ".join(unsupported[:4]))
+    moe = any(is_moe(model.get_submodule(p)) for p in linears)
     return {
         "recipe": recipe.to_dict(),
         "device": str(device),
@@ -436,8 +496,11 @@ def compress_model(
         "target_sparsity": recipe.target_sparsity,
         "pruned_params": total,
         "layers": [asdict(r) for r in layers],
-        # linears of the blocks not compressed, and why (global_sparsity counts only the compressed ones)
-        "left_dense": {"skipped": skipped, "never_called": never},
+        # what was left dense, and why: skipped (--skip), never called, routers, unsupported experts.
+        # global_sparsity counts the never-called ones as dense; skipped layers and routers are not in it
+        "left_dense": {"skipped": skipped, "never_called": never, "routers": routers,
+                       "unsupported_experts": unsupported},
+        "experts": _experts_summary(layers, recipe) if moe else None,
         "allocation": allocation,
         "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
                        "kept_inputs_peak_bytes": kept_peak[0],
@@ -445,6 +508,25 @@ def compress_model(
         "timings": {"calibration_s": round(t_calib - t_start, 3), "plan_s": round(t_plan - t_calib, 3),
                     "prune_s": round(t_done - t_plan, 3)},
     }
+
+
+@contextlib.contextmanager
+def on_device(block: nn.Module, chosen: dict[str, nn.Module]) -> Iterator[dict[str, nn.Module]]:
+    """The chosen linears of a block now on its device (expert views made from its current tensors), with its
+    experts routed through them (experts.routed) for the duration."""
+    current = block_targets(block)
+    lin = {n: current[n] for n in chosen}
+    with experts.routed(block, lin):
+        yield lin
+
+
+def _experts_summary(layers: list[LayerReport], recipe: Recipe) -> dict:
+    """Per-expert calibration: how many matrices, the tokens they got, and which fell back to magnitude."""
+    ex = [r for r in layers if experts.expert_of(r.name) is not None]
+    tokens = [r.tokens or 0 for r in ex]
+    return {"matrices": len(ex), "min_tokens": recipe.min_expert_tokens,
+            "tokens_min": min(tokens, default=0), "tokens_max": max(tokens, default=0),
+            "fallback": {r.name: {"method": r.method, "tokens": r.tokens} for r in ex if r.method != recipe.method}}
 
 
 def check_output_dir(out: Path, overwrite: bool, source: Path | None) -> None:

@@ -23,6 +23,7 @@ from llmprune import hostmem
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
+from llmprune.keymap import KeyMap
 from llmprune.loading import DTYPES, load_tokenizer
 
 
@@ -54,44 +55,73 @@ def _to_meta(module: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 class BlockSource:
-    """Reads block ``i``'s tensors from ``reader`` (or from an override, e.g. an already compressed block)."""
+    """Reads block ``i``'s tensors from ``reader`` (or from an override, e.g. an already compressed block).
 
-    def __init__(self, reader: TensorReader, path: str, dtype: torch.dtype, rest: list[str]):
+    ``keymap`` says which checkpoint keys make each parameter (keymap.py): per-expert checkpoint tensors are
+    stacked into the fused parameters the model has, renamed keys found under their stored names.
+    """
+
+    def __init__(self, reader: TensorReader, path: str, dtype: torch.dtype, rest: list[str], keymap: KeyMap):
         self.reader = reader
         self.path = path
         self.dtype = dtype
-        self.rest = rest  # checkpoint keys outside the blocks (a tied output embedding is not stored)
+        self.rest = rest  # parameter names outside the blocks (a tied output embedding is not stored)
+        self.keymap = keymap
         self.overrides: dict[int, TensorReader] = {}
 
     def _read(self, reader: TensorReader, key: str) -> Tensor:
         t = reader.get(key)
         return t.to(self.dtype) if t.is_floating_point() else t
 
-    def keys(self, i: int, block: nn.Module) -> dict[str, str]:
-        """Block-local name -> checkpoint key, for every parameter and persistent buffer."""
-        return {name: f"{self.path}.{i}.{name}" for name in block.state_dict()}
+    def keys(self, i: int, block: nn.Module) -> list[str]:
+        """The model's names of block ``i``'s parameters and persistent buffers."""
+        return [f"{self.path}.{i}.{name}" for name in block.state_dict()]
+
+    def missing(self, i: int, block: nn.Module, reader: TensorReader | None = None) -> list[str]:
+        """Checkpoint keys block ``i`` needs that ``reader`` lacks (as named in the checkpoint)."""
+        reader = reader or self.reader
+        out = []
+        for name in self.keys(i, block):
+            if name not in self.keymap:
+                out.append(name)
+            else:
+                out += [k for k in self.keymap.checkpoint_keys(name) if k not in reader]
+        return out
 
     def load(self, i: int, block: nn.Module) -> None:
         reader = self.overrides.get(i, self.reader)
-        for name, key in self.keys(i, block).items():
-            if key not in reader:
-                raise UsageError(f"{key} is missing from {reader.directory}: the checkpoint does not match its"
-                                 " config; re-save it with save_pretrained")
-            _set_tensor(block, name, self._read(reader, key))
+        missing = self.missing(i, block, reader)
+        if missing:
+            raise UsageError(f"{missing[0]} is missing from {reader.directory}: the checkpoint does not match its"
+                             " config; re-save it with save_pretrained")
+        inside = f"{self.path}.{i}."
+        state = block.state_dict()
+        for name, t in self.keymap.read(lambda k: self._read(reader, k), self.keys(i, block)).items():
+            local = name.removeprefix(inside)
+            if local in state and tuple(state[local].shape) != tuple(t.shape):
+                raise UsageError(f"{name} is stored as {tuple(t.shape)} in {reader.directory}, but its config makes"
+                                 f" it {tuple(state[local].shape)}: the checkpoint does not match its config")
+            _set_tensor(block, local, t)
         reader.close()
 
     def release(self, i: int, block: nn.Module) -> None:
         _to_meta(block, block.state_dict())
 
+    def checkpoint_tensors(self, i: int, block: nn.Module) -> dict[str, Tensor]:
+        """Block ``i``'s tensors under the checkpoint's keys and in its layout (per-expert tensors split back
+        out of fused parameters, as save_pretrained writes them)."""
+        return self.keymap.to_checkpoint({f"{self.path}.{i}.{k}": v for k, v in block.state_dict().items()})
+
     def rest_state(self) -> dict[str, Tensor]:
-        """The tensors outside the blocks, read now, as the checkpoint stores them."""
-        out = {key: self._read(self.reader, key) for key in self.rest}
+        """The tensors outside the blocks, read now, as the checkpoint stores them (its keys)."""
+        out = {key: self._read(self.reader, key) for name in self.rest for key in self.keymap.checkpoint_keys(name)}
         self.reader.close()
         return out
 
     def load_rest(self, model: nn.Module) -> None:
-        for key, t in self.rest_state().items():
-            _set_tensor(model, key, t)
+        for name, t in self.keymap.read(lambda k: self._read(self.reader, k), self.rest).items():
+            _set_tensor(model, name, t)
+        self.reader.close()
         model.tie_weights()
 
     def release_rest(self, model: nn.Module) -> None:
@@ -118,12 +148,13 @@ def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = Fa
     inside = f"{path}."
     tied = _tied_keys(model)  # the output embedding, tied to the input embedding: stored once
     rest = [name for name in model.state_dict() if not name.startswith(inside) and name not in tied]
+    keymap = KeyMap(model, reader.keys())
     for name in rest:
-        if name not in reader:
+        if name not in keymap:
             raise UsageError(f"{name} is missing from {directory}: the checkpoint does not match its config")
-    model.block_source = BlockSource(reader, path, torch_dtype, rest)
+    model.block_source = BlockSource(reader, path, torch_dtype, rest, keymap)
     for i, block in enumerate(blocks):  # check the keys up front, not at block 57
-        missing = [k for k in model.block_source.keys(i, block).values() if k not in reader]
+        missing = model.block_source.missing(i, block)
         if missing:
             raise UsageError(f"{missing[0]} is missing from {directory}: the checkpoint does not match its config")
     return model, load_tokenizer(str(directory))

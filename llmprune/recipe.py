@@ -88,6 +88,12 @@ class Recipe:
     refit: bool = False
     refit_iters: int = 20
     obc_max_cols: int = 1024  # obc: wider layers are refused (its work grows as rows x cols³): use admm
+    # mixture of experts: an expert's matrices whose Hessian got fewer routed tokens than this are pruned by
+    # magnitude instead (named in the report, with their token counts, and warned about)
+    min_expert_tokens: int = 64
+    # mixture of experts: remove this fraction of each MoE layer's experts, those with the lowest
+    # router-weighted output norm on the calibration tokens (REAP), and their router rows
+    drop_experts: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -107,6 +113,10 @@ class Recipe:
                 raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if pat is not None and self.block_size % pat.m:
             raise UsageError(f"block_size {self.block_size} is not a multiple of M={pat.m}: pick e.g. 128")
+        if isinstance(self.min_expert_tokens, bool) or int(self.min_expert_tokens) < 0:
+            raise UsageError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens!r}")
+        if not (0.0 <= float(self.drop_experts) < 1.0):
+            raise UsageError(f"drop_experts {self.drop_experts} is outside [0, 1): e.g. --drop-experts 0.25")
         if not (0.0 < self.damp_frac < 10.0):
             raise UsageError(f"damp_frac {self.damp_frac} must be in (0, 10): the paper uses 0.01")
         if not (self.admm_rho0 > 0 and self.admm_rho_growth >= 1):
@@ -140,7 +150,7 @@ class Recipe:
                 raise UsageError("--method rtn rounds to a grid: add --wbits (e.g. --wbits 4)")
             if self.act_order:
                 raise UsageError("--act-order orders the quantization sweep: add --wbits (e.g. --wbits 4)")
-            if self.nm is None and self.sparsity is not None and float(self.sparsity) == 0:
+            if self.nm is None and self.sparsity is not None and float(self.sparsity) == 0 and not self.drop_experts:
                 raise UsageError("nothing to do at sparsity 0 without quantization: raise --sparsity or add --wbits")
             return
         if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) or not (2 <= self.wbits <= 8):

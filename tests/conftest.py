@@ -35,11 +35,25 @@ TINY = {
 }
 
 
+_MOE_BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+# mixtures of experts, as transformers 5 builds them (fused 3-D expert parameters): 4 experts, top-2
+TINY_MOE = {
+    "mixtral": dict(_MOE_BASE, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_MOE_BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(_MOE_BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),  # with a shared expert and its gate
+    "gpt_oss": dict(_MOE_BASE, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,  # transposed, biases
+                    layer_types=["sliding_attention", "full_attention"]),
+}
+
+
 def tiny_model(family: str, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, vocab_size=VOCAB, max_position_embeddings=128, **TINY[family])
+    kwargs = TINY_MOE[family] if family in TINY_MOE else TINY[family]
+    config = AutoConfig.for_model(family, vocab_size=VOCAB, max_position_embeddings=128, **kwargs)
     if family == "gpt2":
         config.n_positions = 128
     return AutoModelForCausalLM.from_config(config).eval()

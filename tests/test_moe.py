@@ -1,0 +1,180 @@
+"""Mixture-of-experts models: every expert compressed on its own routed tokens, in the input's layout."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import TINY_MOE, VOCAB, tiny_model
+from safetensors import safe_open
+
+import llmprune
+from llmprune.compression import block_targets, compress_model, on_device
+from llmprune.engine import Stream
+from llmprune.errors import UsageError
+from llmprune.hessian import HessianCollector
+from llmprune.recipe import Recipe
+
+FAMILIES = list(TINY_MOE)
+OPTS = dict(nsamples=8, seqlen=32, device="cpu", calib="shakespeare", progress=False)
+
+
+def windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def expert_matrices(model) -> dict[str, torch.Tensor]:
+    """Every expert's (out, in) matrix, by view name, of every block."""
+    out = {}
+    for i, block in enumerate(model.model.layers):
+        for name, mod in block_targets(block).items():
+            if ".experts." in name:
+                out[f"{i}.{name}"] = mod.weight.data
+    return out
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory, tiny_tokenizer):
+    """family -> a tiny MoE saved by transformers (Mixtral and Qwen: one tensor per expert on disk)."""
+    out = {}
+    for family in FAMILIES:
+        d = tmp_path_factory.mktemp(family)
+        tiny_model(family).save_pretrained(d)
+        tiny_tokenizer.save_pretrained(d)
+        out[family] = d
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_routed_forward_equals_the_model(family):
+    """Through the engine, experts routed through their views sublayer by sublayer: the model's logits."""
+    model = tiny_model(family)
+    ids = windows(4, 16)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+
+    def on_block(i, block, block_pass):
+        with on_device(block, block_targets(block)) as lin:
+            block_pass.sequential(lin, lambda name, xs: None)
+
+    stream = Stream(model, [ids[:2], ids[2:]], "cpu", progress=False)
+    stream.run(on_block)
+    got = torch.cat([stream.logits(b) for b in range(2)])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sequential", [True, False])
+def test_every_expert_matrix_has_exactly_the_sparsity(family, sequential):
+    model = tiny_model(family)
+    report = compress_model(model, None, Recipe(sparsity=0.5, sequential=sequential, device="cpu",
+                                                min_expert_tokens=1), windows=windows(), progress=False)
+    mats = expert_matrices(model)
+    assert len(mats) == 2 * 4 * 3  # blocks x experts x (gate, up, down)
+    for name, W in mats.items():
+        assert int((W == 0).sum()) == W.numel() // 2, name
+    names = {r["name"] for r in report["layers"]}
+    assert all(f"model.layers.{i}.mlp.experts.{e}.{m}" in names
+               for i in range(2) for e in range(4) for m in ("gate_proj", "up_proj", "down_proj"))
+    # the report's global sparsity covers attention and experts: every weight meant to be pruned
+    assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    total = sum(r["shape"][0] * r["shape"][1] for r in report["layers"])
+    assert report["pruned_params"] == total
+    attention = sum(W.numel() for n, W in model.named_parameters() if "self_attn" in n and n.endswith("proj.weight"))
+    assert total > attention + sum(W.numel() for W in mats.values()) - 1
+    routers = report["left_dense"]["routers"]
+    assert routers and all(".mlp.gate" in r or ".mlp.router" in r or "shared_expert_gate" in r for r in routers)
+    if family == "qwen2_moe":  # the shared expert is an ordinary MLP: pruned
+        assert "model.layers.0.mlp.shared_expert.down_proj" in names
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_nm_pattern_holds_in_every_expert(family):
+    model = tiny_model(family)
+    compress_model(model, None, Recipe(pattern="2:4", device="cpu", min_expert_tokens=1), windows=windows(),
+                   progress=False)
+    for name, W in expert_matrices(model).items():
+        assert ((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
+
+
+def test_an_experts_hessian_is_from_exactly_the_tokens_routed_to_it():
+    model = tiny_model("mixtral")
+    block = model.model.layers[0]
+    ids = windows(2, 16)
+    seen = {}
+    block.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.setdefault("x", out.detach()))
+    lin = block_targets(block)
+    with torch.no_grad(), on_device(block, lin) as lin, HessianCollector(lin) as hc:
+        model(input_ids=ids)
+    x = seen["x"].reshape(-1, 64)
+    router = block.mlp.gate
+    probs = torch.softmax(x @ router.weight.t(), -1)
+    top = probs.topk(2, dim=-1).indices
+    for e in range(4):
+        xe = x[(top == e).any(-1)]
+        assert hc.n[hc.leader[f"mlp.experts.{e}.gate_proj"]] == xe.shape[0]
+        torch.testing.assert_close(hc.hessian(f"mlp.experts.{e}.up_proj"), 2 / xe.shape[0] * xe.t() @ xe,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_experts_with_too_few_tokens_are_pruned_by_magnitude_and_named(caplog):
+    model = tiny_model("qwen3_moe")
+    with caplog.at_level(logging.WARNING, logger="llmprune"):
+        report = compress_model(model, None, Recipe(sparsity=0.5, device="cpu", min_expert_tokens=10**6),
+                                windows=windows(), progress=False)
+    fallback = report["experts"]["fallback"]
+    assert len(fallback) == 2 * 4 * 3
+    assert all(v["method"] == "magnitude" and 0 <= v["tokens"] < 10**6 for v in fallback.values())
+    assert "pruned by magnitude" in caplog.text and "mlp.experts.0.gate_proj (" in caplog.text
+    for W in expert_matrices(model).values():  # still pruned, exactly
+        assert int((W == 0).sum()) == W.numel() // 2
+    attn = [r for r in report["layers"] if "self_attn" in r["name"]]
+    assert all(r["method"] == "sparsegpt" for r in attn)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_saved_moe_loads_in_transformers_with_the_pruned_logits(family, lazy, moe_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = moe_dirs[family]
+    before = {}
+    for f in src.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            before = {k: fh.get_tensor(k) for k in fh.keys()}
+    report = llmprune.compress(src, tmp_path / "out", lazy=lazy, sparsity=0.5, min_expert_tokens=1, **OPTS)
+    assert report.to_dict()["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    with safe_open(str(tmp_path / "out" / "model-block-00000.safetensors" if lazy else
+                       tmp_path / "out" / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    block0 = {k for k in before if k.startswith("model.layers.0.")}
+    assert block0 <= keys  # the input's own layout and keys (per-expert tensors stay per expert)
+    for f in src.glob("*.safetensors"):  # the input is untouched
+        with safe_open(str(f), "pt") as fh:
+            assert all(torch.equal(fh.get_tensor(k), before[k]) for k in fh.keys())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    mats = expert_matrices(loaded)
+    assert all(int((W == 0).sum()) == W.numel() // 2 for W in mats.values())
+    ids = windows(2, 16, seed=1)
+    in_memory = tiny_model(family)
+    compress_model(in_memory, None, Recipe(sparsity=0.5, device="cpu", min_expert_tokens=1, calib="shakespeare",
+                                           nsamples=8, seqlen=32), windows=_calib(src), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, in_memory(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _calib(src):
+    """The calibration windows ``compress`` cut for OPTS, cut again the same way."""
+    from llmprune.compression import calibration_set
+    from llmprune.loading import load_tokenizer
+
+    tok = load_tokenizer(str(src))
+    return calibration_set(tok, tiny_model("llama"), Recipe(calib="shakespeare", nsamples=8, seqlen=32))[0]
+
+
+def test_compressed_tensors_output_of_fused_experts_is_refused(moe_dirs, tmp_path):
+    with pytest.raises(UsageError, match="compressed-tensors"):
+        llmprune.compress(moe_dirs["mixtral"], tmp_path / "o", wbits=4, format="compressed-tensors", **OPTS)
+    assert not (tmp_path / "o").exists()
