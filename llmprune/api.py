@@ -70,7 +70,7 @@ class Report:
     recipe: dict[str, Any]
     device: str
     calibration: dict[str, Any]
-    global_sparsity: float  # zeros / weights over every compressed linear, counted exactly
+    global_sparsity: float  # zeros / weights over every linear meant to be pruned (never-called ones as dense)
     target_sparsity: float
     pruned_params: int  # weights in the compressed linears
     layers: list[LayerReport]
@@ -79,7 +79,11 @@ class Report:
     # sequential runs: blocks that fell back to two passes (and why), the peak of the inputs kept across
     # batches before one sublayer, where activations were kept; None for two-pass runs
     sequential: dict[str, Any] | None = None
-    left_dense: dict[str, list[str]] = field(default_factory=dict)  # skipped (--skip), never_called (no data)
+    # what was left dense and why: skipped (--skip), never_called (no data), routers, unsupported_experts
+    left_dense: dict[str, list[str]] = field(default_factory=dict)
+    # mixture-of-experts models: expert matrices, their routed token counts, the magnitude fallbacks, and
+    # with --drop-experts the experts dropped per layer and their REAP scores; None for dense models
+    experts: dict[str, Any] | None = None
     model: dict[str, Any] = field(default_factory=dict)  # source, kind, type, dtype
     versions: dict[str, str] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None  # format, bits_per_weight, bytes; None when nothing was written

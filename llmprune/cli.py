@@ -115,6 +115,12 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                      help="admm: penalty factor per iteration (default 1.6)."),
         click.option("--obc-max-cols", type=int, default=None,
                      help="obc: refuse layers with more inputs than this (default 1024)."),
+        click.option("--min-expert-tokens", type=int, default=None,
+                     help="MoE: an expert routed fewer calibration tokens than this is pruned by magnitude, and"
+                          " named in the report (default 64)."),
+        click.option("--drop-experts", type=float, default=None,
+                     help="MoE: remove this fraction of each layer's experts, those with the lowest"
+                          " router-weighted output norm on the calibration tokens (REAP), and their router rows."),
         click.option("--sequential/--two-pass", default=None,
                      help="sequential (default): each block compressed sublayer by sublayer in data-flow order, in"
                           " one forward; two-pass: every Hessian from the dense block, then a second forward."),
@@ -163,6 +169,10 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
         f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']}, in {report.timings['total_s']:.1f} s"
         f" -> {out}"
     )
+    moe = report.experts or {}
+    if moe.get("dropped") is not None:
+        click.echo(f"dropped {moe['experts_before'] - moe['experts_after']} of {moe['experts_before']} experts in"
+                   f" each of {len(moe['dropped'])} MoE layers")
     if recipe.format == "compressed-tensors" and not recipe.sym:
         click.echo("note: vLLM reads asymmetric pack-quantized checkpoints; transformers 5.x cannot yet"
                    " (vllm-project/llm-compressor#1618): use --sym to load it there", err=True)

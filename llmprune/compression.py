@@ -412,6 +412,7 @@ def compress_model(
     t_start = time.perf_counter()
     device = resolve_device(recipe.device)
     linears = prunable_linears(model, recipe)
+    keep = experts_kept(model, recipe) if recipe.drop_experts else None
     if windows is None:
         windows, calib = calibration_set(tokenizer, model, recipe)
     else:
@@ -440,6 +441,8 @@ def compress_model(
 
     two_pass: dict[str, str] = {}  # blocks a sequential run had to compress in two passes, and why
     kept_peak = [0]
+    dropped: dict[str, dict] = {}  # --drop-experts: experts path -> dropped indices and REAP scores
+    solve = recipe.target_sparsity > 0 or recipe.quant is not None or recipe.nm is not None
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         if sink is not None and sink.done(i):
@@ -448,9 +451,14 @@ def compress_model(
                 grids.update(sink.grids(i))
             return
         block_grids: dict[str, QuantParams] = {}
-        with on_device(block, linears[prefixes[i]]) as lin:
-            reports, fallback = compress_block(prefixes[i], lin, block_pass, recipe, block_grids,
-                                               allocation["sparsities"] if allocation else None)
+        if keep is not None and experts.find_experts(block):  # scored on the dense block, then dropped
+            dropped.update({f"{prefixes[i]}.{k}": v for k, v in experts.reap_drop(block, block_pass, keep[2]).items()})
+        reports: list[LayerReport] = []
+        fallback = None
+        if solve:  # else only dropping experts: the engine's forward feeds the next block
+            with on_device(block, linears[prefixes[i]]) as lin:
+                reports, fallback = compress_block(prefixes[i], lin, block_pass, recipe, block_grids,
+                                                   allocation["sparsities"] if allocation else None)
         few = [r for r in reports if r.method != recipe.method and experts.expert_of(r.name) is not None]
         if few:
             log.warning("%s: %d expert matrices got fewer than %d calibration tokens and were pruned by %s: %s",
@@ -469,8 +477,12 @@ def compress_model(
 
     stream.run(on_block, desc=recipe.label)
     t_done = time.perf_counter()
+    if keep is not None:  # the new expert count, for the saved config (every MoE layer kept as many)
+        setattr(model.config, keep[0], keep[2])
+        linears = {p: {n: m for n, m in lin.items() if n in block_targets(model.get_submodule(p))}
+                   for p, lin in linears.items()}
     done = {r.name for r in layers}
-    never = [f"{p}.{n}" for p, lin in linears.items() for n in lin if f"{p}.{n}" not in done]
+    never = [f"{p}.{n}" for p, lin in linears.items() for n in lin if f"{p}.{n}" not in done] if solve else []
     if never:
         log.warning("%d linears were never called on the calibration data and are left dense: %s", len(never),
                     ", ".join(never[:8]) + (" ..." if len(never) > 8 else ""))
@@ -500,7 +512,8 @@ def compress_model(
         # global_sparsity counts the never-called ones as dense; skipped layers and routers are not in it
         "left_dense": {"skipped": skipped, "never_called": never, "routers": routers,
                        "unsupported_experts": unsupported},
-        "experts": _experts_summary(layers, recipe) if moe else None,
+        "experts": (_experts_summary(layers, recipe) | ({"experts_before": keep[1], "experts_after": keep[2],
+                                                         "dropped": dropped} if keep else {})) if moe else None,
         "allocation": allocation,
         "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
                        "kept_inputs_peak_bytes": kept_peak[0],
@@ -515,9 +528,27 @@ def on_device(block: nn.Module, chosen: dict[str, nn.Module]) -> Iterator[dict[s
     """The chosen linears of a block now on its device (expert views made from its current tensors), with its
     experts routed through them (experts.routed) for the duration."""
     current = block_targets(block)
-    lin = {n: current[n] for n in chosen}
+    lin = {n: current[n] for n in chosen if n in current}  # not in current: an expert dropped (--drop-experts)
     with experts.routed(block, lin):
         yield lin
+
+
+def experts_kept(model: nn.Module, recipe: Recipe) -> tuple[str, int, int]:
+    """(config key, experts now, experts kept) for --drop-experts, checked against the model."""
+    path, blocks = find_blocks(model)
+    counts = experts.kept_count(model.config, recipe.drop_experts)
+    if counts is None or not any(experts.find_experts(b) for b in blocks):
+        raise UsageError("--drop-experts removes experts of a mixture-of-experts model; this one has none:"
+                         " drop the option")
+    key, n, kept = counts
+    top_k = getattr(model.config, "num_experts_per_tok", 1) or 1
+    if kept == n:
+        raise UsageError(f"--drop-experts {recipe.drop_experts} removes none of {n} experts: raise it to at least"
+                         f" {0.5 / n:.3g}")
+    if kept < top_k:
+        raise UsageError(f"--drop-experts {recipe.drop_experts} keeps {kept} of {n} experts, fewer than the {top_k}"
+                         f" each token is routed to: lower it to at most {(n - top_k) / n:.3g}")
+    return key, n, kept
 
 
 def _experts_summary(layers: list[LayerReport], recipe: Recipe) -> dict:

@@ -194,17 +194,7 @@ def drop(module: nn.Module, router: nn.Module, keep: list[int]) -> None:
 def find_router(block: nn.Module, experts_path: str) -> nn.Module | None:
     """The module that routes tokens to ``experts_path``: a sibling named in ``arch.ROUTERS`` whose weight has
     one row per expert."""
-    from llmprune.arch import ROUTERS
-
-    parent_path = experts_path.rpartition(".")[0]
-    parent = block.get_submodule(parent_path) if parent_path else block
-    n = num_experts(block.get_submodule(experts_path))
-    for name in ROUTERS:
-        mod = getattr(parent, name, None)
-        w = getattr(mod, "weight", None)
-        if isinstance(w, Tensor) and w.dim() == 2 and w.shape[0] == n:
-            return mod
-    return None
+    return find_router_by_rows(block, experts_path, num_experts(block.get_submodule(experts_path)))
 
 
 def router_names(block: nn.Module) -> list[str]:
@@ -215,3 +205,59 @@ def router_names(block: nn.Module) -> list[str]:
         if router is not None:
             out += [n for n, m in block.named_modules() if m is router]
     return out
+
+
+def kept_count(config, fraction: float) -> tuple[str, int, int] | None:
+    """(config key of the expert count, experts now, experts kept) for ``--drop-experts fraction``; None for
+    a config without experts. The count is per model, so every MoE layer drops the same number."""
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        n = getattr(config, key, None)
+        if isinstance(n, int) and n > 0:
+            return key, n, n - round(fraction * n)
+    return None
+
+
+def reap_drop(block: nn.Module, run, keep: int) -> dict[str, dict]:
+    """Score every expert of the block by REAP (mean over its routed tokens of routing weight x output norm,
+    from one call of ``run``, which runs the block over the calibration data), keep the ``keep`` best of each
+    fused module, drop the rest and their router rows. Returns experts path -> {"dropped", "scores"}."""
+    with routed(block, block_views(block)) as active:
+        run()
+    out = {}
+    for path, r in active.items():
+        module = r.module
+        router = find_router(block, path)
+        if router is None:
+            raise ValueError(f"{path}: no router found beside it to drop expert rows from")
+        saliency = r.scores / r.tokens.clamp(min=1)
+        order = sorted(range(len(saliency)), key=lambda e: float(saliency[e]), reverse=True)
+        kept = sorted(order[:keep])
+        drop(module, router, kept)
+        out[path] = {"dropped": sorted(order[keep:]), "scores": [round(float(s), 6) for s in saliency]}
+    return out
+
+
+def sync_counts(block: nn.Module) -> None:
+    """After loading tensors with fewer experts than the skeleton (a block already dropped by ``reap_drop``
+    and read back on resume), make the modules' expert counts follow their tensors."""
+    for path, module in find_experts(block).items():
+        n = module.down_proj.shape[0]
+        router = find_router_by_rows(block, path, n)
+        for owner in (module, router):
+            if owner is None:
+                continue
+            for attr in ("num_experts", "num_local_experts"):
+                if hasattr(owner, attr):
+                    setattr(owner, attr, n)
+
+
+def find_router_by_rows(block: nn.Module, experts_path: str, n: int) -> nn.Module | None:
+    from llmprune.arch import ROUTERS
+
+    parent_path = experts_path.rpartition(".")[0]
+    parent = block.get_submodule(parent_path) if parent_path else block
+    for name in ROUTERS:
+        w = getattr(getattr(parent, name, None), "weight", None)
+        if isinstance(w, Tensor) and w.dim() == 2 and w.shape[0] == n:
+            return getattr(parent, name)
+    return None

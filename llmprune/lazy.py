@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmprune import hostmem
+from llmprune import experts, hostmem
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
@@ -98,10 +98,12 @@ class BlockSource:
         state = block.state_dict()
         for name, t in self.keymap.read(lambda k: self._read(reader, k), self.keys(i, block)).items():
             local = name.removeprefix(inside)
-            if local in state and tuple(state[local].shape) != tuple(t.shape):
+            if reader is self.reader and local in state and tuple(state[local].shape) != tuple(t.shape):
                 raise UsageError(f"{name} is stored as {tuple(t.shape)} in {reader.directory}, but its config makes"
                                  f" it {tuple(state[local].shape)}: the checkpoint does not match its config")
             _set_tensor(block, local, t)
+        if reader is not self.reader:  # a compressed block may have fewer experts than the skeleton
+            experts.sync_counts(block)
         reader.close()
 
     def release(self, i: int, block: nn.Module) -> None:

@@ -55,5 +55,6 @@ def test_a_skip_regex_that_matches_nothing_is_an_error(tiny_model_dir, tmp_path,
 
 def test_what_is_left_dense_is_listed_with_the_reason(tiny_model_dir, tmp_path, caplog):
     report = llmprune.compress(tiny_model_dir, tmp_path / "a", skip=[r"layers\.0\.mlp\.down_proj$"], **SMALL)
-    assert report.left_dense == {"skipped": ["model.layers.0.mlp.down_proj"], "never_called": []}
+    assert report.left_dense == {"skipped": ["model.layers.0.mlp.down_proj"], "never_called": [], "routers": [],
+                                 "unsupported_experts": []}
     assert len(report.layers) == 13

@@ -178,3 +178,64 @@ def test_compressed_tensors_output_of_fused_experts_is_refused(moe_dirs, tmp_pat
     with pytest.raises(UsageError, match="compressed-tensors"):
         llmprune.compress(moe_dirs["mixtral"], tmp_path / "o", wbits=4, format="compressed-tensors", **OPTS)
     assert not (tmp_path / "o").exists()
+
+
+def _route_without(model, dropped: dict[int, list[int]]) -> None:
+    """Give the dropped experts -inf router logits: the original model, those experts never chosen."""
+    real_linear = torch.nn.functional.linear
+    for i, block in enumerate(model.model.layers):
+        router = getattr(block.mlp, "gate", None) or block.mlp.router
+        mask = torch.zeros(router.weight.shape[0])
+        mask[dropped[i]] = float("-inf")
+
+        def forward(hidden, _orig=router.forward, _w=router.weight, _m=mask):
+            def masked(x, w, b=None):
+                out = real_linear(x, w, b)
+                return out + _m if w is _w else out
+
+            torch.nn.functional.linear = masked  # the routers call F.linear on their weight
+            try:
+                return _orig(hidden)
+            finally:
+                torch.nn.functional.linear = real_linear
+
+        router.forward = forward
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_drop_experts_gives_the_model_with_those_experts_routed_minus_infinity(family, lazy, moe_dirs, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    report = llmprune.compress(moe_dirs[family], tmp_path / "out", lazy=lazy, sparsity=0.0, drop_experts=0.5,
+                               **OPTS).to_dict()
+    dropped = {int(k.split(".")[2]): v["dropped"] for k, v in report["experts"]["dropped"].items()}
+    assert sorted(dropped) == [0, 1] and all(len(v) == 2 for v in dropped.values())
+    config = AutoConfig.from_pretrained(tmp_path / "out")
+    key = "num_local_experts" if family != "qwen2_moe" else "num_experts"
+    assert getattr(config, key) == 2
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # no custom code
+    original = tiny_model(family)
+    _route_without(original, dropped)
+    ids = windows(2, 16, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, original(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_drop_experts_refuses_dense_models_and_too_many(moe_dirs, tiny_model_dir, tmp_path):
+    with pytest.raises(UsageError, match="has none"):
+        llmprune.compress(tiny_model_dir, tmp_path / "a", drop_experts=0.5, **OPTS)
+    with pytest.raises(UsageError, match="fewer than the 2"):
+        llmprune.compress(moe_dirs["mixtral"], tmp_path / "b", drop_experts=0.75, **OPTS)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_drop_then_prune_every_kept_expert(moe_dirs, tmp_path):
+    report = llmprune.compress(moe_dirs["qwen3_moe"], tmp_path / "o", sparsity=0.5, drop_experts=0.25,
+                               min_expert_tokens=1, **OPTS).to_dict()
+    names = {r["name"] for r in report["layers"]}
+    assert {f"model.layers.0.mlp.experts.{e}.down_proj" for e in range(3)} <= names
+    assert "model.layers.0.mlp.experts.3.down_proj" not in names
+    assert report["left_dense"]["never_called"] == []
+    assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
