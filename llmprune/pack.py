@@ -17,6 +17,7 @@ Sizes: 2:4 in fp16 is 0.5625 of dense fp16; 2:4 + int4 with 16-bit scales per 12
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from llmprune.checkpoint import (
 )
 from llmprune.errors import UsageError
 from llmprune.kernels import use_triton
+from llmprune.keymap import KeyMap
 from llmprune.pattern import Pattern, parse_pattern
 from llmprune.progress import Progress, track
 from llmprune.quant import QuantParams, QuantSpec, dequantize, quantize, sym_zero
@@ -44,6 +46,9 @@ from llmprune.quant import QuantParams, QuantSpec, dequantize, quantize, sym_zer
 FORMAT = "llmprune-packed-2:4"
 VERSION = 1
 PACKED = "packed24"  # file prefix of the packed tensors; transformers reads only model*.safetensors
+
+
+log = logging.getLogger(__name__)
 
 
 def _pack24(W: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
@@ -155,6 +160,10 @@ def pack_checkpoint(src: Path, out: Path, pattern: str, skip_nonconforming: bool
     dense: dict[str, Tensor] = {}
     for key in sorted(dense_keys):
         dense[key] = source.reader.get(key)
+    experts = sorted(k for k in dense if ".experts." in k and dense[k].dim() >= 2)
+    if experts:  # MoE expert weights are not nn.Linear modules: they stay dense, said, not hidden
+        log.warning("%d mixture-of-experts tensors (e.g. %s) are stored dense: packing covers nn.Linear layers"
+                    " only", len(experts), experts[0])
     # layers kept dense in a compressed-tensors source: store them dequantized, as plain weights
     for name in kept_dense:
         if f"{name}.weight" not in dense:
@@ -170,7 +179,7 @@ def pack_checkpoint(src: Path, out: Path, pattern: str, skip_nonconforming: bool
             shutil.copy2(f, out / f.name)
     (out / "config.json").write_text(json.dumps(source.raw_config, indent=2) + "\n")
     manifest = {"format": FORMAT, "version": VERSION, "pattern": "2:4", "requested_pattern": str(pat),
-                "layers": layers, "dense_layers": kept_dense, **total}
+                "layers": layers, "dense_layers": kept_dense, "dense_expert_tensors": experts, **total}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     report = dict(source.report)
     report["pack"] = {k: v for k, v in manifest.items() if k != "layers"}
@@ -223,13 +232,17 @@ def load(directory: str | Path, device: str = "cpu", dtype: str = "auto", semi_s
     state, _ = unpacked_state(directory, kernels)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=_float_dtype(state))
+    keymap = KeyMap(model, state)  # checkpoint keys -> parameters (per-expert tensors into fused ones)
+    used = {k for n in keymap.sources for k in keymap.checkpoint_keys(n)}
+    unexpected = sorted(set(state) - used)
+    state = keymap.read(state.__getitem__, [n for n in model.state_dict() if n in keymap])
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()
     embed = model.get_input_embeddings()
     untied = [k for k in result.missing_keys if embed is None or model.get_parameter(k) is not embed.weight]
-    if untied or result.unexpected_keys:
+    if untied or unexpected:
         raise UsageError(f"{directory}: the packed checkpoint does not match its config (missing {untied[:3]},"
-                         f" unexpected {result.unexpected_keys[:3]}): re-pack it")
+                         f" unexpected {unexpected[:3]}): re-pack it")
     model.eval()
     model.config.use_cache = False
     if dtype != "auto":

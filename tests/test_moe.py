@@ -239,3 +239,17 @@ def test_drop_then_prune_every_kept_expert(moe_dirs, tmp_path):
     assert "model.layers.0.mlp.experts.3.down_proj" not in names
     assert report["left_dense"]["never_called"] == []
     assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_packed_24_moe_loads_with_the_same_logits_experts_dense_and_said(moe_dirs, tmp_path, caplog):
+    from llmprune import api
+
+    api.compress(moe_dirs["mixtral"], tmp_path / "c", pattern="2:4", min_expert_tokens=1, **OPTS)
+    with caplog.at_level(logging.WARNING, logger="llmprune"):
+        api.pack(tmp_path / "c", tmp_path / "p", pattern="2:4", progress=False)
+    assert "mixture-of-experts tensors" in caplog.text
+    dense, _ = llmprune.load(tmp_path / "c")
+    packed, _ = llmprune.load(tmp_path / "p")
+    ids = windows(1, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, dense(input_ids=ids).logits)
