@@ -551,6 +551,7 @@ def shrink(
     drop_blocks: int = 0,
     method: str = "obs",
     align: int = 64,
+    drop_experts: float = 0.0,
     tokenizer=None,
     overwrite: bool = False,
     progress: Progress = True,
@@ -559,14 +560,19 @@ def shrink(
     **options: Any,
 ) -> dict:
     """Structured pruning: remove a fraction of every block's MLP channels (``mlp``) and attention heads
-    (``heads``) and ``drop_blocks`` whole blocks, choosing by ``method`` (obs, l1, wanda) on the calibration
+    (``heads``), ``drop_blocks`` whole blocks and, in a mixture of experts, ``drop_experts`` of each layer's
+    experts (REAP), choosing by ``method`` (obs, l1, wanda) on the calibration
     data of ``recipe``/``options``; write a standard, smaller model directory to ``out`` (or shrink an
     in-memory model in place). Returns the run report (also ``out/llmprune.json``)."""
     from llmprune.structured import ShrinkSpec, plan, shrink_model
 
     t0 = time.perf_counter()
-    spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align)
+    spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
+                      drop_experts=drop_experts)
     rec = make_recipe(recipe, source="shrink()", **options)
+    if not drop_experts and rec.drop_experts:  # given in the recipe
+        spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
+                          drop_experts=rec.drop_experts)
     mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
                                                lambda m: plan(m, spec))
     if mref is None:

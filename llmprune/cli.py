@@ -262,25 +262,36 @@ def sweep(model: str, out: str, methods: str | None, sparsities: str | None, gri
               help="obs: second-order cost on the consumer's Hessian, with its update; l1, wanda: scores only.")
 @click.option("--align", type=int, default=64, show_default=True,
               help="Kept MLP channels rounded to a multiple of this (1: no rounding).")
+@click.option("--drop-experts", type=float, default=0.0, show_default=True,
+              help="Mixture of experts: fraction of each layer's experts removed, those with the lowest"
+                   " router-weighted output norm (REAP).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--wbits", "--allocation"))
+@_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--wbits", "--allocation", "--drop-experts",
+                          "--min-expert-tokens"))
 @_model_options
 @_log_file
 def shrink(model: str, out: str, mlp: float, heads: float, drop_blocks: int, shrink_method: str, align: int,
-           overwrite: bool, config: str | None, tokenizer: str | None, revision: str | None,
+           drop_experts: float, overwrite: bool, config: str | None, tokenizer: str | None, revision: str | None,
            trust_remote_code: bool, **flags) -> None:
     """Structured pruning: a smaller standard model (fewer MLP channels, heads, blocks) that runs faster."""
     from llmprune import api
 
     recipe = build_recipe(config, **flags)
     report = api.shrink(model, out, recipe, mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=shrink_method,
-                        align=align, overwrite=overwrite, tokenizer=tokenizer, revision=revision,
-                        trust_remote_code=trust_remote_code)
+                        align=align, drop_experts=drop_experts, overwrite=overwrite, tokenizer=tokenizer,
+                        revision=revision, trust_remote_code=trust_remote_code)
     before, after = report["params"]["before"], report["params"]["after"]
     sizes = report["sizes"]
-    click.echo(f"shrunk ({shrink_method}): MLP {sizes['mlp_channels'][0]} -> {sizes['mlp_channels'][1]} channels"
-               + (f", heads {sizes['heads'][0]} -> {sizes['heads'][1]}" if sizes["heads"] else "")
-               + f", blocks {sizes['blocks'][0]} -> {sizes['blocks'][1]}; {before:,} -> {after:,} parameters"
+    parts = []
+    if sizes["mlp_channels"]:
+        parts.append(f"MLP {sizes['mlp_channels'][0]} -> {sizes['mlp_channels'][1]} channels")
+    if sizes["heads"]:
+        parts.append(f"heads {sizes['heads'][0]} -> {sizes['heads'][1]}")
+    if sizes["experts"]:
+        parts.append(f"experts {sizes['experts'][0]} -> {sizes['experts'][1]} per MoE layer")
+    click.echo(f"shrunk ({shrink_method}): " + ", ".join(parts)
+               + f"{', ' if parts else ''}blocks {sizes['blocks'][0]} -> {sizes['blocks'][1]}; {before:,} -> {after:,}"
+               " parameters"
                f" ({1 - after / before:.1%} fewer) -> {out}")
 
 

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from llmprune import experts
 from llmprune.arch import LAYOUTS, Layout, find_blocks, get_weight
-from llmprune.compression import calibration_set, resolve_device
+from llmprune.compression import calibration_set, experts_kept, resolve_device
 from llmprune.data import batched
 from llmprune.engine import BlockPass, Stream
 from llmprune.errors import UsageError
@@ -40,11 +41,12 @@ class ShrinkSpec:
     drop_blocks: int = 0  # whole blocks removed
     method: str = "obs"  # obs (second order, with the consumer's update), l1, wanda
     align: int = 64  # kept MLP channels rounded to a multiple of this (GEMM widths that run fast)
+    drop_experts: float = 0.0  # mixture of experts: fraction of each MoE layer's experts removed (REAP)
 
 
 @dataclass(frozen=True)
 class Plan:
-    layout: Layout
+    layout: Layout | None  # None: a mixture of experts, where only experts and blocks go
     channels: int  # MLP channels before
     keep_channels: int
     heads: int
@@ -52,6 +54,7 @@ class Plan:
     head_dim: int
     remove_per_group: int  # query heads removed from every KV group (GQA), or
     whole_groups: int  # whole heads (with their k/v) removed (one query head per KV head)
+    experts: tuple[str, int, int] | None = None  # --drop-experts: (config key, experts now, experts kept)
 
 
 def _fraction(name: str, value: float) -> None:
@@ -68,11 +71,25 @@ def plan(model: nn.Module, spec: ShrinkSpec) -> Plan:
     if spec.align < 1:
         raise UsageError(f"--align {spec.align} must be a positive number of channels (1 = no rounding)")
     config = model.config
+    _, blocks = find_blocks(model)
+    if not (0.0 <= spec.drop_experts < 1.0):
+        raise UsageError(f"--drop-experts {spec.drop_experts} is outside [0, 1): pass e.g. --drop-experts 0.25")
+    if any(experts.find_experts(b) for b in blocks):
+        if spec.mlp or spec.heads:
+            raise UsageError(f"{config.model_type} is a mixture of experts: shrink removes its experts"
+                             " (--drop-experts) and blocks (--drop-blocks); drop --mlp and --heads")
+        if not (0 <= spec.drop_blocks < len(blocks)):
+            raise UsageError(f"--drop-blocks {spec.drop_blocks}: the model has {len(blocks)} blocks; drop fewer")
+        kept = experts_kept(model, Recipe(drop_experts=spec.drop_experts, sparsity=0.0)) if spec.drop_experts \
+            else None
+        return Plan(None, 0, 0, 0, 0, 0, 0, 0, kept)
+    if spec.drop_experts:
+        raise UsageError("--drop-experts removes experts of a mixture-of-experts model; this one has none:"
+                         " drop the option")
     layout = LAYOUTS.get(config.model_type)
     if layout is None:
         raise UsageError(f"llmprune shrink does not know where {config.model_type} keeps its MLP channels and"
                          f" heads: supported: {', '.join(sorted(LAYOUTS))}")
-    _, blocks = find_blocks(model)
     if not (0 <= spec.drop_blocks < len(blocks)):
         raise UsageError(f"--drop-blocks {spec.drop_blocks}: the model has {len(blocks)} blocks; drop fewer")
     channels = get_weight(blocks[0].get_submodule(layout.mlp_out)).shape[1]
@@ -216,6 +233,8 @@ class _Similarity:
 
 def _update_config(model: nn.Module, p: Plan, kept_blocks: list[int]) -> None:
     config = model.config
+    if p.experts is not None:
+        setattr(config, p.experts[0], p.experts[2])
     if p.keep_channels < p.channels:
         setattr(config, p.layout.mlp_size, p.keep_channels)
     if p.remove_per_group or p.whole_groups:
@@ -261,6 +280,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     per_block: list[dict] = []
     heads_go = bool(p.remove_per_group or p.whole_groups)
     channels_go = p.keep_channels < p.channels
+    dropped: dict[str, dict] = {}
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         watch = {}
@@ -270,15 +290,25 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
             watch["attn"] = block.get_submodule(lay.o)
         similarity = _Similarity(block)
         collector = HessianCollector(watch, hessian_dtype=recipe.hessian_dtype)
-        try:
+
+        def run() -> None:
             with collector:
                 block_pass()
+
+        try:
+            if p.experts is not None and experts.find_experts(block):  # scored in the same pass, then dropped
+                dropped.update({f"{path}.{i}.{k}": v for k, v in experts.reap_drop(block, run, p.experts[2]).items()})
+            else:
+                run()
         finally:
             cos = similarity.close()
-        H = {k: collector.hessian(k) if k in collector.leader else None for k in ("mlp", "attn")}  # l1: none
-        info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
+        info = {}
+        if lay is not None:
+            H = {k: collector.hessian(k) if k in collector.leader else None for k in ("mlp", "attn")}  # l1: none
+            info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
         per_block.append({"block": i, "cosine": cos, **info})
 
+    path, _ = find_blocks(model)
     Stream(model, batched(windows, recipe.batch_size), device, progress=progress).run(on_block, desc="shrink")
     drop = sorted(sorted(range(len(per_block)), key=lambda i: per_block[i]["cosine"], reverse=True)
                   [: spec.drop_blocks])
@@ -290,9 +320,11 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         "shrink": asdict(spec),
         "recipe": recipe.to_dict(),
         "calibration": calib,
-        "sizes": {"mlp_channels": [p.channels, p.keep_channels],
+        "sizes": {"mlp_channels": [p.channels, p.keep_channels] if lay is not None else None,
                   "heads": [p.heads, model.config.num_attention_heads] if heads_go else None,
+                  "experts": list(p.experts[1:]) if p.experts else None,
                   "blocks": [len(per_block), len(kept)]},
+        "dropped_experts": dropped,
         "dropped_blocks": drop,
         "blocks": per_block,
         "params": {"before": before, "after": after},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -253,3 +254,26 @@ def test_packed_24_moe_loads_with_the_same_logits_experts_dense_and_said(moe_dir
     ids = windows(1, 16, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(packed(input_ids=ids).logits, dense(input_ids=ids).logits)
+
+
+def test_shrink_drops_experts_with_the_cli_and_refuses_mlp_on_moe(moe_dirs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["shrink", str(moe_dirs["qwen2_moe"]), "--out", str(tmp_path / "s"), "--drop-experts", "0.5",
+              "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32", "--device", "cpu"])
+    assert exc.value.code in (0, None)
+    assert "experts 4 -> 2 per MoE layer" in capsys.readouterr().out
+    data = json.loads((tmp_path / "s" / "llmprune.json").read_text())
+    dropped = {int(k.split(".")[2]): v["dropped"] for k, v in data["dropped_experts"].items()}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    original = tiny_model("qwen2_moe")
+    _route_without(original, dropped)
+    ids = windows(2, 16, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, original(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(UsageError, match="mixture of experts"):
+        llmprune.shrink(moe_dirs["qwen2_moe"], tmp_path / "m", mlp=0.25, **OPTS)
