@@ -77,15 +77,20 @@ class BlockSource:
         """The model's names of block ``i``'s parameters and persistent buffers."""
         return [f"{self.path}.{i}.{name}" for name in block.state_dict()]
 
+    def _keymap(self, reader: TensorReader) -> KeyMap:
+        """The input's key map; an override (a compressed block, which may hold fewer experts) gets its own."""
+        return self.keymap if reader is self.reader else KeyMap(self.keymap.model, reader.keys())
+
     def missing(self, i: int, block: nn.Module, reader: TensorReader | None = None) -> list[str]:
         """Checkpoint keys block ``i`` needs that ``reader`` lacks (as named in the checkpoint)."""
         reader = reader or self.reader
+        keymap = self._keymap(reader)
         out = []
         for name in self.keys(i, block):
-            if name not in self.keymap:
+            if name not in keymap:
                 out.append(name)
             else:
-                out += [k for k in self.keymap.checkpoint_keys(name) if k not in reader]
+                out += [k for k in keymap.checkpoint_keys(name) if k not in reader]
         return out
 
     def load(self, i: int, block: nn.Module) -> None:
@@ -96,7 +101,7 @@ class BlockSource:
                              " config; re-save it with save_pretrained")
         inside = f"{self.path}.{i}."
         state = block.state_dict()
-        for name, t in self.keymap.read(lambda k: self._read(reader, k), self.keys(i, block)).items():
+        for name, t in self._keymap(reader).read(lambda k: self._read(reader, k), self.keys(i, block)).items():
             local = name.removeprefix(inside)
             if reader is self.reader and local in state and tuple(state[local].shape) != tuple(t.shape):
                 raise UsageError(f"{name} is stored as {tuple(t.shape)} in {reader.directory}, but its config makes"

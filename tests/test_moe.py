@@ -277,3 +277,30 @@ def test_shrink_drops_experts_with_the_cli_and_refuses_mlp_on_moe(moe_dirs, tmp_
                                    atol=1e-5, rtol=1e-5)
     with pytest.raises(UsageError, match="mixture of experts"):
         llmprune.shrink(moe_dirs["qwen2_moe"], tmp_path / "m", mlp=0.25, **OPTS)
+
+
+def test_a_lazy_moe_run_resumes_after_a_failure_with_dropped_experts(moe_dirs, tmp_path, monkeypatch):
+    """Block 0 is written with 2 of 4 experts; the resumed run reads it back into the 4-expert skeleton."""
+    import llmprune.resume as resume
+
+    real = resume.save_tensors
+    calls = {"n": 0}
+
+    def fail_second(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    opts = dict(sparsity=0.5, drop_experts=0.5, min_expert_tokens=1, **OPTS)
+    monkeypatch.setattr(resume, "save_tensors", fail_second)
+    with pytest.raises(UsageError):
+        llmprune.compress(moe_dirs["mixtral"], tmp_path / "o", **opts)
+    assert (tmp_path / "o.partial").is_dir() and not (tmp_path / "o").exists()
+    monkeypatch.setattr(resume, "save_tensors", real)
+    llmprune.compress(moe_dirs["mixtral"], tmp_path / "o", **opts)
+    llmprune.compress(moe_dirs["mixtral"], tmp_path / "ref", **opts)
+    for name in ("model-block-00000.safetensors", "model-block-00001.safetensors"):
+        with safe_open(str(tmp_path / "o" / name), "pt") as a, safe_open(str(tmp_path / "ref" / name), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
