@@ -29,7 +29,9 @@ from torch import nn
 from llmprune.checkpoint import (
     REPORT,
     atomic_dir,
+    compressed_tensors_config,
     is_packed,
+    pack_quantized,
     read_report,
     save_compressed_tensors,
     save_hf,
@@ -283,12 +285,13 @@ def compress(
         source = getattr(model, "name_or_path", "") or "in-memory"
         kind, load_s = "memory", 0.0
     else:
-        if (lazy and out_path is not None and mref.kind == "dir" and rec.format == "dense"
-                and can_load_lazily(Path(mref.location))):
+        if lazy and out_path is not None and mref.kind == "dir" and can_load_lazily(Path(mref.location)):
             return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer)
+        if lazy and out_path is not None:
+            _say_not_streamed(mref, rec)
         model, loaded_tok = _load_whole(mref, rec.dtype)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
-        source, kind, load_s = mref.ref, mref.kind, time.perf_counter() - t0
+        source, kind, load_s = mref.ref, mref.origin, time.perf_counter() - t0
     grids: dict = {}
     report = compress_model(model, tokenizer, rec, grids=grids, reuse_errors=reuse, progress=progress)
     report["timings"]["load_s"] = round(load_s, 3)
@@ -327,6 +330,27 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
     return mref, out_path, tokenizer
 
 
+def _say_not_streamed(mref: ModelRef, rec: Recipe) -> None:
+    """Warn, with the host memory it will take, that this run loads the whole model instead of streaming."""
+    if mref.kind == "gguf" or mref.kind == "builtin":
+        why = "a .gguf file is dequantized whole on load"
+    elif mref.kind == "hub":
+        why = "its hub weights are not safetensors, or not in the Hugging Face cache and not downloadable"
+    elif is_packed(Path(mref.location)):
+        why = "a packed 2:4 directory is unpacked whole"
+    else:
+        why = "the directory holds no safetensors weights (e.g. .bin files)"
+    try:
+        shape = skeleton(mref)
+        dt = getattr(shape.config, "dtype", None) or getattr(shape.config, "torch_dtype", None)
+        size = dt.itemsize if isinstance(dt, torch.dtype) and mref.kind not in ("gguf", "builtin") else 4
+        nbytes = sum(p.numel() for p in shape.parameters()) * size
+        need = f"about {nbytes / 2**30:.1f} GiB of host memory"
+    except UsageError:
+        need = "the whole model in host memory"
+    log.warning("%s is loaded whole, not streamed from disk (%s): %s", mref.ref, why, need)
+
+
 def _load_whole(mref: ModelRef, dtype: str):
     """(model, tokenizer) loaded whole into host memory; packed 2:4 directories unpacked."""
     if mref.kind == "dir" and is_packed(Path(mref.location)):
@@ -357,18 +381,48 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
                             progress=progress)
     report["calibration"] = calib
     report["timings"]["load_s"] = round(load_s, 3)
-    dtype = _describe(report, model, mref.ref, mref.kind, lazy=True)
+    dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
     rest = model.block_source.rest_state()  # the tensors outside the blocks, as the input stores them
     t_save = time.perf_counter()
+    compressed = recipe.format == "compressed-tensors"
+    sizes = {"numel": 0, "packed_bytes": 0}
+    quantized: set[str] = set()
+    spec_of: list = []
+
+    def convert(i: int, tensors: dict, grids: dict) -> dict:
+        """Block ``i``'s quantized linears in compressed-tensors' pack-quantized layout."""
+        keymap = model.block_source.keymap
+        for name, params in grids.items():
+            key = keymap.checkpoint_keys(f"{name}.weight")[0]  # as the input stores it (e.g. no base prefix)
+            W = tensors.pop(key)
+            layer = pack_quantized(key.removesuffix(".weight"), W, params)
+            tensors.update(layer)
+            sizes["numel"] += W.numel()
+            sizes["packed_bytes"] += sum(t.numel() * t.element_size() for k, t in layer.items()
+                                         if not k.endswith("shape"))
+            quantized.add(name)
+            spec_of[:] = [params.spec]
+        return tensors
 
     def write_meta(directory: Path) -> None:
         save_metadata(model, tokenizer, directory)
-        report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
+        if compressed:
+            if not quantized:
+                raise UsageError("no quantized layers to store as compressed-tensors: add --wbits")
+            ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+            cfg = json.loads((directory / "config.json").read_text())
+            cfg["quantization_config"] = compressed_tensors_config(spec_of[0], recipe.act_order, ignore)
+            (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            report["checkpoint"] = {"format": "compressed-tensors",
+                                    "bits_per_weight": 8 * sizes["packed_bytes"] / sizes["numel"],
+                                    "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+        else:
+            report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         write_report(directory, report)
 
-    partial.publish(rest, write_meta, overwrite)
+    partial.publish(rest, write_meta, overwrite, convert if compressed else None)
     log.info("wrote %s", out)
     return Report.from_dict(report)
 
@@ -580,7 +634,7 @@ def shrink(
     else:
         m, loaded = _load_whole(mref, rec.dtype)
         tok = tokenizer if tokenizer is not None else loaded
-        source, kind = mref.ref, mref.kind
+        source, kind = mref.ref, mref.origin
     report = shrink_model(m, tok, rec, spec, progress=progress)
     _describe(report, m, source or "in-memory", kind)
     if out_path is not None:

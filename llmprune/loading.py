@@ -28,6 +28,7 @@ class ModelRef:
     kind: str = "hub"  # hub | dir | gguf | builtin
     revision: str | None = None  # hub ids: a branch, tag or commit
     trust_remote_code: bool = False  # run the model's own code (only when the user says so)
+    hub: bool = False  # a hub id resolved to its snapshot directory in the Hugging Face cache
 
     @property
     def kwargs(self) -> dict:
@@ -40,8 +41,13 @@ class ModelRef:
         return out
 
     @property
+    def origin(self) -> str:
+        """What the user named: hub (an id, even when read from its cached snapshot), dir, gguf, builtin."""
+        return "hub" if self.hub else self.kind
+
+    @property
     def local_path(self) -> Path | None:
-        if self.kind == "hub":
+        if self.kind == "hub" or self.hub:  # a snapshot in the cache is not the user's directory
             return None
         p = Path(self.location)
         return p / self.gguf_file if self.gguf_file else p
@@ -56,10 +62,37 @@ def builtin_model_path(name: str) -> Path:
 
 
 def resolve(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelRef:
-    """Where ``ref`` (hub id, directory, .gguf file, built-in name) is; a path that is not there is an error."""
+    """Where ``ref`` (hub id, directory, .gguf file, built-in name) is; a path that is not there is an error.
+
+    A hub id whose weights are safetensors resolves to its snapshot directory in the Hugging Face cache
+    (found there, or downloaded into it), so it streams from disk like any local directory; other hub
+    models are left to from_pretrained.
+    """
     mref = _resolve(ref)
     mref.revision, mref.trust_remote_code = revision, trust_remote_code
+    if mref.kind == "hub":
+        snapshot = hub_snapshot(ref, revision)
+        if snapshot is not None:
+            return ModelRef(ref, str(snapshot), None, "dir", None, trust_remote_code, hub=True)
     return mref
+
+
+# what a snapshot needs: config, tokenizer files and the safetensors weights (not .bin, .gguf or consolidated)
+SNAPSHOT_FILES = ["*.json", "model*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot of a hub model stored as safetensors, from the cache (or downloaded into it, which
+    for a large model is the disk space the streamed run needs anyway); None when there is none."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        quiet_hub_logging()
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SNAPSHOT_FILES))
+    except Exception:  # not cached and offline, no such repo, no network: from_pretrained says why
+        return None
+    has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return path if (path / "config.json").is_file() and has_weights else None
 
 
 def _resolve(ref: str) -> ModelRef:

@@ -137,13 +137,29 @@ class PartialOutput:
         self.journal["blocks"][str(i)] = {"file": name, "layers": layers}
         self._write_journal()
 
-    def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool) -> Path:
+    def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool, convert=None) -> Path:
         """Complete the directory (``rest`` = tensors outside the blocks; ``write_meta(dir)`` writes config,
-        tokenizer, report, ...) and rename it to ``OUT``."""
+        tokenizer, report, ...) and rename it to ``OUT``.
+
+        ``convert(i, tensors, grids) -> tensors``, when given, rewrites each finished block's file for the
+        output format (compressed-tensors packs its quantized linears), one block in memory at a time; the
+        blocks' own files stay until the output is complete, so an interrupted publish can be redone.
+        """
         with _disk_errors(self.dir):
             save_tensors(rest, self.dir / "model-rest.safetensors", metadata={"format": "pt"})
             weight_map, total = {}, 0
-            files = [f"{self.block_prefix(i)}.safetensors" for i in self.finished] + ["model-rest.safetensors"]
+            blocks = [f"{self.block_prefix(i)}.safetensors" for i in self.finished]
+            if convert is not None:
+                converted = []
+                for i, fname in zip(self.finished, blocks, strict=True):
+                    reader = TensorReader(self.dir, prefix=fname.removesuffix(".safetensors"))
+                    tensors = convert(i, {k: reader.get(k) for k in reader.keys()}, self.grids(i))
+                    reader.close()
+                    converted.append(f"model-out-{i:05d}.safetensors")
+                    save_tensors(tensors, self.dir / converted[-1], metadata={"format": "pt"})
+                    del tensors
+                old, blocks = blocks, converted
+            files = blocks + ["model-rest.safetensors"]
             for fname in files:
                 reader = TensorReader(self.dir, prefix=fname.removesuffix(".safetensors"))
                 for k in reader.keys():
@@ -154,11 +170,15 @@ class PartialOutput:
             grids: dict[str, QuantParams] = {}
             for i in self.finished:
                 grids.update(self.grids(i))
-                shutil.rmtree(self.dir / f"grids-{i:05d}", ignore_errors=True)
-            if grids:
+            if grids and convert is None:  # dense output keeps them, so it can be packed later
                 write_grids(self.dir, grids)
             write_meta(self.dir)
         (self.dir / JOURNAL).unlink()
+        for i in self.finished:
+            shutil.rmtree(self.dir / f"grids-{i:05d}", ignore_errors=True)
+        if convert is not None:
+            for fname in old:
+                (self.dir / fname).unlink()
         if self.out.exists():
             if not overwrite and any(self.out.iterdir()):
                 raise UsageError(f"--out {self.out} appeared while compressing: the result stays in {self.dir}")

@@ -86,3 +86,23 @@ def test_transformers_loads_it_with_the_same_logits(case, tiny_model_dir, calib,
         assert torch.equal(a(ids).logits, b(ids).logits)
     packed = sum(f.stat().st_size for f in ct_dir.glob("*.safetensors"))
     assert packed < sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
+
+
+def test_compressed_tensors_streams_block_by_block_and_equals_the_whole_model_run(tiny_model_dir, calib, tmp_path,
+                                                                                    capsys):
+    flags = ["--format", "compressed-tensors", "--sparsity", "0.5", "--wbits", "4", "--group-size", "32"]
+    code, _, err = run(compress_args(tiny_model_dir, tmp_path / "lazy", calib, *flags), capsys)
+    assert code == 0, err
+    code, _, err = run(compress_args(tiny_model_dir, tmp_path / "whole", calib, "--no-lazy", *flags), capsys)
+    assert code == 0, err
+    lazy, whole = json.loads((tmp_path / "lazy" / "llmprune.json").read_text()), \
+        json.loads((tmp_path / "whole" / "llmprune.json").read_text())
+    assert lazy["model"]["lazy"] is True and "lazy" not in whole["model"]
+    a, b = _tensors(tmp_path / "lazy"), _tensors(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    qa = json.loads((tmp_path / "lazy" / "config.json").read_text())["quantization_config"]
+    qb = json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
+    assert qa == qb
+    assert lazy["checkpoint"]["bits_per_weight"] == pytest.approx(whole["checkpoint"]["bits_per_weight"])
+    assert sorted(f.name for f in (tmp_path / "lazy").iterdir() if f.name.startswith(("model-block", "grids")))\
+        == []  # only the output's own files are left

