@@ -11,12 +11,14 @@ import math
 import torch
 from torch import Tensor
 
+from llmprune.solvers.result import input_sq_norms
+
 
 def outlier_ratio(pairs: list[tuple[Tensor, Tensor]], m: float) -> float:
     """OWL's layerwise outlier distribution of one block: the share of the Wanda scores |W|·‖X‖ of all its
-    linears (weights W, Hessians H) above ``m`` times their mean."""
+    linears (weights W, Hessians H or their diagonals) above ``m`` times their mean."""
     scores = [
-        (W.abs().float() * torch.sqrt(torch.diag(H).float().clamp_min(0)).unsqueeze(0)).reshape(-1)
+        (W.abs().float() * torch.sqrt(input_sq_norms(H).float().clamp_min(0)).unsqueeze(0)).reshape(-1)
         for W, H in pairs
     ]
     score = torch.cat(scores)

@@ -43,6 +43,7 @@ from llmprune.compression import (
     calibration_set,
     check_output_dir,
     compress_model,
+    needs_data,
     prunable_linears,
     resolve_device,
 )
@@ -240,13 +241,14 @@ def _tokenizer_arg(tokenizer, mref: ModelRef | None = None):
     return tok
 
 
-def _tokenizer_for(model: nn.Module, tokenizer):
-    """The tokenizer given, else the one saved beside the model's weights (its ``name_or_path``)."""
+def _tokenizer_for(model: nn.Module, tokenizer, required: bool = True):
+    """The tokenizer given, else the one saved beside the model's weights (its ``name_or_path``); None when
+    there is none and the run needs no data."""
     if tokenizer is not None:
         return _tokenizer_arg(tokenizer)
     name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     tok = load_tokenizer(name) if name else None  # None: not found offline, not a tokenizer directory
-    if tok is not None:
+    if tok is not None or not required:
         return tok
     raise UsageError("an in-memory model needs its tokenizer: pass tokenizer=... (the one it was loaded with)")
 
@@ -316,10 +318,11 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
     mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)
     if out_path is not None:
         check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
-    load_documents(rec.calib, rec.split, rec.text_field)  # an unreachable dataset fails before the model loads
+    if needs_data(rec):  # an unreachable dataset fails before the model loads
+        load_documents(rec.calib, rec.split, rec.text_field)
     tokenizer = _tokenizer_arg(tokenizer, mref)
     if mref is None:
-        tokenizer = _tokenizer_for(model, tokenizer)
+        tokenizer = _tokenizer_for(model, tokenizer, required=needs_data(rec))
         check_not_quantized(model.config.to_dict(), "the model")
         check(model)
     else:
@@ -371,15 +374,16 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     model, loaded_tok = load_lazy(path, recipe.dtype, mref.trust_remote_code)
     tokenizer = tokenizer if tokenizer is not None else loaded_tok
     load_s = time.perf_counter() - t0
-    windows, calib = calibration_set(tokenizer, model, recipe)
-    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"], "model": str(path),
+    windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
+    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"] if calib else None, "model": str(path),
             "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
     partial = PartialOutput(out, spec)
     if partial.finished:
         log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
     report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial,
                             progress=progress)
-    report["calibration"] = calib
+    if calib is not None:
+        report["calibration"] = calib
     report["timings"]["load_s"] = round(load_s, 3)
     dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
     rest = model.block_source.rest_state()  # the tensors outside the blocks, as the input stores them

@@ -29,7 +29,7 @@ from llmprune.data import (
 )
 from llmprune.engine import BlockPass, Stream, default_device
 from llmprune.errors import CholeskyError, UsageError
-from llmprune.hessian import HessianCollector, hessian_update, layer_input_width
+from llmprune.hessian import HessianCollector, diagonal_update, hessian_update, layer_input_width
 from llmprune.loading import context_length
 from llmprune.progress import Progress
 from llmprune.quant import QuantParams
@@ -182,8 +182,9 @@ def solve_linear(
     if W.device.type == "cuda":
         torch.cuda.synchronize(W.device)
     seconds = time.perf_counter() - t0
-    den = output_error(W, W.new_zeros(()), H) if H is not None else 0.0
-    num = output_error(W, res.weight, H) if H is not None else 0.0
+    whole_h = H is not None and H.dim() == 2  # a diagonal alone (wanda) does not give the output error
+    den = output_error(W, W.new_zeros(()), H) if whole_h else 0.0
+    num = output_error(W, res.weight, H) if whole_h else 0.0
     err = num / den if den > 0 else None
     q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
     zeros = int((res.weight == 0).sum())
@@ -206,10 +207,22 @@ def solve_linear(
         seconds=round(seconds, 4),
         hessian_of=hessian_of,
         iterations=res.iterations,
-        vs_sparsegpt=num / res.warm_error if res.warm_error and H is not None else None,
+        vs_sparsegpt=num / res.warm_error if res.warm_error and whole_h else None,
         method=method,
         tokens=tokens,
     )
+
+
+def needs_data(recipe: Recipe) -> bool:
+    """Whether the run needs calibration data: magnitude and rtn alone do not (no windows, no forwards)."""
+    return not (recipe.method in ("magnitude", "rtn") and not recipe.refit and recipe.allocation == "uniform"
+                and not recipe.drop_experts)
+
+
+def diagonal_only(recipe: Recipe) -> bool:
+    """Whether the solver reads only the Hessian's diagonal (Wanda's ‖X_j‖²): then only that is collected, and
+    the layer reports carry no output error (it needs the whole Hessian)."""
+    return recipe.method == "wanda" and not recipe.refit
 
 
 def fallback_method(recipe: Recipe) -> str:
@@ -243,7 +256,7 @@ def compress_block(
         if fallback is None:
             return sequential_block(block_prefix, linears, block_pass, recipe, sparsity, grids), None
         log.warning("%s: two passes instead of one: %s", block_prefix, fallback)
-    collector = HessianCollector(linears, hessian_dtype=recipe.hessian_dtype)
+    collector = HessianCollector(linears, hessian_dtype=recipe.hessian_dtype, diagonal=diagonal_only(recipe))
     with collector:
         block_pass()
     reports = []
@@ -289,10 +302,14 @@ def sequential_block(
         else:
             last.clear()  # the previous group's Hessian is not needed any more
             cols = layer_input_width(mod)
-            H = torch.zeros(cols, cols, dtype=torch.float32, device=xs[0].device)
+            diag = diagonal_only(recipe)
+            H = torch.zeros((cols,) if diag else (cols, cols), dtype=torch.float32, device=xs[0].device)
             n = 0
             for x in xs:
-                H, n = hessian_update(H, n, x.reshape(-1, cols), recipe.hessian_dtype)
+                if diag:
+                    H, n = diagonal_update(H, n, x.reshape(-1, cols))
+                else:
+                    H, n = hessian_update(H, n, x.reshape(-1, cols), recipe.hessian_dtype)
             lead = name
             last.update(xs=xs, H=H, lead=name, n=n)
         few = experts.expert_of(name) is not None and n < recipe.min_expert_tokens
@@ -363,7 +380,8 @@ def plan_sparsities(
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         with on_device(block, linears[prefixes[i]]) as lin:
-            collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype)
+            collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype,
+                                         diagonal=recipe.allocation == "owl")  # owl: Wanda scores only
             with collector:
                 block_pass()
         pairs = [(get_weight(m), collector.hessian(n)) for n, m in lin.items() if n in collector.leader]
@@ -413,14 +431,21 @@ def compress_model(
     device = resolve_device(recipe.device)
     linears = prunable_linears(model, recipe)
     keep = experts_kept(model, recipe) if recipe.drop_experts else None
-    if windows is None:
+    data_free = not needs_data(recipe)
+    if data_free:
+        windows, calib = torch.empty(0, 0, dtype=torch.long), None
+        log.info("%s: %d linears in %d blocks, no calibration data needed", recipe.label,
+                 sum(map(len, linears.values())), len(linears))
+    elif windows is None:
         windows, calib = calibration_set(tokenizer, model, recipe)
     else:
         calib = {"source": "given", "nsamples": windows.shape[0], "seqlen": windows.shape[1],
                  "sha256": windows_hash(windows), "tokens": int(windows.numel())}
     t_calib = time.perf_counter()
-    log.info("%s: %d linears in %d blocks, calibrated on %d x %d tokens (%s)", recipe.label,
-             sum(map(len, linears.values())), len(linears), windows.shape[0], windows.shape[1], calib["source"])
+    if calib is not None:
+        log.info("%s: %d linears in %d blocks, calibrated on %d x %d tokens (%s)", recipe.label,
+                 sum(map(len, linears.values())), len(linears), windows.shape[0], windows.shape[1],
+                 calib["source"])
     allocation = None
     if recipe.allocation != "uniform":
         allocation = sink.allocation if sink is not None else None
@@ -444,7 +469,7 @@ def compress_model(
     dropped: dict[str, dict] = {}  # --drop-experts: experts path -> dropped indices and REAP scores
     solve = recipe.target_sparsity > 0 or recipe.quant is not None or recipe.nm is not None
 
-    def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
+    def on_block(i: int, block: nn.Module, block_pass: BlockPass | None) -> None:  # None: no data needed
         if sink is not None and sink.done(i):
             layers.extend(LayerReport(**r) for r in sink.layers(i))
             if grids is not None:
@@ -467,7 +492,7 @@ def compress_model(
                         + (" ..." if len(few) > 6 else ""))
         if fallback is not None:
             two_pass[prefixes[i]] = fallback
-        kept_peak[0] = max(kept_peak[0], block_pass.kept_peak_bytes)
+        kept_peak[0] = max(kept_peak[0], block_pass.kept_peak_bytes if block_pass is not None else 0)
         layers.extend(reports)
         if grids is not None:
             grids.update(block_grids)
@@ -475,7 +500,10 @@ def compress_model(
             tensors = source.checkpoint_tensors(i, block)  # in the input's own layout and keys
             sink.finish_block(i, tensors, [asdict(r) for r in reports], block_grids)
 
-    stream.run(on_block, desc=recipe.label)
+    if data_free:  # each block's weights on the device, nothing run through it
+        stream.visit(on_block, desc=recipe.label)
+    else:
+        stream.run(on_block, desc=recipe.label)
     t_done = time.perf_counter()
     if keep is not None:  # the new expert count, for the saved config (every MoE layer kept as many)
         setattr(model.config, keep[0], keep[2])

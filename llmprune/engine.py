@@ -382,6 +382,19 @@ class Stream:
         return self.hidden
 
     @torch.no_grad()
+    def visit(self, on_block: Callable[[int, nn.Module, None], None], desc: str = "blocks") -> None:
+        """Each block on the device in turn, for work that needs no data (magnitude, rtn): no capture, no
+        forward. ``on_block(i, block, None)``; lazily loaded blocks are read and put back as in ``run``."""
+        source = getattr(self.model, "block_source", None)
+        fetcher = BlockFetcher(self.blocks, source, self.device, ahead=self.prefetch)
+        try:
+            for i in track(range(len(self.blocks)), len(self.blocks), desc, self.progress):
+                on_block(i, fetcher.get(i), None)
+                fetcher.put_back(i)
+        finally:
+            fetcher.close()
+
+    @torch.no_grad()
     def logits(self, b: int) -> Tensor:
         """Logits of batch ``b`` from the streamed final hidden states, through the model's own head."""
         self.tape.inject = self.hidden[b].to(self.device)

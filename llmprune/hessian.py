@@ -42,6 +42,16 @@ def hessian_update(H: Tensor, n: int, x: Tensor, hessian_dtype: str = "auto") ->
     return H, n + b
 
 
+def diagonal_update(d: Tensor, n: int, x: Tensor) -> tuple[Tensor, int]:
+    """``hessian_update`` for the diagonal alone: d = 2/n Σ x², what Wanda and OWL need (tokens·cols work
+    instead of tokens·cols², and cols floats instead of cols²)."""
+    b = x.shape[0]
+    if b == 0:
+        return d, n
+    d.mul_(n / (n + b)).add_(x.to(d.dtype).pow(2).sum(0), alpha=2 / (n + b))
+    return d, n + b
+
+
 def layer_input_width(module: nn.Module) -> int:
     """in_features for nn.Linear; GPT-2's Conv1D stores its weight as (in, out)."""
     if isinstance(module, nn.Linear):
@@ -56,9 +66,10 @@ class HessianCollector:
     (inputs compared with ``is``); later passes accumulate only on each group's leader.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], hessian_dtype: str = "auto"):
+    def __init__(self, linears: dict[str, nn.Module], hessian_dtype: str = "auto", diagonal: bool = False):
         self.linears = linears
         self.hessian_dtype = hessian_dtype
+        self.diagonal = diagonal  # keep diag(H) only (1-D), for methods that need no more
         self.H: dict[str, Tensor] = {}
         self.n: dict[str, int] = {}
         self.leader: dict[str, str] = {}
@@ -90,10 +101,14 @@ class HessianCollector:
                 return
             cols = layer_input_width(mod)
             if name not in self.H:
-                self.H[name] = torch.zeros(cols, cols, dtype=torch.float32, device=x.device)
+                shape = (cols,) if self.diagonal else (cols, cols)
+                self.H[name] = torch.zeros(shape, dtype=torch.float32, device=x.device)
                 self.n[name] = 0
             flat = x.detach().reshape(-1, cols)
-            self.H[name], self.n[name] = hessian_update(self.H[name], self.n[name], flat, self.hessian_dtype)
+            if self.diagonal:
+                self.H[name], self.n[name] = diagonal_update(self.H[name], self.n[name], flat)
+            else:
+                self.H[name], self.n[name] = hessian_update(self.H[name], self.n[name], flat, self.hessian_dtype)
 
         return hook
 

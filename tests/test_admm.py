@@ -165,6 +165,7 @@ def test_admm_and_refit_end_to_end_report_their_iterations(tiny_model_dir, tmp_p
     # block 0's q/k/v read the same inputs in both runs (later sublayers see their compressed outputs)
     assert [r.name.rsplit(".", 1)[1] for r in refit_run.layers[:3]] == ["q_proj", "k_proj", "v_proj"]
     for w, r in zip(wanda_run.layers[:3], refit_run.layers[:3], strict=True):
-        assert r.zeros == w.zeros and r.rel_error <= w.rel_error * (1 + 1e-6)
+        # the same mask; wanda alone collects only diag(H), so only the refit (whole Hessian) has an error
+        assert r.zeros == w.zeros and r.rel_error is not None and w.rel_error is None
     with pytest.raises(llmprune.UsageError, match="refits already"):
         llmprune.compress(tiny_model_dir, tmp_path / "x", method="admm", refit=True, **opts)

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from conftest import tiny_model
 
 import llmprune
 from llmprune.cli import main
@@ -58,3 +59,26 @@ def test_what_is_left_dense_is_listed_with_the_reason(tiny_model_dir, tmp_path, 
     assert report.left_dense == {"skipped": ["model.layers.0.mlp.down_proj"], "never_called": [], "routers": [],
                                  "unsupported_experts": []}
     assert len(report.layers) == 13
+
+
+def test_magnitude_and_rtn_read_no_data_and_run_no_forward(tiny_model_dir, tmp_path, monkeypatch):
+    """No calibration source is opened (a missing file would fail) and no block is ever called."""
+    from llmprune import engine
+
+    def no_forward(*a, **k):
+        raise AssertionError("a data-free method ran a forward pass")
+
+    monkeypatch.setattr(engine.Stream, "capture", no_forward)
+    monkeypatch.setattr(engine.Stream, "forward_block", no_forward)
+    for opts in (dict(method="magnitude", sparsity=0.5), dict(method="rtn", wbits=4, group_size=32)):
+        for lazy in (True, False):
+            out = tmp_path / f"{opts['method']}-{lazy}"
+            report = llmprune.compress(tiny_model_dir, out, calib=str(tmp_path / "missing.txt"), lazy=lazy,
+                                       device="cpu", progress=False, **opts).to_dict()
+            assert "calibration" not in report or report["calibration"] is None
+            assert all(r["tokens"] is None and r["rel_error"] is None for r in report["layers"])
+            if opts["method"] == "magnitude":
+                assert report["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    model = tiny_model("llama")  # in memory, with no tokenizer anywhere
+    report = llmprune.compress(model, method="magnitude", sparsity=0.5, device="cpu", progress=False)
+    assert report.global_sparsity == pytest.approx(0.5, abs=1e-3)

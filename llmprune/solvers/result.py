@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from llmprune.quant import QuantParams
@@ -38,3 +39,8 @@ def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     """||W X - Ŵ X||² / ||W X||², from H ∝ X Xᵀ alone (the scale of H cancels)."""
     den = output_error(W, W.new_zeros(()), H)
     return output_error(W, W_new, H) / den if den > 0 else 0.0
+
+
+def input_sq_norms(H: Tensor) -> Tensor:
+    """diag(H) = 2/n Σ x_j², from a Hessian or from the diagonal alone (what Wanda and OWL collect)."""
+    return H if H.dim() == 1 else torch.diagonal(H)

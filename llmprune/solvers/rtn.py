@@ -20,7 +20,7 @@ def then_rtn(W: Tensor, res: SolveResult, quant: QuantSpec | None, H: Tensor | N
         return res
     Wq, params = rtn(res.weight, quant)
     share = None
-    if H is not None:
+    if H is not None and H.dim() == 2:  # a diagonal alone (wanda) does not give the output error
         q, p = output_error(res.weight, Wq, H), output_error(W, res.weight, H)
         share = q / (q + p) if q + p > 0 else None
     return SolveResult(weight=Wq, mask=res.mask, damp_frac=res.damp_frac, retries=res.retries, quant=params,
