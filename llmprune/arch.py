@@ -37,24 +37,52 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return mod
 
 
+# parts of multimodal models that are not the language model: their ModuleLists are never its blocks
+NOT_LANGUAGE = ("vision", "visual", "image", "audio", "speech", "encoder", "projector")
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, ModuleList) of the decoder blocks: from the table, else the ModuleList of num_hidden_layers."""
+    """(path, ModuleList) of the decoder blocks: from the table, else the ModuleList with the config's (or its
+    text config's) layer count, the language model's in a multimodal model (never a vision tower's)."""
     config = getattr(model, "config", None)
-    path = BLOCKS.get(getattr(config, "model_type", ""), "")
+    model_type = getattr(config, "model_type", "")
+    path = BLOCKS.get(model_type, "")
     if path:
         try:
             return path, _get(model, path)
         except AttributeError:
             pass
-    n_layers = getattr(config, "num_hidden_layers", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text, "num_hidden_layers", None) or getattr(config, "num_hidden_layers", None)
     candidates = [
         (name, mod)
         for name, mod in model.named_modules()
         if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers)
+        and not any(part in name.lower() for part in NOT_LANGUAGE)
     ]
     if not candidates:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: add it to arch.BLOCKS")
-    return max(candidates, key=lambda c: len(c[1]))
+        from llmprune.errors import UsageError
+
+        raise UsageError(f"cannot find the decoder blocks of this {model_type or type(model).__name__} model"
+                         f" ({type(model).__name__}): llmprune compresses causal language models; add its block"
+                         " path to llmprune.arch.BLOCKS if it is one")
+    language = [c for c in candidates if "language_model" in c[0] or "text_model" in c[0]]
+    return max(language or candidates, key=lambda c: len(c[1]))
+
+
+def causal_lm_class(config):
+    """The transformers auto class that builds this config with its LM head: AutoModelForCausalLM, or for a
+    multimodal config (Llava-style) AutoModelForImageTextToText, whose language model is what is compressed."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers import AutoModelForImageTextToText
+    except ImportError:
+        return AutoModelForCausalLM
+    if type(config) not in AutoModelForCausalLM._model_mapping and type(config) in \
+            AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def is_prunable(module: nn.Module) -> bool:

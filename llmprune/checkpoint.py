@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from llmprune.arch import find_blocks, find_linears
+from llmprune.arch import causal_lm_class, find_blocks, find_linears
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.errors import UsageError
 from llmprune.quant import QuantParams, QuantSpec, codes, dequantize, sym_zero
@@ -350,10 +350,9 @@ def is_packed(directory: Path) -> bool:
 
 def block_linears(config) -> dict[str, bool]:
     """Full name -> transposed (Conv1D stores (in, out)) of every linear inside a decoder block."""
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = causal_lm_class(config).from_config(config)
     path, blocks = find_blocks(model)
     return {f"{path}.{i}.{n}": not isinstance(m, nn.Linear)
             for i, block in enumerate(blocks) for n, m in find_linears(block).items()}

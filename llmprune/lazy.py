@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune import experts, hostmem
-from llmprune.arch import find_blocks
+from llmprune.arch import causal_lm_class, find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
 from llmprune.keymap import KeyMap
@@ -139,7 +139,7 @@ class BlockSource:
 def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = False):
     """(model with every parameter on the meta device and ``model.block_source`` set, tokenizer)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     directory = Path(directory)
     hostmem.map_large_allocations()
@@ -148,7 +148,7 @@ def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = Fa
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     torch_dtype = DTYPES.get(dtype) or _stored_dtype(config, reader)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = causal_lm_class(config).from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.config.use_cache = False
     path, blocks = find_blocks(model)

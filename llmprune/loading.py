@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmprune.arch import causal_lm_class
 from llmprune.checkpoint import is_packed
 from llmprune.errors import UsageError, quiet_hub_logging
 
@@ -146,26 +147,27 @@ def _one_line_errors(mref: ModelRef) -> Iterator[None]:
 
 def skeleton(mref: ModelRef) -> nn.Module:
     """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     with _one_line_errors(mref):
         config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=mref.trust_remote_code)
+            return causal_lm_class(config).from_config(config, trust_remote_code=mref.trust_remote_code)
 
 
 def load_model(ref: str | ModelRef, dtype: str = "auto"):
     """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError.
 
     Packed 2:4 directories are read by ``pack.load`` (``llmprune.load`` picks the reader)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
     if mref.kind == "dir" and is_packed(Path(mref.location)):  # transformers would leave its linears random
         raise UsageError(f"{mref.ref} is a packed 2:4 directory: read it with llmprune.load (or unpack it)")
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
-        model = AutoModelForCausalLM.from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
+        config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+        model = causal_lm_class(config).from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
     tokenizer = load_tokenizer(mref.location, **mref.kwargs)
     if mref.gguf_file:
         _drop_gguf_quantizer(model)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from llmprune.arch import causal_lm_class
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.checkpoint import (
     GRIDS,
@@ -219,7 +220,7 @@ def load(directory: str | Path, device: str = "cpu", dtype: str = "auto", semi_s
     every packed fp16/bf16 nn.Linear into PyTorch's semi-structured sparse weight, so matmuls run on the
     sparse tensor cores; quantized layers stay dense (dequantized).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.initialization import no_init_weights
 
     from llmprune.loading import DTYPES
@@ -231,7 +232,7 @@ def load(directory: str | Path, device: str = "cpu", dtype: str = "auto", semi_s
     config = AutoConfig.from_pretrained(directory)
     state, _ = unpacked_state(directory, kernels)
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=_float_dtype(state))
+        model = causal_lm_class(config).from_config(config, dtype=_float_dtype(state))
     keymap = KeyMap(model, state)  # checkpoint keys -> parameters (per-expert tensors into fused ones)
     used = {k for n in keymap.sources for k in keymap.checkpoint_keys(n)}
     unexpected = sorted(set(state) - used)
