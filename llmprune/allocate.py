@@ -7,6 +7,8 @@ exactly up to each layer's floor; dp to within 0.1%).
 from __future__ import annotations
 
 import math
+import random
+import re
 
 import torch
 from torch import Tensor
@@ -51,13 +53,14 @@ def candidates(target: float, radius: float = 0.1, step: float = 0.025) -> list[
     return [s for s in out if 0.0 <= s < 0.99]
 
 
-def dp(tables: dict[str, dict], target: float, units: int = 200_000) -> dict[str, float]:
-    """Pick one candidate sparsity per layer minimising the summed error with the pruned parameters equal to
-    the target's (to 0.1% of the parameters).
+def dp(tables: dict[str, dict], target: float, units: int = 200_000,
+       weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Pick one candidate sparsity per layer minimising the summed (``weights``-scaled) error with the pruned
+    parameters equal to the target's (to 0.1% of the parameters).
 
     ``tables``: name -> {"numel": n, "errors": {sparsity: error}}. A knapsack over budget units: best[b] is
     the least error of the layers so far with exactly b units pruned; one vectorised shifted minimum per
-    candidate per layer.
+    candidate per layer. ``weights``: each layer's sensitivity coefficient (SPDY's), 1 when absent.
     """
     names = list(tables)
     total = sum(int(t["numel"]) for t in tables.values())
@@ -69,7 +72,8 @@ def dp(tables: dict[str, dict], target: float, units: int = 200_000) -> dict[str
     choice = []  # per layer: (units+1,) index of the candidate chosen to reach each budget
     for name in names:
         t = tables[name]
-        cands = sorted((float(s), float(e)) for s, e in t["errors"].items())
+        c = (weights or {}).get(name, 1.0)
+        cands = sorted((float(s), c * float(e)) for s, e in t["errors"].items())
         nxt = torch.full_like(best, inf)
         arg = torch.full((units + 1,), -1, dtype=torch.int8)
         for j, (s, err) in enumerate(cands):
@@ -96,3 +100,95 @@ def dp(tables: dict[str, dict], target: float, units: int = 200_000) -> dict[str
         out[name] = s
         b -= round(s * int(tables[name]["numel"]) / unit)
     return {n: out[n] for n in names}
+
+
+def groups(name: str) -> tuple[str, str]:
+    """The two coefficient groups a layer belongs to: its block (``model.layers.3``) and its kind (the leaf
+    name, ``down_proj``; an expert's ``experts.down_proj``)."""
+    m = re.search(r"^(.*?\.\d+)\.(.*)$", name)
+    if m is None:
+        return name, name
+    kind = re.sub(r"\.\d+\.", ".", "." + m.group(2) + ".").strip(".")
+    return m.group(1), kind
+
+
+def coefficients(group_logs: dict[str, float], names: list[str],
+                 anchor: dict[str, float] | None = None) -> dict[str, float]:
+    """Each layer's sensitivity coefficient: its anchor (1 when none) x exp(its block's + its kind's
+    log-coefficient)."""
+    out = {}
+    for n in names:
+        block, kind = groups(n)
+        out[n] = (anchor or {}).get(n, 1.0) * math.exp(group_logs.get(block, 0.0) + group_logs.get(kind, 0.0))
+    return out
+
+
+def uniform_anchor(tables: dict[str, dict], target: float) -> dict[str, float]:
+    """Coefficients under which the dynamic program's choice is (close to) uniform: numel / (the slope of the
+    layer's error at the target), so every layer's marginal cost per pruned weight is equal there."""
+    out = {}
+    for n, t in tables.items():
+        pts = sorted((float(s), float(e)) for s, e in t["errors"].items())
+        below = [p for p in pts if p[0] < target - 1e-9] or pts[:1]
+        above = [p for p in pts if p[0] > target + 1e-9] or pts[-1:]
+        (s0, e0), (s1, e1) = below[-1], above[0]
+        slope = (e1 - e0) / (s1 - s0) if s1 > s0 else 0.0
+        out[n] = int(t["numel"]) / max(slope, 1e-12)
+    mean = sum(out.values()) / len(out)
+    return {n: c / mean for n, c in out.items()}
+
+
+def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed: int = 0,
+                log=None) -> dict:
+    """SPDY's search (Frantar & Alistarh 2022): the dynamic program over the error tables, its layer errors
+    weighted by sensitivity coefficients that a local search tunes to minimise ``score(allocation)``, the
+    calibration loss of the model assembled with those sparsities.
+
+    Two starting points are scored: the plain dp (all coefficients 1) and uniform; the search starts from the
+    better one's coefficients (uniform's: ``uniform_anchor``, which make the dp choose the target everywhere).
+    The coefficients are then tuned per block and per layer kind (log c = anchor + a_block + b_kind: tens of
+    knobs instead of one per layer, so a few dozen scored candidates move them usefully): each step perturbs a
+    shrinking random subset of the log-coefficients by a shrinking Gaussian and keeps the candidate if its loss
+    is lower; an allocation already scored is not scored again. Returns {"anchor", "group_log_coefficients",
+    "coefficients", "sparsities", "loss", "history"}.
+    """
+    names = list(tables)
+    rng = random.Random(seed)
+    keys = sorted({g for n in names for g in groups(n)})
+    logs = dict.fromkeys(keys, 0.0)
+    seen: dict[tuple, float] = {}
+
+    def evaluate(alloc: dict[str, float]) -> float:
+        key = tuple(alloc[n] for n in names)
+        if key not in seen:
+            seen[key] = float(score(alloc))
+        return seen[key]
+
+    history = []
+    best_alloc = dp(tables, target)
+    best = evaluate(best_alloc)
+    history.append({"step": 0, "candidate": "dp", "loss": best, "kept": True})
+    anchor_name, anchor = "dp", None
+    if all(str(target) in tables[n]["errors"] for n in names):
+        uniform = {n: target for n in names}
+        u = evaluate(uniform)
+        history.append({"step": 0, "candidate": "uniform", "loss": u, "kept": u < best})
+        if u < best:
+            best, best_alloc, anchor_name, anchor = u, uniform, "uniform", uniform_anchor(tables, target)
+    for step in range(1, steps + 1):
+        left = 1 - (step - 1) / max(steps, 1)
+        cand = dict(logs)
+        for k in rng.sample(keys, max(1, round((0.1 + 0.3 * left) * len(keys)))):
+            cand[k] += rng.gauss(0.0, 0.15 + 0.6 * left)
+        alloc = dp(tables, target, weights=coefficients(cand, names, anchor))
+        fresh = tuple(alloc[n] for n in names) not in seen
+        loss = evaluate(alloc)
+        kept = loss < best
+        history.append({"step": step, "loss": loss, "kept": kept, "fresh": fresh})
+        if log is not None:
+            log(step, loss, best)
+        if kept:
+            best, best_alloc, logs = loss, alloc, cand
+    return {"anchor": anchor_name, "group_log_coefficients": logs,
+            "coefficients": coefficients(logs, names, anchor), "sparsities": best_alloc, "loss": best,
+            "history": history}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmprune import allocate, experts
@@ -31,7 +34,7 @@ from llmprune.engine import BlockPass, Stream, default_device
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.hessian import HessianCollector, diagonal_update, hessian_update, layer_input_width
 from llmprune.loading import context_length
-from llmprune.progress import Progress
+from llmprune.progress import Progress, track
 from llmprune.quant import QuantParams
 from llmprune.recipe import Recipe
 from llmprune.solvers import SOLVERS
@@ -370,6 +373,11 @@ def plan_sparsities(
         if not tables or {k: t["numel"] for k, t in tables.items()} != numel:
             raise UsageError("--reuse-errors: its error tables do not match this model's layers (names and"
                              " sizes): reuse a report of the same model and --skip list")
+        if recipe.allocation == "spdy":
+            if reuse.get("method") != "spdy" or "sparsities" not in reuse:
+                raise UsageError("--reuse-errors with --allocation spdy needs the report of an spdy run (its"
+                                 " searched allocation): pass one, or drop --reuse-errors")
+            return dict(reuse, target=target)
         return {"method": "dp", "target": target, "tables": tables, "sparsities": _dp(tables, target)}
 
     prefixes = list(linears)
@@ -377,6 +385,7 @@ def plan_sparsities(
     tables: dict[str, dict] = {}
     solver = SOLVERS[recipe.method]
     cands = allocate.candidates(target, recipe.dp_radius)
+    store = VersionStore() if recipe.allocation == "spdy" else None
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         with on_device(block, linears[prefixes[i]]) as lin:
@@ -388,15 +397,30 @@ def plan_sparsities(
         if recipe.allocation == "owl":
             ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
             return
+        versions: dict[str, Tensor] = {}
         for (name, _), (W, H) in zip([(n, m) for n, m in lin.items() if n in collector.leader], pairs, strict=True):
             errors = {}
+            full = f"{prefixes[i]}.{name}"
+            if store is not None and getattr(model, "block_source", None) is None:
+                versions[f"{full}@dense"] = W
             for s in cands:
                 res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
                 errors[str(s)] = relative_error(W, res.weight, H)
-            tables[f"{prefixes[i]}.{name}"] = {"numel": W.numel(), "errors": errors}
+                if store is not None:
+                    versions[f"{full}@{s}"] = res.weight
+            tables[full] = {"numel": W.numel(), "errors": errors}
+        if store is not None:
+            store.put(i, versions)
 
-    Stream(model, batched(windows, recipe.batch_size), device, progress=progress).run(
-        on_block, desc=f"{recipe.allocation} plan")
+    captured: dict = {}
+    try:
+        Stream(model, batched(windows, recipe.batch_size), device, progress=progress, captured=captured).run(
+            on_block, desc=f"{recipe.allocation} plan")
+        if store is not None:
+            return _spdy(model, windows, recipe, linears, device, tables, store, progress)
+    finally:
+        if store is not None:
+            store.close()
     if recipe.allocation == "owl":
         sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
         per_block = allocate.owl(ratios, sizes, target, recipe.owl_lambda)
@@ -404,6 +428,89 @@ def plan_sparsities(
         return {"method": "owl", "target": target, "block_outlier_ratios": dict(zip(prefixes, ratios, strict=True)),
                 "sparsities": sparsities}
     return {"method": "dp", "target": target, "tables": tables, "sparsities": _dp(tables, target)}
+
+
+class VersionStore:
+    """Every linear's solved weights at every candidate sparsity, for SPDY to assemble models from: one
+    safetensors file per block in a temporary directory (fp32 weights kept as fp16), so host memory holds one
+    block's versions at a time. The disk it takes is about (candidates/2) x the model's linear weights in
+    fp32 (x candidates in fp16/bf16): set TMPDIR to a roomy disk for large models."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="llmprune-spdy-"))
+
+    def put(self, i: int, tensors: dict[str, Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        small = {k: (t.half() if t.dtype == torch.float32 and not k.endswith("@dense") else t).contiguous().cpu()
+                 for k, t in tensors.items()}  # the dense weights exactly, to give an in-memory model back
+        save_file(small, str(self.dir / f"block-{i:05d}.safetensors"))
+
+    def get(self, i: int) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.dir / f"block-{i:05d}.safetensors"
+        return load_file(str(path)) if path.is_file() else {}
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def calibration_loss(model: nn.Module, batches: list[Tensor], device: torch.device, on_block,
+                     captured: dict | None = None) -> float:
+    """Mean next-token NLL of the model over ``batches``, streamed; ``on_block(i, block)`` may change a
+    block's weights just before it runs (SPDY assembles each candidate model this way)."""
+    stream = Stream(model, batches, device, progress=False, captured=captured)
+    stream.run(lambda i, block, block_pass: on_block(i, block), desc="spdy score")
+    total, count = 0.0, 0
+    with stream.non_block_modules_on_device(), torch.no_grad():
+        for b, ids in enumerate(batches):
+            logits = stream.logits(b).float()
+            ids = ids.to(logits.device)
+            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+def _spdy(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
+          device: torch.device, tables: dict[str, dict], store: VersionStore, progress: Progress) -> dict:
+    """SPDY's search over the measured tables: each candidate allocation assembled from the stored versions
+    and scored by its calibration loss on the first ``spdy_samples`` windows (allocate.spdy_search)."""
+    prefixes = list(linears)
+    batches = batched(windows[: recipe.spdy_samples], recipe.batch_size)
+    captured: dict = {}
+    lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew from disk every pass
+
+    def assemble(alloc: dict[str, float] | None):
+        """Set each linear to its version at ``alloc``'s sparsity; None: back to dense (in-memory models)."""
+        def on_block(i: int, block: nn.Module) -> None:
+            versions = store.get(i)
+            with on_device(block, linears[prefixes[i]]) as lin:
+                for n, m in lin.items():
+                    full = f"{prefixes[i]}.{n}"
+                    key = f"{full}@{alloc[full]}" if alloc is not None and full in alloc else f"{full}@dense"
+                    if key in versions:
+                        set_weight(m, versions[key].to(get_weight(m).dtype))
+
+        return on_block
+
+    steps = track(range(recipe.spdy_steps + 2), recipe.spdy_steps + 2, "spdy search", progress)
+    it = iter(steps)
+
+    def score(alloc: dict[str, float]) -> float:
+        next(it, None)
+        return calibration_loss(model, batches, device, assemble(alloc), captured)
+
+    try:
+        found = allocate.spdy_search(tables, recipe.target_sparsity, score, recipe.spdy_steps, seed=recipe.seed)
+    finally:
+        if not lazy:  # every weight back to dense before the compression run
+            Stream(model, [], device, progress=False).visit(lambda i, block, _: assemble(None)(i, block))
+    kept = sum(1 for h in found["history"] if h.get("kept") and h["step"] > 0)
+    log.info("spdy: calibration loss %.4f after %d candidates (%d improvements)", found["loss"],
+             len(found["history"]), kept)
+    return {"method": "spdy", "target": recipe.target_sparsity, "tables": tables, **found}
 
 
 def _dp(tables: dict[str, dict], target: float) -> dict[str, float]:

@@ -22,7 +22,7 @@ from llmprune.quant import SEARCHES, QuantSpec
 __all__ = ["Pattern", "Recipe", "load_recipe", "n_pruned", "parse_pattern", "recipe_from_dict"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "rtn", "admm", "obc")
-ALLOCATIONS = ("uniform", "owl", "dp")
+ALLOCATIONS = ("uniform", "owl", "dp", "spdy")
 FORMATS = ("dense", "compressed-tensors")
 
 
@@ -72,6 +72,10 @@ class Recipe:
     # dp: candidate sparsities target ± dp_radius in steps of 0.025 (wider lets the proxy error over-prune a
     # few layers: SmolLM2 at 70%, ±0.2 gave 125 and ±0.3 145 perplexity where ±0.1 gave 112, uniform 115)
     dp_radius: float = 0.1
+    # spdy: dp's tables with per-block and per-kind sensitivity coefficients searched (spdy_steps candidates,
+    # each scored by the calibration loss of the assembled model on the first spdy_samples windows)
+    spdy_steps: int = 24
+    spdy_samples: int = 16
     # the block loop of sparsegpt: auto = the fused Triton kernel on CUDA, torch on CPU; triton or torch forces
     kernels: str = "auto"
     # compress each block sublayer by sublayer in data-flow order, each group's Hessian from the outputs of
@@ -108,7 +112,7 @@ class Recipe:
                     " drop --sparsity or change the pattern"
                 )
         for name in ("nsamples", "seqlen", "block_size", "batch_size", "admm_iters", "admm_refit_iters", "refit_iters",
-                     "obc_max_cols"):
+                     "obc_max_cols", "spdy_samples"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if pat is not None and self.block_size % pat.m:
@@ -117,6 +121,8 @@ class Recipe:
             raise UsageError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens!r}")
         if not (0.0 <= float(self.drop_experts) < 1.0):
             raise UsageError(f"drop_experts {self.drop_experts} is outside [0, 1): e.g. --drop-experts 0.25")
+        if isinstance(self.spdy_steps, bool) or int(self.spdy_steps) < 0:
+            raise UsageError(f"spdy_steps must be >= 0, got {self.spdy_steps!r}")
         if not (0.0 < self.damp_frac < 10.0):
             raise UsageError(f"damp_frac {self.damp_frac} must be in (0, 10): the paper uses 0.01")
         if not (self.admm_rho0 > 0 and self.admm_rho_growth >= 1):
