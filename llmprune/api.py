@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmprune import distributed
 from llmprune.checkpoint import (
     REPORT,
     atomic_dir,
@@ -299,7 +300,9 @@ def compress(
     report["timings"]["load_s"] = round(load_s, 3)
     _describe(report, model, source, kind)
     if out_path is not None:
-        _save(out_path, model, tokenizer, report, grids, t0)
+        if distributed.is_main():  # torchrun: rank 0 writes; every rank holds the same model
+            _save(out_path, model, tokenizer, report, grids, t0)
+        report = distributed.broadcast_object(report)
     else:
         report["checkpoint"] = None
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
@@ -377,7 +380,11 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
     spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"] if calib else None, "model": str(path),
             "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
-    partial = PartialOutput(out, spec)
+    if distributed.is_main():  # torchrun: rank 0 makes (or checks) OUT.partial, the others only read it
+        partial = PartialOutput(out, spec)
+    distributed.barrier()
+    if not distributed.is_main():
+        partial = PartialOutput(out, spec, readonly=True)
     if partial.finished:
         log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
     report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial,
@@ -426,8 +433,10 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
         report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
         write_report(directory, report)
 
-    partial.publish(rest, write_meta, overwrite, convert if compressed else None)
-    log.info("wrote %s", out)
+    if distributed.is_main():
+        partial.publish(rest, write_meta, overwrite, convert if compressed else None)
+        log.info("wrote %s", out)
+    report = distributed.broadcast_object(report)  # the others return rank 0's report, once out is complete
     return Report.from_dict(report)
 
 
@@ -456,7 +465,7 @@ def evaluate(
     """
     if seqlen < 2:
         raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
-    dev = resolve_device(device)
+    dev = distributed.device() or resolve_device(device)
     _, description = load_documents(dataset, split, text_field, "eval")  # unreachable data fails before the model
     if isinstance(model, nn.Module):
         m, tok = model, _tokenizer_for(model, tokenizer)
@@ -657,7 +666,7 @@ def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, 
 
     from llmprune.structured import count_params
 
-    dev = resolve_device(device)
+    dev = distributed.device() or resolve_device(device)
     loaded = []
     for ref in models:
         m, _ = load(ref, device=str(dev), dtype=dtype)

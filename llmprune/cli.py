@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -428,14 +429,21 @@ def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input, never a traceback. The library's log
     (INFO and up) goes to stderr as ``llmprune: message``."""
+    from llmprune import distributed
+
+    launched = distributed.init() if distributed.env_world() > 1 else False  # under torchrun
+    me = f"llmprune[rank {distributed.rank()}]" if launched else "llmprune"
     terminal = logging.StreamHandler()  # sys.stderr as it is now (tests capture it)
-    terminal.setFormatter(logging.Formatter("llmprune: %(message)s"))
+    terminal.setFormatter(logging.Formatter(f"{me}: %(message)s"))
     log.addHandler(terminal)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
+    if not distributed.is_main():  # rank 0 prints the results and the progress bars; the others stay quiet
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
     except (UsageError, CholeskyError) as exc:
-        click.echo(f"llmprune: error: {exc}", err=True)
+        click.echo(f"{me}: error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("llmprune: aborted", err=True)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmprune import allocate, experts
+from llmprune import allocate, distributed, experts
 from llmprune.arch import find_blocks, find_linears, find_routers, get_weight, is_moe, set_weight
 from llmprune.data import (
     batched,
@@ -256,12 +256,18 @@ def compress_block(
     fallback = None
     if recipe.sequential:
         fallback = block_pass.sequential_fits(linears)
+        if distributed.active():  # every rank takes the same path, or the collectives would not pair up
+            if any(experts.expert_of(n) is not None for n in linears):
+                fallback = "torchrun: experts are reached in a different order on each rank's tokens"
+            fallback = next((f for f in distributed.gather_objects(fallback) if f), None)
         if fallback is None:
             return sequential_block(block_prefix, linears, block_pass, recipe, sparsity, grids), None
         log.warning("%s: two passes instead of one: %s", block_prefix, fallback)
     collector = HessianCollector(linears, hessian_dtype=recipe.hessian_dtype, diagonal=diagonal_only(recipe))
     with collector:
         block_pass()
+    if distributed.active():
+        return _compress_block_ranks(block_prefix, linears, collector, recipe, sparsity, grids), fallback
     reports = []
     # how many linears still need each Hessian: it is freed after the last one's solve, so the widest
     # layer's solve does not run beside the whole block's Hessians
@@ -282,6 +288,62 @@ def compress_block(
         if not uses[lead]:
             collector.drop(lead)
     return reports, fallback
+
+
+def _shared_hessians(linears: dict[str, nn.Module], collector: HessianCollector
+                     ) -> tuple[dict[str, str], dict[str, Tensor], dict[str, int]]:
+    """torchrun: every rank's Hessians summed into the all-ranks ones. Groups (which linears share an input)
+    are merged over the ranks, since an expert may be reached on one rank only; returns (leader of each
+    linear reached anywhere, Hessian per leader, tokens per leader), the same on every rank."""
+    leader: dict[str, str] = {}
+    for part in distributed.gather_objects(dict(collector.leader)):
+        for name, lead in part.items():
+            leader.setdefault(name, lead)
+    H, n = {}, {}
+    diag = collector.diagonal
+    for lead in dict.fromkeys(leader[name] for name in linears if name in leader):
+        cols = layer_input_width(linears[lead])
+        mine = collector.H.get(lead)
+        H[lead], n[lead] = distributed.sum_mean(mine, collector.n.get(lead, 0), (cols,) if diag else (cols, cols),
+                                                get_weight(linears[lead]).device)
+    return leader, H, n
+
+
+def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], collector: HessianCollector,
+                          recipe: Recipe, sparsity: Callable[[str], float],
+                          grids: dict[str, QuantParams] | None) -> list[LayerReport]:
+    """torchrun, two-pass: the all-ranks Hessians, each linear solved on the rank that owns it (balanced by
+    estimated cost, rows x cols²), its new weights (and grid) broadcast from there, the reports gathered."""
+    leader, H, n = _shared_hessians(linears, collector)
+    collector.H.clear()
+    todo = [name for name in linears if name in leader or experts.expert_of(name) is not None]
+    costs = {name: float(get_weight(linears[name]).shape[0]) * get_weight(linears[name]).shape[1] ** 2
+             for name in todo}
+    owner = distributed.assign(costs)
+    mine: dict[str, LayerReport] = {}
+    my_grids: dict[str, QuantParams] = {}
+    for name in todo:
+        if owner[name] != distributed.rank():
+            continue
+        mod, full = linears[name], f"{block_prefix}.{name}"
+        if name not in leader:  # an expert no rank routed a token to
+            mine[name] = solve_linear(full, mod, None, recipe, sparsity(name), None, my_grids, tokens=0,
+                                      method=fallback_method(recipe))
+            continue
+        lead = leader[name]
+        few = experts.expert_of(name) is not None and n[lead] < recipe.min_expert_tokens
+        mine[name] = solve_linear(full, mod, H[lead], recipe, sparsity(name),
+                                  f"{block_prefix}.{lead}" if lead != name else None, my_grids, tokens=n[lead],
+                                  method=fallback_method(recipe) if few else None)
+    H.clear()
+    for name in todo:
+        distributed.broadcast_(get_weight(linears[name]), owner[name])
+    reports: dict[str, LayerReport] = {}
+    for part_reports, part_grids in distributed.gather_objects((mine, my_grids)):
+        reports.update(part_reports)
+        if grids is not None:
+            grids.update(part_grids)
+    return [reports[name] for name in todo]
 
 
 def sequential_block(
@@ -313,12 +375,14 @@ def sequential_block(
                     H, n = diagonal_update(H, n, x.reshape(-1, cols))
                 else:
                     H, n = hessian_update(H, n, x.reshape(-1, cols), recipe.hessian_dtype)
+            H, n = distributed.sum_mean(H, n, tuple(H.shape), H.device)  # torchrun: every rank's tokens
             lead = name
             last.update(xs=xs, H=H, lead=name, n=n)
         few = experts.expert_of(name) is not None and n < recipe.min_expert_tokens
         reports[name] = solve_linear(f"{block_prefix}.{name}", mod, H, recipe, sparsity(name),
                                      f"{block_prefix}.{lead}" if lead != name else None, grids, tokens=n,
                                      method=fallback_method(recipe) if few else None)
+        distributed.broadcast_(get_weight(mod), 0)  # torchrun: every rank solved it alike; rank 0's stands
 
     block_pass.sequential(linears, on_group)
     last.clear()
@@ -393,12 +457,15 @@ def plan_sparsities(
                                          diagonal=recipe.allocation == "owl")  # owl: Wanda scores only
             with collector:
                 block_pass()
-        pairs = [(get_weight(m), collector.hessian(n)) for n, m in lin.items() if n in collector.leader]
+        leader, hessians, _ = _shared_hessians(lin, collector) if distributed.active() else \
+            (collector.leader, collector.H, collector.n)
+        reached = [n for n in lin if n in leader]
+        pairs = [(get_weight(lin[n]), hessians[leader[n]]) for n in reached]
         if recipe.allocation == "owl":
             ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
             return
         versions: dict[str, Tensor] = {}
-        for (name, _), (W, H) in zip([(n, m) for n, m in lin.items() if n in collector.leader], pairs, strict=True):
+        for name, (W, H) in zip(reached, pairs, strict=True):
             errors = {}
             full = f"{prefixes[i]}.{name}"
             if store is not None and getattr(model, "block_source", None) is None:
@@ -414,8 +481,8 @@ def plan_sparsities(
 
     captured: dict = {}
     try:
-        Stream(model, batched(windows, recipe.batch_size), device, progress=progress, captured=captured).run(
-            on_block, desc=f"{recipe.allocation} plan")
+        Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
+               captured=captured).run(on_block, desc=f"{recipe.allocation} plan")
         if store is not None:
             return _spdy(model, windows, recipe, linears, device, tables, store, progress)
     finally:
@@ -470,6 +537,7 @@ def calibration_loss(model: nn.Module, batches: list[Tensor], device: torch.devi
             total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                            reduction="sum"))
             count += ids[:, 1:].numel()
+    total, count = distributed.all_sum([total, float(count)])  # torchrun: each rank scored its share
     return total / count
 
 
@@ -478,7 +546,7 @@ def _spdy(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, 
     """SPDY's search over the measured tables: each candidate allocation assembled from the stored versions
     and scored by its calibration loss on the first ``spdy_samples`` windows (allocate.spdy_search)."""
     prefixes = list(linears)
-    batches = batched(windows[: recipe.spdy_samples], recipe.batch_size)
+    batches = batched(distributed.shard(windows[: recipe.spdy_samples]), recipe.batch_size)
     captured: dict = {}
     lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew from disk every pass
 
@@ -535,7 +603,7 @@ def compress_model(
     runs over the same windows (engine.Stream), e.g. a sweep's cells.
     """
     t_start = time.perf_counter()
-    device = resolve_device(recipe.device)
+    device = distributed.device() or resolve_device(recipe.device)
     linears = prunable_linears(model, recipe)
     keep = experts_kept(model, recipe) if recipe.drop_experts else None
     data_free = not needs_data(recipe)
@@ -561,7 +629,11 @@ def compress_model(
             if sink is not None:
                 sink.set_allocation(allocation)
     t_plan = time.perf_counter()
-    stream = Stream(model, batched(windows, recipe.batch_size), device, progress=progress, captured=captured)
+    if distributed.active() and not data_free and windows.shape[0] < distributed.world():
+        raise UsageError(f"{windows.shape[0]} calibration windows cannot be shared by {distributed.world()} torchrun"
+                         f" processes: raise --nsamples to at least {distributed.world()} or launch fewer")
+    stream = Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
+                    captured=captured)
     source = getattr(model, "block_source", None)
     if sink is not None:
         if source is None:

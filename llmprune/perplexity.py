@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmprune import distributed
 from llmprune.data import (
     batched,
     eval_windows,
@@ -32,7 +33,10 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     n, seqlen = windows.shape
     vocab = model.get_output_embeddings().weight.shape[0]
     batch_size = max(1, min(batch_size, (1 << 30) // (seqlen * vocab * 4)))
-    batches = batched(windows, batch_size)
+    if distributed.active() and n < distributed.world():
+        raise UsageError(f"{n} evaluation windows cannot be shared by {distributed.world()} torchrun processes:"
+                         " evaluate more windows or launch fewer")
+    batches = batched(distributed.shard(windows), batch_size)  # torchrun: this rank's share
     stream = Stream(model, batches, device, progress=progress)
     stream.run(desc="eval")
     nlls = []
@@ -44,7 +48,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
                 logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
             )
             nlls.append(loss.view(ids.shape[0], seqlen - 1).mean(1).cpu())
-    return math.exp(torch.cat(nlls).double().mean().item())
+    per_window = torch.cat(nlls).double()
+    total, count = distributed.all_sum([float(per_window.sum()), float(per_window.numel())])
+    return math.exp(total / count)
 
 
 def evaluation_windows(tokenizer, model: nn.Module, dataset: str, seqlen: int, max_windows: int | None = None,

@@ -57,10 +57,12 @@ def _replace_atomically(tmp: Path, final: Path) -> None:
 class PartialOutput:
     """``OUT.partial/``: per-block safetensors files (dense, the model dtype), their grids, and the journal."""
 
-    def __init__(self, out: Path, spec: dict):
+    def __init__(self, out: Path, spec: dict, readonly: bool = False):
+        """``readonly``: a torchrun rank other than 0, which reads the journal rank 0 made and writes nothing."""
         self.out = Path(out).expanduser().resolve()
         self.dir = partial_dir(self.out)
         self.hash = spec_hash(spec)
+        self.readonly = readonly
         path = self.dir / JOURNAL
         if self.dir.exists():
             try:
@@ -74,6 +76,8 @@ class PartialOutput:
                                  " differ): re-run that exact command to resume it, or delete the directory")
             self.journal = journal
         else:
+            if readonly:
+                raise RuntimeError(f"{self.dir} was not created by rank 0 before the other ranks opened it")
             self.dir.mkdir(parents=True)
             self.journal = {"version": VERSION, "spec_hash": self.hash, "spec": spec, "blocks": {},
                             "allocation": None}
@@ -81,6 +85,8 @@ class PartialOutput:
 
     # -- journal -----------------------------------------------------------------------------------------
     def _write_journal(self) -> None:
+        if self.readonly:
+            return
         tmp = self.dir / f".{JOURNAL}.tmp"
         with _disk_errors(self.dir):
             try:
@@ -122,6 +128,8 @@ class PartialOutput:
     def finish_block(self, i: int, tensors: dict[str, Tensor], layers: list[dict],
                      grids: dict[str, QuantParams]) -> None:
         """Write block ``i``'s tensors (and grids), then record it in the journal."""
+        if self.readonly:
+            return
         name = f"{self.block_prefix(i)}.safetensors"
         tmp = self.dir / f".{name}.tmp"
         with _disk_errors(self.dir):

@@ -1,0 +1,172 @@
+"""Data-parallel runs under ``torchrun``: each rank streams its share of the calibration windows, Hessians are
+summed over the ranks, every rank ends each block with the same weights, and rank 0 alone writes.
+
+Built on torch.distributed (NCCL on CUDA, gloo on CPU), started from torchrun's environment (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); nothing here starts or watches processes. Without that
+environment every function is the single-process identity, so the rest of the code calls them freely.
+
+Equal results: a Hessian is the token-weighted mean of the ranks' means (summed in float64), which equals the
+single-process one up to summation order; linears are solved on one rank each (two-pass blocks, assigned by
+estimated cost) or on every rank alike (sequential blocks, where each solve gates the next group), and the
+block's new weights are broadcast from where they were solved, so every rank propagates the same block.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+_STATE: dict = {}
+
+
+def env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(device_type: str | None = None) -> bool:
+    """Join torchrun's process group (once); False when not launched by torchrun with several processes.
+
+    The timeout (LLMPRUNE_DIST_TIMEOUT seconds, default 900) bounds how long the others wait for a rank that
+    died or raised, after which they fail too (torchrun also stops the group when one worker exits)."""
+    import torch.distributed as dist
+
+    if env_world() <= 1:
+        return False
+    if dist.is_initialized():
+        return True
+    cuda = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("LLMPRUNE_DIST_TIMEOUT", "900")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    _STATE["cuda"] = cuda
+    log.info("torchrun: rank %d of %d (%s)", rank(), world(), "nccl" if cuda else "gloo")
+    return True
+
+
+def active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device | None:
+    """This rank's CUDA device under torchrun (LOCAL_RANK), else None (the recipe's choice stands)."""
+    if active() and _STATE.get("cuda"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return None
+
+
+def shard(windows: Tensor) -> Tensor:
+    """This rank's windows: every world-th, from its rank (all of them when alone)."""
+    return windows[rank()::world()] if active() else windows
+
+
+def _comm(t: Tensor) -> Tensor:
+    """A tensor the backend can carry: on this rank's GPU for NCCL, contiguous."""
+    dev = device() or torch.device("cpu")
+    return t.detach().to(dev).contiguous()
+
+
+def sum_mean(H: Tensor | None, n: int, shape: tuple[int, ...], like: torch.device) -> tuple[Tensor, int]:
+    """The all-ranks mean of running means ``H`` over ``n`` tokens each (H None: this rank saw none)."""
+    import torch.distributed as dist
+
+    if not active():
+        return H, n
+    total = H.double() * n if H is not None and n else torch.zeros(shape, dtype=torch.float64)
+    total = _comm(total)
+    count = _comm(torch.tensor([float(n)], dtype=torch.float64))
+    dist.all_reduce(total)
+    dist.all_reduce(count)
+    n_all = int(count.item())
+    return ((total / n_all).float() if n_all else total.float()).to(like), n_all
+
+
+def broadcast_(t: Tensor, src: int) -> None:
+    """Overwrite ``t`` (any layout, e.g. a view of a fused tensor) with rank ``src``'s values, in place."""
+    import torch.distributed as dist
+
+    if not active():
+        return
+    buf = _comm(t)
+    dist.broadcast(buf, src)
+    t.copy_(buf.to(t.device))
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    import torch.distributed as dist
+
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (a one-element list when alone)."""
+    import torch.distributed as dist
+
+    if not active():
+        return [obj]
+    out: list = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Elementwise sum over the ranks, in float64."""
+    import torch.distributed as dist
+
+    if not active():
+        return values
+    t = _comm(torch.tensor(values, dtype=torch.float64))
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if active():
+        dist.barrier()
+
+
+def assign(costs: dict[str, float]) -> dict[str, int]:
+    """Each item to a rank, largest first onto the least loaded (LPT), so the ranks finish together."""
+    load = [0.0] * world()
+    out = {}
+    for name, c in sorted(costs.items(), key=lambda kv: (-kv[1], kv[0])):
+        r = min(range(len(load)), key=lambda i: load[i])
+        out[name] = r
+        load[r] += c
+    return out
+
+
+def iterate_in_order(names: list[str]) -> Iterator[tuple[str, int]]:
+    """(name, owner) in a fixed order every rank shares."""
+    yield from ((n, i % world()) for i, n in enumerate(names))
