@@ -146,11 +146,11 @@ def make_recipe(recipe: Recipe | dict | str | Path | None = None, source: str = 
 
 
 def read_error_tables(path: str | Path, recipe: Recipe) -> dict:
-    """The ``allocation`` entry (with error tables) of an earlier dp or spdy run's report."""
+    """The ``allocation`` entry (error tables and searched sparsities) of an earlier spdy run's report."""
     p = Path(path)
     p = p / REPORT if p.is_dir() else p
-    if recipe.allocation not in ("dp", "spdy"):
-        raise UsageError("--reuse-errors reuses dp/spdy error tables: add --allocation dp or spdy")
+    if recipe.allocation != "spdy":
+        raise UsageError("--reuse-errors reuses an spdy run's allocation: add --allocation spdy")
     try:
         alloc = json.loads(p.read_text()).get("allocation") or {}
     except (OSError, ValueError) as exc:
@@ -158,7 +158,7 @@ def read_error_tables(path: str | Path, recipe: Recipe) -> dict:
                          ) from None
     if not alloc.get("tables"):
         raise UsageError(f"--reuse-errors {str(path)!r} holds no error tables: it must come from an --allocation"
-                         " dp or spdy run")
+                         " spdy run")
     return alloc
 
 

@@ -96,17 +96,18 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--act-order", is_flag=True, default=None,
                      help="GPTQ's column order by descending Hessian diagonal (sparsegpt; not with N:M)."),
         click.option("--allocation", type=click.Choice(["uniform", "owl", "dp", "spdy"]), default=None,
-                     help="Per-layer sparsity under the global target: uniform (default), owl, dp, spdy (dp with"
-                          " sensitivity coefficients searched on the calibration loss)."),
+                     help="Per-layer sparsity under the global target: uniform (default), owl, spdy (a dynamic"
+                          " program over layer errors, sensitivities searched on the calibration loss); dp was"
+                          " removed."),
         click.option("--owl-m", type=float, default=None, help="OWL outlier threshold, x the mean score (default 5)."),
         click.option("--owl-lambda", type=float, default=None,
                      help="OWL: block sparsities within target ± lambda (default 0.08)."),
         click.option("--dp-radius", type=float, default=None,
-                     help="dp: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
+                     help="spdy: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
         click.option("--spdy-steps", type=int, default=None,
-                     help="spdy: candidate allocations scored in the search (default 24)."),
+                     help="spdy: candidate allocations scored in the search (default 16)."),
         click.option("--spdy-samples", type=int, default=None,
-                     help="spdy: calibration windows each candidate is scored on (default 16)."),
+                     help="spdy: calibration windows each candidate is scored on (default 8)."),
         click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,
                      help="dense (default): dequantized weights; compressed-tensors: pack-quantized ints."),
         click.option("--refit/--no-refit", default=None,
@@ -156,8 +157,8 @@ def cli() -> None:
               help="Local safetensors directories: read each block's weights when its turn comes and write each"
                    " finished block to OUT.partial/ (resumable: re-run the same command after a crash).")
 @click.option("--reuse-errors", type=click.Path(), default=None,
-              help="With --allocation dp: the llmprune.json (or its directory) of an earlier dp run of this model;"
-                   " its error tables are reused instead of measured.")
+              help="With --allocation spdy: the llmprune.json (or its directory) of an earlier spdy run of this"
+                   " model at the same sparsity; its searched allocation is reused instead of searched again.")
 @_recipe_options
 @_model_options
 @_log_file

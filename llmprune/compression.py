@@ -425,9 +425,10 @@ def plan_sparsities(
 ) -> dict:
     """Per-layer sparsities for a non-uniform allocation, from one streamed pass over the dense model.
 
-    owl: each block's outlier ratio of Wanda scores -> block sparsities. dp: each linear's relative error at
-    every candidate sparsity (the recipe's solver on that linear's Hessian) -> a dynamic program. ``reuse``:
-    error tables of an earlier run (its report's ``allocation``), which skips the pass.
+    owl: each block's outlier ratio of Wanda scores -> block sparsities. spdy: each linear's relative error at
+    every candidate sparsity (the recipe's solver on that linear's Hessian, the solved versions kept) -> a
+    dynamic program whose sensitivities are searched on the calibration loss (``_spdy``). ``reuse``: the
+    ``allocation`` of an earlier spdy run's report for the same target, which skips the pass and the search.
     Returns the report's ``allocation`` entry; its ``sparsities`` maps full linear names to sparsities.
     """
     target = recipe.target_sparsity
@@ -437,12 +438,13 @@ def plan_sparsities(
         if not tables or {k: t["numel"] for k, t in tables.items()} != numel:
             raise UsageError("--reuse-errors: its error tables do not match this model's layers (names and"
                              " sizes): reuse a report of the same model and --skip list")
-        if recipe.allocation == "spdy":
-            if reuse.get("method") != "spdy" or "sparsities" not in reuse:
-                raise UsageError("--reuse-errors with --allocation spdy needs the report of an spdy run (its"
-                                 " searched allocation): pass one, or drop --reuse-errors")
-            return dict(reuse, target=target)
-        return {"method": "dp", "target": target, "tables": tables, "sparsities": _dp(tables, target)}
+        if reuse.get("method") != "spdy" or "sparsities" not in reuse:
+            raise UsageError("--reuse-errors needs the report of an --allocation spdy run (its searched"
+                             " allocation): pass one, or drop --reuse-errors")
+        if abs(float(reuse.get("target", -1)) - target) > 1e-9:
+            raise UsageError(f"--reuse-errors: that allocation was searched for sparsity {reuse.get('target')}, not"
+                             f" {target}: run the search for {target} (drop --reuse-errors)")
+        return dict(reuse)
 
     prefixes = list(linears)
     ratios: list[float] = []
@@ -488,13 +490,11 @@ def plan_sparsities(
     finally:
         if store is not None:
             store.close()
-    if recipe.allocation == "owl":
-        sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
-        per_block = allocate.owl(ratios, sizes, target, recipe.owl_lambda)
-        sparsities = {f"{p}.{n}": s for p, s in zip(prefixes, per_block, strict=True) for n in linears[p]}
-        return {"method": "owl", "target": target, "block_outlier_ratios": dict(zip(prefixes, ratios, strict=True)),
-                "sparsities": sparsities}
-    return {"method": "dp", "target": target, "tables": tables, "sparsities": _dp(tables, target)}
+    sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
+    per_block = allocate.owl(ratios, sizes, target, recipe.owl_lambda)
+    sparsities = {f"{p}.{n}": s for p, s in zip(prefixes, per_block, strict=True) for n in linears[p]}
+    return {"method": "owl", "target": target, "block_outlier_ratios": dict(zip(prefixes, ratios, strict=True)),
+            "sparsities": sparsities}
 
 
 class VersionStore:
@@ -579,13 +579,6 @@ def _spdy(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, 
     log.info("spdy: calibration loss %.4f after %d candidates (%d improvements)", found["loss"],
              len(found["history"]), kept)
     return {"method": "spdy", "target": recipe.target_sparsity, "tables": tables, **found}
-
-
-def _dp(tables: dict[str, dict], target: float) -> dict[str, float]:
-    try:
-        return allocate.dp(tables, target)
-    except ValueError as exc:
-        raise UsageError(f"--allocation dp: {exc}: pick a target within the tables' candidates") from None
 
 
 def compress_model(

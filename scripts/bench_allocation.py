@@ -1,5 +1,5 @@
 """Per-layer sparsity allocations judged on text they were not calibrated on: SmolLM2-135M, SparseGPT,
-uniform / owl / dp / spdy, calibrated (a) on the built-in text's train part and (b) on a second kind of
+uniform / owl / spdy, calibrated (a) on the built-in text's train part and (b) on a second kind of
 English text (the docstrings of a fixed list of Python standard-library modules: technical prose, made
 reproducibly from this Python), evaluated on the built-in text's held-out part. One process, the same
 windows for every row; wall times are whole compress runs, allocation search included.
@@ -53,11 +53,11 @@ def docstrings_text() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", default="0.7,0.6")
-    ap.add_argument("--allocations", default="uniform,owl,dp,spdy")
+    ap.add_argument("--allocations", default="uniform,owl,spdy")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-count", type=int, default=16)
-    ap.add_argument("--spdy-steps", type=int, default=24)
+    ap.add_argument("--spdy-steps", type=int, default=16)
     ap.add_argument("--spdy-samples", type=int, default=8)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_allocation.txt"))
     args = ap.parse_args()

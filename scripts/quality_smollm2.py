@@ -38,7 +38,7 @@ RECIPES = {
     "sparsegpt 2:4 + w4g64 joint": dict(pattern="2:4", wbits=4, group_size=64),
     "sparsegpt 70% uniform": dict(sparsity=0.7),
     "sparsegpt 70% owl": dict(sparsity=0.7, allocation="owl"),
-    "sparsegpt 70% dp": dict(sparsity=0.7, allocation="dp"),
+    "sparsegpt 70% spdy": dict(sparsity=0.7, allocation="spdy"),
 }
 
 

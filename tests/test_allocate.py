@@ -11,6 +11,7 @@ from conftest import tiny_model
 from llmprune import allocate
 from llmprune.compression import compress_model
 from llmprune.engine import Stream
+from llmprune.errors import UsageError
 from llmprune.recipe import Recipe
 
 
@@ -53,24 +54,29 @@ def test_dp_meets_the_target_and_prunes_the_tolerant_layers():
     assert out[tough] < out[easy]
 
 
-@pytest.mark.parametrize("allocation", ["owl", "dp"])
+@pytest.mark.parametrize("allocation", ["owl", "spdy"])
 def test_compress_with_allocation_keeps_the_global_target(allocation, monkeypatch):
     model = tiny_model("llama")
     windows = torch.randint(0, model.config.vocab_size, (4, 32))
-    recipe = Recipe(sparsity=0.6, allocation=allocation, device="cpu", owl_m=2.0)
+    recipe = Recipe(sparsity=0.6, allocation=allocation, device="cpu", owl_m=2.0, spdy_steps=3, spdy_samples=4)
     report = compress_model(model, None, recipe, windows)
     layers = report["layers"]
     assert report["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
-    assert len({round(layer["sparsity"], 3) for layer in layers}) > 1  # not uniform
     alloc = report["allocation"]
     assert alloc["method"] == allocation and set(alloc["sparsities"]) == {layer["name"] for layer in layers}
-    if allocation == "dp":  # the tables alone reproduce the allocation, for this target or another one
-        model2 = tiny_model("llama")
-        again = compress_model(model2, None, recipe, windows, reuse_errors=alloc)
-        assert again["allocation"]["sparsities"] == alloc["sparsities"]
+    if allocation == "owl":
+        assert len({round(layer["sparsity"], 3) for layer in layers}) > 1  # not uniform
+    if allocation == "spdy":  # the report alone reproduces the allocation, with no measuring pass or search
         passes = []
         real_run = Stream.run
         monkeypatch.setattr(Stream, "run", lambda self, *a, **k: passes.append(1) or real_run(self, *a, **k))
-        other = compress_model(tiny_model("llama"), None, recipe.replace(sparsity=0.55), windows, reuse_errors=alloc)
-        assert other["global_sparsity"] == pytest.approx(0.55, abs=1e-3)
-        assert len(passes) == 1  # the compression pass only: no measuring pass
+        again = compress_model(tiny_model("llama"), None, recipe, windows, reuse_errors=alloc)
+        assert again["allocation"]["sparsities"] == alloc["sparsities"]
+        assert len(passes) == 1  # the compression pass only
+        with pytest.raises(UsageError, match="searched for sparsity 0.6"):
+            compress_model(tiny_model("llama"), None, recipe.replace(sparsity=0.55), windows, reuse_errors=alloc)
+
+
+def test_dp_allocation_was_removed_with_a_pointer_to_spdy():
+    with pytest.raises(UsageError, match="use --allocation spdy"):
+        Recipe(sparsity=0.6, allocation="dp")
