@@ -58,3 +58,27 @@ def test_a_model_that_cannot_stream_says_so_with_the_memory(hub_cache, tmp_path,
                           progress=False)
     assert "loaded whole, not streamed" in caplog.text and "GiB of host memory" in caplog.text
     assert ".bin" in caplog.text
+
+
+def test_checkpoint_keys_without_the_base_prefix_stream_too(tmp_path, tiny_tokenizer):
+    """GPT-2 hub checkpoints store ``h.0.attn...`` where the model has ``transformer.h.0.attn...``: the lazy
+    loader maps them by transformers' own rules instead of refusing, and the output loads."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "gpt2"
+    model = tiny_model("gpt2")
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    state = load_file(src / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v.contiguous() for k, v in state.items()}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    report = llmprune.compress(src, tmp_path / "out", nsamples=4, seqlen=32, device="cpu", calib="shakespeare",
+                               progress=False).to_dict()
+    assert report["model"]["lazy"] is True and report["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    eager = llmprune.compress(src, tmp_path / "eager", nsamples=4, seqlen=32, device="cpu", calib="shakespeare",
+                              progress=False, lazy=False)
+    a, _ = llmprune.load(tmp_path / "out")
+    b, _ = llmprune.load(tmp_path / "eager")
+    assert eager.global_sparsity == pytest.approx(report["global_sparsity"])
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
