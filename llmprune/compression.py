@@ -513,11 +513,16 @@ class VersionStore:
                  for k, t in tensors.items()}  # the dense weights exactly, to give an in-memory model back
         save_file(small, str(self.dir / f"block-{i:05d}.safetensors"))
 
-    def get(self, i: int) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
+    def get(self, i: int, keys: list[str]) -> dict[str, Tensor]:
+        """Block ``i``'s versions named ``keys`` (``name@sparsity`` / ``name@dense``), the others not read."""
+        from safetensors import safe_open
 
         path = self.dir / f"block-{i:05d}.safetensors"
-        return load_file(str(path)) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), "pt") as f:
+            have = set(f.keys())
+            return {k: f.get_tensor(k) for k in keys if k in have}
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -553,13 +558,14 @@ def _spdy(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, 
     def assemble(alloc: dict[str, float] | None):
         """Set each linear to its version at ``alloc``'s sparsity; None: back to dense (in-memory models)."""
         def on_block(i: int, block: nn.Module) -> None:
-            versions = store.get(i)
             with on_device(block, linears[prefixes[i]]) as lin:
+                keys = {n: f"{prefixes[i]}.{n}@{alloc[f'{prefixes[i]}.{n}']}"
+                        if alloc is not None and f"{prefixes[i]}.{n}" in alloc else f"{prefixes[i]}.{n}@dense"
+                        for n in lin}
+                versions = store.get(i, list(keys.values()))
                 for n, m in lin.items():
-                    full = f"{prefixes[i]}.{n}"
-                    key = f"{full}@{alloc[full]}" if alloc is not None and full in alloc else f"{full}@dense"
-                    if key in versions:
-                        set_weight(m, versions[key].to(get_weight(m).dtype))
+                    if keys[n] in versions:
+                        set_weight(m, versions[keys[n]].to(get_weight(m).dtype))
 
         return on_block
 
