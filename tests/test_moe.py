@@ -11,11 +11,12 @@ from conftest import TINY_MOE, VOCAB, tiny_model
 from safetensors import safe_open
 
 import llmprune
-from llmprune.compression import block_targets, compress_model, on_device
+from llmprune.compression import compress_model
 from llmprune.engine import Stream
 from llmprune.errors import UsageError
 from llmprune.hessian import HessianCollector
 from llmprune.recipe import Recipe
+from llmprune.targets import block_targets, on_device
 
 FAMILIES = list(TINY_MOE)
 OPTS = dict(nsamples=8, seqlen=32, device="cpu", calib="shakespeare", progress=False)

@@ -7,9 +7,10 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from llmprune import allocate
-from llmprune.compression import calibration_loss, compress_model, plan_sparsities, prunable_linears
+from llmprune.compression import compress_model, plan_sparsities, prunable_linears
 from llmprune.data import batched
 from llmprune.recipe import Recipe
+from llmprune.spdy import calibration_loss
 
 
 def test_with_equal_tables_and_coefficients_it_is_uniform():

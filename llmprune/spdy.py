@@ -1,0 +1,113 @@
+"""SPDY's plumbing: the solved layer versions kept on disk, and models assembled from them scored by their
+calibration loss, streamed through the engine (the search itself is allocate.spdy_search)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmprune import allocate, distributed
+from llmprune.arch import get_weight, set_weight
+from llmprune.data import batched
+from llmprune.engine import Stream
+from llmprune.progress import Progress, track
+from llmprune.recipe import Recipe
+from llmprune.targets import on_device
+
+log = logging.getLogger(__name__)
+
+
+class VersionStore:
+    """Every linear's solved weights at every candidate sparsity, for SPDY to assemble models from: one
+    safetensors file per block in a temporary directory (fp32 weights kept as fp16), so host memory holds one
+    block's versions at a time. The disk it takes is about (candidates/2) x the model's linear weights in
+    fp32 (x candidates in fp16/bf16): set TMPDIR to a roomy disk for large models."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="llmprune-spdy-"))
+
+    def put(self, i: int, tensors: dict[str, Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        small = {k: (t.half() if t.dtype == torch.float32 and not k.endswith("@dense") else t).contiguous().cpu()
+                 for k, t in tensors.items()}  # the dense weights exactly, to give an in-memory model back
+        save_file(small, str(self.dir / f"block-{i:05d}.safetensors"))
+
+    def get(self, i: int, keys: list[str]) -> dict[str, Tensor]:
+        """Block ``i``'s versions named ``keys`` (``name@sparsity`` / ``name@dense``), the others not read."""
+        from safetensors import safe_open
+
+        path = self.dir / f"block-{i:05d}.safetensors"
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), "pt") as f:
+            have = set(f.keys())
+            return {k: f.get_tensor(k) for k in keys if k in have}
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def calibration_loss(model: nn.Module, batches: list[Tensor], device: torch.device, on_block,
+                     captured: dict | None = None) -> float:
+    """Mean next-token NLL of the model over ``batches``, streamed; ``on_block(i, block)`` may change a
+    block's weights just before it runs (SPDY assembles each candidate model this way)."""
+    stream = Stream(model, batches, device, progress=False, captured=captured)
+    stream.run(lambda i, block, block_pass: on_block(i, block), desc="spdy score")
+    total, count = 0.0, 0
+    with stream.non_block_modules_on_device(), torch.no_grad():
+        for b, ids in enumerate(batches):
+            logits = stream.logits(b).float()
+            ids = ids.to(logits.device)
+            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                           reduction="sum"))
+            count += ids[:, 1:].numel()
+    total, count = distributed.all_sum([total, float(count)])  # torchrun: each rank scored its share
+    return total / count
+
+
+def search(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
+          device: torch.device, tables: dict[str, dict], store: VersionStore, progress: Progress) -> dict:
+    """SPDY's search over the measured tables: each candidate allocation assembled from the stored versions
+    and scored by its calibration loss on the first ``spdy_samples`` windows (allocate.spdy_search)."""
+    prefixes = list(linears)
+    batches = batched(distributed.shard(windows[: recipe.spdy_samples]), recipe.batch_size)
+    captured: dict = {}
+    lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew from disk every pass
+
+    def assemble(alloc: dict[str, float] | None):
+        """Set each linear to its version at ``alloc``'s sparsity; None: back to dense (in-memory models)."""
+        def on_block(i: int, block: nn.Module) -> None:
+            with on_device(block, linears[prefixes[i]]) as lin:
+                keys = {n: f"{prefixes[i]}.{n}@{alloc[f'{prefixes[i]}.{n}']}"
+                        if alloc is not None and f"{prefixes[i]}.{n}" in alloc else f"{prefixes[i]}.{n}@dense"
+                        for n in lin}
+                versions = store.get(i, list(keys.values()))
+                for n, m in lin.items():
+                    if keys[n] in versions:
+                        set_weight(m, versions[keys[n]].to(get_weight(m).dtype))
+
+        return on_block
+
+    steps = track(range(recipe.spdy_steps + 2), recipe.spdy_steps + 2, "spdy search", progress)
+    it = iter(steps)
+
+    def score(alloc: dict[str, float]) -> float:
+        next(it, None)
+        return calibration_loss(model, batches, device, assemble(alloc), captured)
+
+    try:
+        found = allocate.spdy_search(tables, recipe.target_sparsity, score, recipe.spdy_steps, seed=recipe.seed)
+    finally:
+        if not lazy:  # every weight back to dense before the compression run
+            Stream(model, [], device, progress=False).visit(lambda i, block, _: assemble(None)(i, block))
+    kept = sum(1 for h in found["history"] if h.get("kept") and h["step"] > 0)
+    log.info("spdy: calibration loss %.4f after %d candidates (%d improvements)", found["loss"],
+             len(found["history"]), kept)
+    return {"method": "spdy", "target": recipe.target_sparsity, "tables": tables, **found}
