@@ -105,7 +105,7 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--dp-radius", type=float, default=None,
                      help="spdy: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
         click.option("--spdy-steps", type=int, default=None,
-                     help="spdy: candidate allocations scored in the search (default 16)."),
+                     help="spdy: candidate allocations scored in the search (default 24)."),
         click.option("--spdy-samples", type=int, default=None,
                      help="spdy: calibration windows each candidate is scored on (default 8)."),
         click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,

@@ -73,7 +73,7 @@ class Recipe:
     dp_radius: float = 0.1
     # spdy: dp's tables with per-block and per-kind sensitivity coefficients searched (spdy_steps candidates,
     # each scored by the calibration loss of the assembled model on the first spdy_samples windows)
-    spdy_steps: int = 16
+    spdy_steps: int = 24
     spdy_samples: int = 8
     # the block loop of sparsegpt: auto = the fused Triton kernel on CUDA, torch on CPU; triton or torch forces
     kernels: str = "auto"

@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-count", type=int, default=16)
-    ap.add_argument("--spdy-steps", type=int, default=16)
+    ap.add_argument("--spdy-steps", type=int, default=24)
     ap.add_argument("--spdy-samples", type=int, default=8)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_allocation.txt"))
     args = ap.parse_args()
