@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
+        distributed.shutdown()  # torchrun: leave the group cleanly (gloo aborts a process that does not)
     except (UsageError, CholeskyError) as exc:
         click.echo(f"{me}: error: {exc}", err=True)
         sys.exit(2)

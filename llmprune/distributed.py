@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -167,6 +166,12 @@ def assign(costs: dict[str, float]) -> dict[str, int]:
     return out
 
 
-def iterate_in_order(names: list[str]) -> Iterator[tuple[str, int]]:
-    """(name, owner) in a fixed order every rank shares."""
-    yield from ((n, i % world()) for i, n in enumerate(names))
+def shutdown() -> None:
+    """Leave the process group (at the end of a torchrun run), after the others are done with it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -135,11 +135,20 @@ def rtn(W: Tensor, spec: QuantSpec, params: QuantParams | None = None) -> tuple[
 def codes(W: Tensor, params: QuantParams) -> Tensor:
     """The uint8 codes of weights that lie on their grid (as the solvers leave them), recovered exactly.
 
-    A 16-bit dtype rounds (c - zero) * scale to 8 significant bits at worst, an error below half a step for
-    |c - zero| <= 255, so rounding recovers c.
+    Rounding W / scale recovers c unless W's dtype moved the value by more than half a step: bf16 keeps 8
+    significant bits, so with |c - zero| > 128 (asymmetric 8-bit) a grid value can round past the midpoint
+    (4.0149 -> 4.0 with steps of 0.0281). There the neighbouring code whose value, in W's dtype, is W is taken.
     """
     scale, zero = params.columns(W.shape[1])
-    return quantize(W.float(), scale, zero, params.spec.maxq).to(torch.uint8)
+    c = quantize(W.float(), scale, zero, params.spec.maxq)
+    if W.dtype in (torch.float16, torch.bfloat16):
+        ok = dequantize(c, scale, zero).to(W.dtype) == W
+        for step in (-1.0, 1.0):
+            alt = torch.clamp(c + step, 0, params.spec.maxq)
+            fits = ~ok & (dequantize(alt, scale, zero).to(W.dtype) == W)
+            c = torch.where(fits, alt, c)
+            ok = ok | fits
+    return c.to(torch.uint8)
 
 
 def on_grid(W: Tensor, params: QuantParams) -> bool:

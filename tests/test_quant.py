@@ -125,8 +125,9 @@ def test_quant_share_splits_the_error():
     assert 0 < magnitude(W, H, 0.5, None, QuantSpec(4)).quant_share < 1
 
 
-def test_bf16_weights_stay_on_the_grid_in_their_dtype():
-    W, H = correlated_layer(32, 128)
+@pytest.mark.parametrize("seed", [0, 99])  # 99: a grid value bf16 rounds past the midpoint to its neighbour
+def test_bf16_weights_stay_on_the_grid_in_their_dtype(seed):
+    W, H = correlated_layer(32, 128, seed=seed)
     res = sparsegpt(W.bfloat16(), H, 0.5, None, QuantSpec(8, 64, sym=False))
     assert res.weight.dtype == torch.bfloat16 and res.quant.scale.dtype == torch.bfloat16
     assert on_grid(res.weight, res.quant)

