@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from llmprune.arch import find_experts
+from llmprune.arch import ROUTERS, find_experts
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,7 @@ def sync_counts(block: nn.Module) -> None:
 
 
 def find_router_by_rows(block: nn.Module, experts_path: str, n: int) -> nn.Module | None:
-    from llmprune.arch import ROUTERS
-
+    """A sibling of ``experts_path`` named in ``arch.ROUTERS`` whose weight has ``n`` rows."""
     parent_path = experts_path.rpartition(".")[0]
     parent = block.get_submodule(parent_path) if parent_path else block
     for name in ROUTERS:
