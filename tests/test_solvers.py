@@ -16,7 +16,9 @@ from llmprune.solvers.result import relative_error
 
 def correlated_layer(rows: int, cols: int, tokens: int = 2048, seed: int | None = None):
     """W and H = 2/n XᵀX for inputs with strongly correlated, unevenly scaled features (like LLM activations)."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    # seeded: by default from the shape, so each test sees the same layer on every run (a fresh seed per run
+    # once hid a bf16 rounding bug behind one seed in 200; see test_quant)
+    g = torch.Generator().manual_seed(seed if seed is not None else rows * 100_003 + cols * 101 + tokens)
     mix = torch.randn(cols, cols, generator=g) / cols**0.5
     scale = torch.exp(torch.randn(cols, generator=g))
     X = (torch.randn(tokens, cols, generator=g) @ mix + 0.1 * torch.randn(tokens, cols, generator=g)) * scale
