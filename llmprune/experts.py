@@ -182,13 +182,7 @@ def drop(module: nn.Module, router: nn.Module, keep: list[int]) -> None:
             setattr(module, name, nn.Parameter(p.data.index_select(0, idx).clone(), requires_grad=False))
     for name, p in list(router.named_parameters(recurse=False)):
         setattr(router, name, nn.Parameter(p.data.index_select(0, idx.to(p.device)).clone(), requires_grad=False))
-    n = len(keep)
-    for owner in (module, router):
-        for attr in ("num_experts", "num_local_experts"):
-            if hasattr(owner, attr):
-                setattr(owner, attr, n)
-    if hasattr(router, "out_features"):
-        router.out_features = n
+    _set_counts((module, router), len(keep))
 
 
 def find_router(block: nn.Module, experts_path: str) -> nn.Module | None:
@@ -242,13 +236,15 @@ def sync_counts(block: nn.Module) -> None:
     and read back on resume), make the modules' expert counts follow their tensors."""
     for path, module in find_experts(block).items():
         n = module.down_proj.shape[0]
-        router = find_router_by_rows(block, path, n)
-        for owner in (module, router):
-            if owner is None:
-                continue
-            for attr in ("num_experts", "num_local_experts"):
-                if hasattr(owner, attr):
-                    setattr(owner, attr, n)
+        _set_counts((module, find_router_by_rows(block, path, n)), n)
+
+
+def _set_counts(owners: tuple, n: int) -> None:
+    """The expert count an experts module and its router keep as attributes (the forwards read them)."""
+    for owner in owners:
+        for attr in ("num_experts", "num_local_experts", "out_features"):
+            if owner is not None and hasattr(owner, attr):
+                setattr(owner, attr, n)
 
 
 def find_router_by_rows(block: nn.Module, experts_path: str, n: int) -> nn.Module | None:
