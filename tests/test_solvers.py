@@ -151,6 +151,22 @@ def test_mask_helpers():
     assert int(m.sum()) == 17 and set(m.sum(1).tolist()) <= {3, 4}
 
 
+@pytest.mark.parametrize("kind", ["normal", "per-column scales", "few values", "zeros"])
+def test_large_masks_select_exactly_the_k_smallest_first_in_position_on_ties(kind):
+    """Above 65536 entries the k-th value is found in a sampled band: the mask must still be the sort's."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 300, 257
+    score = {"normal": torch.randn(rows, cols, generator=g).abs(),
+             "per-column scales": torch.rand(rows, cols, generator=g) * torch.rand(cols, generator=g) ** 4,
+             "few values": torch.randint(0, 4, (rows, cols), generator=g).float(),
+             "zeros": torch.zeros(rows, cols)}[kind]
+    order = torch.sort(score.reshape(-1), stable=True).indices  # ties: lower position first
+    for k in (1, 1000, rows * cols // 2, int(0.7 * rows * cols), rows * cols - 1):
+        want = torch.zeros(rows * cols, dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(smallest_k_mask(score, k).reshape(-1), want), k
+
+
 def test_relative_error_matches_activations():
     X = torch.randn(500, 24)
     W, Wn = torch.randn(10, 24), torch.randn(10, 24)

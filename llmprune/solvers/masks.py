@@ -8,6 +8,33 @@ from torch import Tensor
 from llmprune.pattern import Pattern, n_pruned
 
 
+_SAMPLE = 8192
+
+
+def kth_smallest(flat: Tensor, k: int) -> Tensor:
+    """The k-th smallest value (1-based) of a 1-D float tensor, as a 0-d tensor; the same as ``kthvalue``.
+
+    On large tensors a fixed random sample brackets the answer (±4 standard deviations of its rank) and only
+    the entries in that band are searched: several times faster than ``kthvalue`` over all of them, which
+    matters to solvers that re-select a mask every iteration (admm). Falls back to the full search when the
+    band misses.
+    """
+    n = flat.numel()
+    if n > 8 * _SAMPLE:
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.randint(n, (_SAMPLE,), generator=gen).to(flat.device)
+        sample = flat[idx].sort().values
+        q = k / n
+        margin = int(4 * (q * (1 - q) * _SAMPLE) ** 0.5) + 8
+        at = int(q * _SAMPLE)
+        lo, hi = sample[max(at - margin, 0)], sample[min(at + margin, _SAMPLE - 1)]
+        below = int((flat < lo).sum())
+        band = (flat >= lo) & (flat <= hi)
+        if below < k <= below + int(band.sum()):
+            return flat[band].kthvalue(k - below).values
+    return flat.kthvalue(k).values
+
+
 def smallest_k_mask(score: Tensor, k: int) -> Tensor:
     """Bool mask (True = pruned) of exactly ``k`` entries with the smallest score; ties broken by position.
 
@@ -19,7 +46,7 @@ def smallest_k_mask(score: Tensor, k: int) -> Tensor:
         return mask.view_as(score)
     if k >= flat.numel():
         return torch.ones_like(mask).view_as(score)
-    thr = flat.float().kthvalue(k).values.to(flat.dtype)
+    thr = kth_smallest(flat.float(), k).to(flat.dtype)
     mask = flat < thr
     need = k - int(mask.sum())
     if need > 0:
