@@ -266,6 +266,7 @@ def compress(
     progress: Progress = True,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    dist_read: str = "all",
     **options: Any,
 ) -> Report:
     """Compress ``model`` as the recipe (and ``options``, which override it) says; return the run report.
@@ -276,9 +277,11 @@ def compress(
     is ``report.module``. ``reuse_errors``: an earlier dp run's report (or its directory). ``progress``:
     True (a tqdm bar), False, or ``fn(task, done, total)``. ``tokenizer``: an object, or a hub id /
     directory to load one from (a model directory without tokenizer files needs it). ``revision`` and
-    ``trust_remote_code`` go to transformers' loaders.
+    ``trust_remote_code`` go to transformers' loaders. ``dist_read`` (under torchrun, streamed models): "all"
+    (every rank reads each block from the shards) or "rank0" (rank 0 reads it and broadcasts it).
     """
     t0 = time.perf_counter()
+    _check_dist_read(dist_read)
     rec = make_recipe(recipe, source="compress()", **options)
     check_kernels(rec.kernels, resolve_device(rec.device))
     reuse = read_error_tables(reuse_errors, rec) if reuse_errors is not None else None
@@ -289,7 +292,7 @@ def compress(
         kind, load_s = "memory", 0.0
     else:
         if lazy and out_path is not None and mref.kind == "dir" and can_load_lazily(Path(mref.location)):
-            return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer)
+            return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer, dist_read)
         if lazy and out_path is not None:
             _say_not_streamed(mref, rec)
         model, loaded_tok = _load_whole(mref, rec.dtype)
@@ -368,13 +371,14 @@ def _load_whole(mref: ModelRef, dtype: str):
 
 
 def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float,
-                   progress: Progress, tokenizer=None) -> Report:
+                   progress: Progress, tokenizer=None, dist_read: str = "all") -> Report:
     """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
     publish it as ``out``."""
     from llmprune.resume import PartialOutput
 
     path = Path(mref.location)
     model, loaded_tok = load_lazy(path, recipe.dtype, mref.trust_remote_code)
+    model.block_source.read_on_main = dist_read == "rank0"
     tokenizer = tokenizer if tokenizer is not None else loaded_tok
     load_s = time.perf_counter() - t0
     windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
@@ -393,7 +397,8 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
         report["calibration"] = calib
     report["timings"]["load_s"] = round(load_s, 3)
     dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
-    rest = model.block_source.rest_state()  # the tensors outside the blocks, as the input stores them
+    # the tensors outside the blocks, as the input stores them: only the rank that writes needs them
+    rest = model.block_source.rest_state() if distributed.is_main() else {}
     t_save = time.perf_counter()
     compressed = recipe.format == "compressed-tensors"
     sizes = {"numel": 0, "packed_bytes": 0}
@@ -456,6 +461,7 @@ def evaluate(
     progress: Progress = True,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    dist_read: str = "all",
 ) -> dict[str, Any]:
     """Perplexity by the SparseGPT protocol, streamed block by block (from disk for safetensors directories).
 
@@ -465,6 +471,7 @@ def evaluate(
     """
     if seqlen < 2:
         raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
+    _check_dist_read(dist_read)
     dev = distributed.device() or resolve_device(device)
     _, description = load_documents(dataset, split, text_field, "eval")  # unreachable data fails before the model
     if isinstance(model, nn.Module):
@@ -473,6 +480,7 @@ def evaluate(
         mref = resolve(str(model), revision, trust_remote_code)
         if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
             m, tok = load_lazy(Path(mref.location), dtype, trust_remote_code)  # blocks read from disk one at a time
+            m.block_source.read_on_main = dist_read == "rank0"
         else:
             m, tok = _load_whole(mref, dtype)
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
@@ -483,6 +491,12 @@ def evaluate(
     t0 = time.perf_counter()
     ppl = perplexity(m, windows, dev, batch_size, progress=progress)
     return info | {"windows": int(windows.shape[0]), "ppl": ppl, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _check_dist_read(dist_read: str) -> None:
+    if dist_read not in ("all", "rank0"):
+        raise UsageError(f"unknown dist_read {dist_read!r}: choose all (every rank reads the shards) or rank0"
+                         " (rank 0 reads, the others receive)")
 
 
 def _warn_if_calibrated_on(mref: ModelRef, description: str) -> None:

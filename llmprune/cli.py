@@ -44,6 +44,11 @@ def _model_options(f):
     return f
 
 
+_dist_read = click.option(
+    "--dist-read", type=click.Choice(["all", "rank0"]), default="all", show_default=True,
+    help="Under torchrun, for models streamed from disk: every rank reads each block from the shards (all; they"
+         " must be on a file system every node sees) or rank 0 reads it and broadcasts it (rank0).")
+
 _log_file = click.option("--log-file", type=click.Path(dir_okay=False), expose_value=False, is_eager=True,
                          callback=_log_to_file, help="Also write the log (INFO and up) to this file.")
 
@@ -161,15 +166,18 @@ def cli() -> None:
                    " model at the same sparsity; its searched allocation is reused instead of searched again.")
 @_recipe_options
 @_model_options
+@_dist_read
 @_log_file
 def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: str | None, config: str | None,
-             tokenizer: str | None, revision: str | None, trust_remote_code: bool, **flags) -> None:
+             tokenizer: str | None, revision: str | None, trust_remote_code: bool, dist_read: str,
+             **flags) -> None:
     """Prune MODEL (hub id, model directory, .gguf file, or smollm2-135m) and write a model directory."""
     from llmprune import api
 
     recipe = build_recipe(config, **flags)
     report = api.compress(model, out, recipe, overwrite=overwrite, lazy=lazy, reuse_errors=reuse_errors,
-                          tokenizer=tokenizer, revision=revision, trust_remote_code=trust_remote_code)
+                          tokenizer=tokenizer, revision=revision, trust_remote_code=trust_remote_code,
+                          dist_read=dist_read)
     ckpt = report.checkpoint
     click.echo(
         f"compressed {len(report.layers)} linears ({recipe.label}): {report.global_sparsity:.2%} sparsity,"
@@ -202,6 +210,7 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
 @_model_options
+@_dist_read
 @_log_file
 def eval_ppl(model: str, as_json: bool, **options) -> None:
     """Perplexity of MODEL on a dataset (SparseGPT protocol), streamed block by block."""

@@ -46,6 +46,9 @@ def init(device_type: str | None = None) -> bool:
     timeout = datetime.timedelta(seconds=float(os.environ.get("LLMPRUNE_DIST_TIMEOUT", "900")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     _STATE["cuda"] = cuda
+    # block weights broadcast from rank 0 (lazy.BlockSource with read_on_main) travel on their own group: the
+    # prefetch thread sends block i+1 while the main thread all-reduces block i's Hessians
+    _STATE["read_group"] = dist.new_group()
     log.info("torchrun: rank %d of %d (%s)", rank(), world(), "nccl" if cuda else "gloo")
     return True
 
@@ -114,6 +117,24 @@ def broadcast_(t: Tensor, src: int) -> None:
     buf = _comm(t)
     dist.broadcast(buf, src)
     t.copy_(buf.to(t.device))
+
+
+def broadcast_tensors(named: dict[str, Tensor] | None, src: int = 0) -> dict[str, Tensor]:
+    """Rank ``src``'s named tensors on every rank, on the host (the other ranks pass None): how a block read
+    by rank 0 alone reaches the others. Names, shapes and dtypes go first, then one broadcast per tensor."""
+    import torch.distributed as dist
+
+    if not active():
+        return named or {}
+    group = _STATE.get("read_group")
+    box = [[(k, tuple(t.shape), t.dtype) for k, t in named.items()] if rank() == src else None]
+    dist.broadcast_object_list(box, src, group=group, device=device())
+    out = {}
+    for key, shape, dtype in box[0]:
+        buf = _comm(named[key]) if rank() == src else torch.empty(shape, dtype=dtype, device=device() or "cpu")
+        dist.broadcast(buf, src, group=group)
+        out[key] = named[key] if rank() == src else buf.cpu()
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

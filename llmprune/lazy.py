@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmprune import experts, hostmem
+from llmprune import distributed, experts, hostmem
 from llmprune.arch import causal_lm_class, find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
@@ -68,6 +68,9 @@ class BlockSource:
         self.rest = rest  # parameter names outside the blocks (a tied output embedding is not stored)
         self.keymap = keymap
         self.overrides: dict[int, TensorReader] = {}
+        # under torchrun: rank 0 reads each block and broadcasts it (True), or every rank reads the shards
+        # itself (False, the default; needs the checkpoint on a file system every node sees)
+        self.read_on_main = False
 
     def _read(self, reader: TensorReader, key: str) -> Tensor:
         t = reader.get(key)
@@ -93,23 +96,37 @@ class BlockSource:
                 out += [k for k in keymap.checkpoint_keys(name) if k not in reader]
         return out
 
-    def load(self, i: int, block: nn.Module) -> None:
-        reader = self.overrides.get(i, self.reader)
+    def _shared(self) -> bool:
+        return self.read_on_main and distributed.active()
+
+    def _read_block(self, i: int, block: nn.Module, reader: TensorReader) -> dict[str, Tensor]:
         missing = self.missing(i, block, reader)
         if missing:
             raise UsageError(f"{missing[0]} is missing from {reader.directory}: the checkpoint does not match its"
                              " config; re-save it with save_pretrained")
-        inside = f"{self.path}.{i}."
         state = block.state_dict()
+        inside = f"{self.path}.{i}."
+        out = {}
         for name, t in self._keymap(reader).read(lambda k: self._read(reader, k), self.keys(i, block)).items():
             local = name.removeprefix(inside)
             if reader is self.reader and local in state and tuple(state[local].shape) != tuple(t.shape):
                 raise UsageError(f"{name} is stored as {tuple(t.shape)} in {reader.directory}, but its config makes"
                                  f" it {tuple(state[local].shape)}: the checkpoint does not match its config")
+            out[local] = t
+        reader.close()
+        return out
+
+    def load(self, i: int, block: nn.Module) -> None:
+        reader = self.overrides.get(i, self.reader)
+        if self._shared():
+            tensors = distributed.broadcast_tensors(self._read_block(i, block, reader) if distributed.is_main()
+                                                    else None)
+        else:
+            tensors = self._read_block(i, block, reader)
+        for local, t in tensors.items():
             _set_tensor(block, local, t)
         if reader is not self.reader:  # a compressed block may have fewer experts than the skeleton
             experts.sync_counts(block)
-        reader.close()
 
     def release(self, i: int, block: nn.Module) -> None:
         _to_meta(block, block.state_dict())
@@ -126,9 +143,13 @@ class BlockSource:
         return out
 
     def load_rest(self, model: nn.Module) -> None:
-        for name, t in self.keymap.read(lambda k: self._read(self.reader, k), self.rest).items():
+        if not self._shared() or distributed.is_main():
+            tensors = self.keymap.read(lambda k: self._read(self.reader, k), self.rest)
+            self.reader.close()
+        if self._shared():
+            tensors = distributed.broadcast_tensors(tensors if distributed.is_main() else None)
+        for name, t in tensors.items():
             _set_tensor(model, name, t)
-        self.reader.close()
         model.tie_weights()
 
     def release_rest(self, model: nn.Module) -> None:

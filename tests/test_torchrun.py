@@ -106,6 +106,23 @@ def test_torchrun_output_equals_the_single_process_output(case, model_dir, tmp_p
     assert two.stdout.count("compressed ") == 1  # rank 0 alone prints the summary
 
 
+@pytest.mark.parametrize("dist_read", ["all", "rank0"])
+def test_with_rank0_reading_only_rank0_opens_the_shards_and_the_output_is_the_same(dist_read, model_dir, tmp_path):
+    base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
+            "--device", "cpu", "--dist-read", dist_read]
+    one = single([*base, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    counts = tmp_path / "reads"
+    counts.mkdir()
+    two = torchrun([*base, "--out", str(tmp_path / "two")], script=[str(HERE / "torchrun_reads.py")],
+                   LLMPRUNE_TEST_READS=str(counts))
+    assert two.returncode == 0, two.stderr[-3000:]
+    reads = [int((counts / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    assert reads[0] > 0
+    assert (reads[1] == 0) if dist_read == "rank0" else (reads[1] > 0)
+    assert_same_model(tmp_path / "two", tmp_path / "one")
+
+
 def test_eval_ppl_under_torchrun_equals_the_single_process(model_dir):
     args = ["eval-ppl", str(model_dir), "--dataset", "shakespeare", "--seqlen", "32", "--max-windows", "10",
             "--device", "cpu", "--json"]

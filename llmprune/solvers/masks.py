@@ -7,7 +7,6 @@ from torch import Tensor
 
 from llmprune.pattern import Pattern, n_pruned
 
-
 _SAMPLE = 8192
 
 
