@@ -22,23 +22,41 @@ def on_tensor_cores(x: Tensor, hessian_dtype: str, dtype: torch.dtype) -> bool:
     return hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and dtype == torch.float32
 
 
+def strips(cols: int) -> list[tuple[int, int]]:
+    """Row strips [a, e) of a (cols, cols) Hessian: each batch's xᵀx is formed strip by strip, only on and
+    right of the diagonal (H[a:e, a:]), and mirrored below it, since H is symmetric. Four strips do
+    10/16 of the full product's multiply-adds (on this CPU a 1536-wide update took 0.6x the time);
+    narrow layers keep one GEMM."""
+    nb = 4 if cols >= 512 else 2 if cols >= 256 else 1
+    step = -(-cols // nb)
+    return [(a, min(a + step, cols)) for a in range(0, cols, step)]
+
+
 def hessian_update(H: Tensor, n: int, x: Tensor, hessian_dtype: str = "auto") -> tuple[Tensor, int]:
     """Fold a batch of inputs ``x`` (tokens, cols) into the running average H = 2/n Σ x xᵀ, in place.
 
     Rescaling H before adding keeps every term O(1): no overflow over many samples and no loss of the
     small late terms against a huge running sum. The batch's own xᵀx is formed unscaled (scaling a 16-bit x
-    by sqrt(2/n) first would round it) and scaled in fp32; off the tensor-core path that is one in-place
-    ``addmm_`` (H = βH + α xᵀx), so no second (cols, cols) matrix is ever allocated.
+    by sqrt(2/n) first would round it) and scaled in fp32; off the tensor-core path that is an in-place
+    ``addmm_`` (H = βH + α xᵀx) per strip (``strips``), so no second (cols, cols) matrix is ever allocated.
+    H is whole and symmetric after every call.
     """
     b = x.shape[0]
     if b == 0:
         return H, n
     beta, alpha = n / (n + b), 2 / (n + b)
-    if on_tensor_cores(x, hessian_dtype, H.dtype):
-        H.mul_(beta).add_(torch.mm(x.t(), x, out_dtype=torch.float32), alpha=alpha)
-    else:  # in place, without an (cols, cols) temporary: the widest layer's is the size of H itself
+    tensor_cores = on_tensor_cores(x, hessian_dtype, H.dtype)
+    if not tensor_cores:
         x = x.to(H.dtype)
-        H.addmm_(x.t(), x, beta=beta, alpha=alpha)
+    parts = strips(H.shape[0])
+    for a, e in parts:
+        xa, xr, Hs = x[:, a:e], x[:, a:], H[a:e, a:]
+        if tensor_cores:
+            Hs.mul_(beta).add_(torch.mm(xa.t(), xr, out_dtype=torch.float32), alpha=alpha)
+        else:  # in place, into the strip of H itself
+            Hs.addmm_(xa.t(), xr, beta=beta, alpha=alpha)
+    for a, e in parts[:-1]:  # the upper strips' off-diagonal blocks, mirrored below the diagonal
+        H[e:, a:e].copy_(H[a:e, e:].t())
     return H, n + b
 
 
