@@ -187,3 +187,40 @@ def test_inverse_hessian_factor_leaves_h_untouched_and_gives_dead_inputs_unit_di
     Hd += frac * torch.diag(Hd).mean() * torch.eye(32)
     torch.testing.assert_close(U.T @ U @ Hd, torch.eye(32), atol=1e-4, rtol=1e-4)
     assert torch.equal(U, torch.triu(U))
+
+
+def test_linears_sharing_a_hessian_share_its_factor_and_a_changed_or_freed_hessian_does_not():
+    """q/k/v read one input: the second solve on the same H reuses the factor (same result as a fresh one); an
+    H modified in place, or a new H, gets its own; the factor is released with its Hessian."""
+    import gc
+    import sys
+
+    from llmprune.solvers import hinv
+
+    sparsegpt_mod = sys.modules["llmprune.solvers.sparsegpt"]
+
+    W1, H = correlated_layer(24, 64)
+    W2 = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = hinv.inverse_hessian_cholesky
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    hinv.inverse_hessian_cholesky, sparsegpt_mod.inverse_hessian_cholesky = counting, counting
+    try:
+        a = sparsegpt(W1, H, 0.5)
+        b = sparsegpt(W2, H, 0.5)
+        assert len(calls) == 1
+        H2 = H.clone()
+        assert torch.equal(sparsegpt(W2, H2, 0.5).weight, b.weight) and len(calls) == 2  # a fresh factor, same bits
+        H2.mul_(2)  # modified in place: not the factored matrix any more
+        sparsegpt(W2, H2, 0.5)
+        assert len(calls) == 3
+        assert torch.equal(sparsegpt(W1, H, 0.5).weight, a.weight)
+    finally:
+        hinv.inverse_hessian_cholesky, sparsegpt_mod.inverse_hessian_cholesky = real, real
+    del H, H2
+    gc.collect()
+    assert "sparsegpt" not in hinv._LAST

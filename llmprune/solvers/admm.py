@@ -23,7 +23,7 @@ from torch import Tensor
 
 from llmprune.pattern import Pattern
 from llmprune.quant import QuantSpec
-from llmprune.solvers.hinv import dead_inputs, prepare_weight
+from llmprune.solvers.hinv import dead_inputs, prepare_weight, shared_factor
 from llmprune.solvers.masks import magnitude_mask
 from llmprune.solvers.refit import damped, refit
 from llmprune.solvers.result import SolveResult, output_error
@@ -62,10 +62,13 @@ def admm(
     warm = sparsegpt(W, H, sparsity, pattern, None, block_size=block_size, damp_frac=damp_frac, kernels=kernels)
     dead = dead_inputs(H)
     W32 = prepare_weight(W, dead)
-    Hd = damped(H, warm.damp_frac)
-    scale = Hd.diagonal().mean()
-    Hn = Hd / scale  # ρ is relative to the mean diagonal
-    lam, Q = torch.linalg.eigh(Hn)  # Hn = Q diag(lam) Qᵀ
+    def factor() -> tuple[Tensor, Tensor, Tensor]:
+        Hd = damped(H, warm.damp_frac)
+        Hn = Hd / Hd.diagonal().mean()  # ρ is relative to the mean diagonal
+        lam, Q = torch.linalg.eigh(Hn)  # Hn = Q diag(lam) Qᵀ
+        return Hn, lam, Q
+
+    Hn, lam, Q = shared_factor("admm", H, (warm.damp_frac,), factor)  # q/k/v, gate/up: one eigh for the group
     WH = W32 @ Hn
 
     def project(V: Tensor) -> Tensor:

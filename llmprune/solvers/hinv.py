@@ -8,6 +8,10 @@ Cholesky again), so a solve needs the caller's H plus one more, not the six copi
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -24,6 +28,29 @@ def prepare_weight(W: Tensor, dead: Tensor) -> Tensor:
     W = W.float().clone()
     W[:, dead] = 0
     return W
+
+
+_LAST: dict[str, dict] = {}
+
+
+def shared_factor(kind: str, H: Tensor, args: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or what it returned for this very ``H`` (the same tensor, unmodified since) with the same
+    ``args``: linears that read one input (q/k/v, gate/up) share one Hessian and are solved one after the
+    other, so they share its factorisation too. One entry per ``kind``; it goes when H is freed, so a solve
+    never keeps a factor alive past its Hessian.
+    """
+    entry = _LAST.get(kind)
+    if entry is not None and entry["ref"]() is H and entry["version"] == H._version and entry["args"] == args:
+        return entry["value"]
+    _LAST.pop(kind, None)  # the old factor goes before the new one is formed
+    value = compute()
+
+    def forget(ref: weakref.ref) -> None:
+        if _LAST.get(kind, {}).get("ref") is ref:
+            del _LAST[kind]
+
+    _LAST[kind] = {"ref": weakref.ref(H, forget), "version": H._version, "args": args, "value": value}
+    return value
 
 
 def inverse_hessian_cholesky(H: Tensor, damp_frac: float, retries: int = 3) -> tuple[Tensor, float, int]:

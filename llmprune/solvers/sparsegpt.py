@@ -10,13 +10,15 @@ Names follow the paper and the reference code: W1/Q1/Err1/Hinv1 are the current 
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
 from llmprune.kernels import use_triton
 from llmprune.pattern import Pattern
 from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
-from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight
+from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight, shared_factor
 from llmprune.solvers.masks import nm_mask, smallest_k_mask, split_counts
 from llmprune.solvers.result import SolveResult
 
@@ -109,7 +111,9 @@ def sparsegpt(
     if mask is not None:
         pattern = None  # nothing to choose: the given mask holds whatever pattern it has
 
-    Hinv, damp_used, retries = inverse_hessian_cholesky(H, damp_frac)
+    # read only below, so linears sharing this H (q/k/v, gate/up) share the factor
+    Hinv, damp_used, retries = shared_factor("sparsegpt", H, (damp_frac,),
+                                             partial(inverse_hessian_cholesky, H, damp_frac))
     del H
     fused = use_triton(kernels, W.device)
 
