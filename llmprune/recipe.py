@@ -83,8 +83,8 @@ class Recipe:
     sequential: bool = True
     # admm: at most admm_iters iterations, the penalty from admm_rho0 x mean diag(H), x admm_rho_growth each
     admm_iters: int = 60
-    admm_rho0: float = 0.3
-    admm_rho_growth: float = 1.6
+    admm_rho0: float = 0.1
+    admm_rho_growth: float = 1.9
     admm_refit_iters: int = 10  # admm: PCG steps of the refit on the support it found
     # re-solve the kept weights of any method's mask (PCG, refit_iters steps; never raises a layer's error);
     # with wbits the mask's weights are compensated and quantized by the GPTQ sweep on that mask instead
