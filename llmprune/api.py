@@ -377,8 +377,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     from llmprune.resume import PartialOutput
 
     path = Path(mref.location)
-    model, loaded_tok = load_lazy(path, recipe.dtype, mref.trust_remote_code)
-    model.block_source.read_on_main = dist_read == "rank0"
+    model, loaded_tok = load_lazy(path, recipe.dtype, mref.trust_remote_code, read_on_main=dist_read == "rank0")
     tokenizer = tokenizer if tokenizer is not None else loaded_tok
     load_s = time.perf_counter() - t0
     windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
@@ -479,8 +478,8 @@ def evaluate(
     else:
         mref = resolve(str(model), revision, trust_remote_code)
         if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
-            m, tok = load_lazy(Path(mref.location), dtype, trust_remote_code)  # blocks read from disk one at a time
-            m.block_source.read_on_main = dist_read == "rank0"
+            # blocks read from disk one at a time
+            m, tok = load_lazy(Path(mref.location), dtype, trust_remote_code, read_on_main=dist_read == "rank0")
         else:
             m, tok = _load_whole(mref, dtype)
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok

@@ -14,6 +14,7 @@ The engine calls ``BlockSource.load(i, block)`` / ``release(i, block)`` around e
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,7 +62,8 @@ class BlockSource:
     stacked into the fused parameters the model has, renamed keys found under their stored names.
     """
 
-    def __init__(self, reader: TensorReader, path: str, dtype: torch.dtype, rest: list[str], keymap: KeyMap):
+    def __init__(self, reader: TensorReader, path: str, dtype: torch.dtype, rest: list[str], keymap: KeyMap,
+                 read_on_main: bool = False):
         self.reader = reader
         self.path = path
         self.dtype = dtype
@@ -70,7 +72,7 @@ class BlockSource:
         self.overrides: dict[int, TensorReader] = {}
         # under torchrun: rank 0 reads each block and broadcasts it (True), or every rank reads the shards
         # itself (False, the default; needs the checkpoint on a file system every node sees)
-        self.read_on_main = False
+        self.read_on_main = read_on_main
 
     def _read(self, reader: TensorReader, key: str) -> Tensor:
         t = reader.get(key)
@@ -96,8 +98,12 @@ class BlockSource:
                 out += [k for k in keymap.checkpoint_keys(name) if k not in reader]
         return out
 
-    def _shared(self) -> bool:
-        return self.read_on_main and distributed.active()
+    def _fetch(self, read: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``read()``'s tensors: read here, or (under torchrun with ``read_on_main``) read by rank 0 alone and
+        broadcast to the others."""
+        if not (self.read_on_main and distributed.active()):
+            return read()
+        return distributed.broadcast_tensors(read() if distributed.is_main() else None)
 
     def _read_block(self, i: int, block: nn.Module, reader: TensorReader) -> dict[str, Tensor]:
         missing = self.missing(i, block, reader)
@@ -118,12 +124,7 @@ class BlockSource:
 
     def load(self, i: int, block: nn.Module) -> None:
         reader = self.overrides.get(i, self.reader)
-        if self._shared():
-            tensors = distributed.broadcast_tensors(self._read_block(i, block, reader) if distributed.is_main()
-                                                    else None)
-        else:
-            tensors = self._read_block(i, block, reader)
-        for local, t in tensors.items():
+        for local, t in self._fetch(lambda: self._read_block(i, block, reader)).items():
             _set_tensor(block, local, t)
         if reader is not self.reader:  # a compressed block may have fewer experts than the skeleton
             experts.sync_counts(block)
@@ -142,13 +143,13 @@ class BlockSource:
         self.reader.close()
         return out
 
+    def _read_rest(self) -> dict[str, Tensor]:
+        out = self.keymap.read(lambda k: self._read(self.reader, k), self.rest)
+        self.reader.close()
+        return out
+
     def load_rest(self, model: nn.Module) -> None:
-        if not self._shared() or distributed.is_main():
-            tensors = self.keymap.read(lambda k: self._read(self.reader, k), self.rest)
-            self.reader.close()
-        if self._shared():
-            tensors = distributed.broadcast_tensors(tensors if distributed.is_main() else None)
-        for name, t in tensors.items():
+        for name, t in self._fetch(self._read_rest).items():
             _set_tensor(model, name, t)
         model.tie_weights()
 
@@ -157,8 +158,9 @@ class BlockSource:
         _to_meta(model, {name: t for name, t in model.state_dict().items() if not name.startswith(inside)})
 
 
-def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = False):
-    """(model with every parameter on the meta device and ``model.block_source`` set, tokenizer)."""
+def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = False, read_on_main: bool = False):
+    """(model with every parameter on the meta device and ``model.block_source`` set, tokenizer).
+    ``read_on_main``: under torchrun, rank 0 reads the blocks and broadcasts them (``BlockSource``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
@@ -180,7 +182,7 @@ def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = Fa
     for name in rest:
         if name not in keymap:
             raise UsageError(f"{name} is missing from {directory}: the checkpoint does not match its config")
-    model.block_source = BlockSource(reader, path, torch_dtype, rest, keymap)
+    model.block_source = BlockSource(reader, path, torch_dtype, rest, keymap, read_on_main)
     for i, block in enumerate(blocks):  # check the keys up front, not at block 57
         missing = model.block_source.missing(i, block)
         if missing:

@@ -64,6 +64,7 @@ def admm(
     warm = sparsegpt(W, H, sparsity, pattern, None, block_size=block_size, damp_frac=damp_frac, kernels=kernels)
     dead = dead_inputs(H)
     W32 = prepare_weight(W, dead)
+
     def factor() -> tuple[Tensor, Tensor, Tensor]:
         Hd = damped(H, warm.damp_frac)
         Hn = Hd / Hd.diagonal().mean()  # ρ is relative to the mean diagonal
