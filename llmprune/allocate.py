@@ -123,14 +123,16 @@ def coefficients(group_logs: dict[str, float], names: list[str],
     return out
 
 
-def uniform_anchor(tables: dict[str, dict], target: float) -> dict[str, float]:
-    """Coefficients under which the dynamic program's choice is (close to) uniform: numel / (the slope of the
-    layer's error at the target), so every layer's marginal cost per pruned weight is equal there."""
+def anchor_for(tables: dict[str, dict], alloc: dict[str, float]) -> dict[str, float]:
+    """Coefficients under which the dynamic program's choice is (close to) ``alloc``: numel / (the slope of
+    each layer's error at its sparsity there), so every layer's marginal cost per pruned weight is equal at
+    that allocation. Normalised to mean 1."""
     out = {}
     for n, t in tables.items():
+        at = float(alloc[n])
         pts = sorted((float(s), float(e)) for s, e in t["errors"].items())
-        below = [p for p in pts if p[0] < target - 1e-9] or pts[:1]
-        above = [p for p in pts if p[0] > target + 1e-9] or pts[-1:]
+        below = [p for p in pts if p[0] < at - 1e-9] or pts[:1]
+        above = [p for p in pts if p[0] > at + 1e-9] or pts[-1:]
         (s0, e0), (s1, e1) = below[-1], above[0]
         slope = (e1 - e0) / (s1 - s0) if s1 > s0 else 0.0
         out[n] = int(t["numel"]) / max(slope, 1e-12)
@@ -138,14 +140,35 @@ def uniform_anchor(tables: dict[str, dict], target: float) -> dict[str, float]:
     return {n: c / mean for n, c in out.items()}
 
 
+def uniform_anchor(tables: dict[str, dict], target: float) -> dict[str, float]:
+    """Coefficients under which the dynamic program's choice is (close to) uniform (``anchor_for``)."""
+    return anchor_for(tables, dict.fromkeys(tables, target))
+
+
+def snap(alloc: dict[str, float], tables: dict[str, dict], target: float) -> dict[str, float]:
+    """The allocation over the tables' candidate sparsities nearest to ``alloc`` (least parameter-weighted
+    squared distance) whose global sparsity is the target (to 0.1%): e.g. OWL's continuous block sparsities
+    on SPDY's grid, so that its stored layer versions can assemble and score it."""
+    dist = {n: {"numel": t["numel"], "errors": {s: (float(s) - float(alloc[n])) ** 2 for s in t["errors"]}}
+            for n, t in tables.items()}
+    return dp(dist, target)
+
+
+def owl_lambdas(radius: float, step: float = 0.02) -> list[float]:
+    """The OWL λ values ``--owl-lambda auto`` (and SPDY's starting points) try: step, 2·step, ... up to the
+    candidate grid's radius (a wider λ would be clipped by the grid when scored)."""
+    return [round(step * k, 6) for k in range(1, int(radius / step + 1e-9) + 1)]
+
+
 def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed: int = 0,
-                log=None) -> dict:
+                log=None, starts: dict[str, dict[str, float]] | None = None) -> dict:
     """SPDY's search (Frantar & Alistarh 2022): the dynamic program over the error tables, its layer errors
     weighted by sensitivity coefficients that a local search tunes to minimise ``score(allocation)``, the
     calibration loss of the model assembled with those sparsities.
 
-    Two starting points are scored: the plain dp (all coefficients 1) and uniform; the search starts from the
-    better one's coefficients (uniform's: ``uniform_anchor``, which make the dp choose the target everywhere).
+    The starting points are scored: the plain dp (all coefficients 1), uniform, and ``starts`` (named
+    allocations over the tables' candidates, e.g. OWL's for a few λ, ``snap``-ed); the search starts from the
+    best one's coefficients (``anchor_for`` it, which make the dp choose about that allocation).
     The coefficients are then tuned per block and per layer kind (log c = anchor + a_block + b_kind: tens of
     knobs instead of one per layer, so a few dozen scored candidates move them usefully): each step perturbs a
     shrinking random subset of the log-coefficients by a shrinking Gaussian and keeps the candidate if its loss
@@ -169,12 +192,14 @@ def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed:
     best = evaluate(best_alloc)
     history.append({"step": 0, "candidate": "dp", "loss": best, "kept": True})
     anchor_name, anchor = "dp", None
+    others = dict(starts or {})
     if all(str(target) in tables[n]["errors"] for n in names):
-        uniform = {n: target for n in names}
-        u = evaluate(uniform)
-        history.append({"step": 0, "candidate": "uniform", "loss": u, "kept": u < best})
-        if u < best:
-            best, best_alloc, anchor_name, anchor = u, uniform, "uniform", uniform_anchor(tables, target)
+        others = {"uniform": dict.fromkeys(names, target)} | others
+    for name, alloc in others.items():
+        loss = evaluate(alloc)
+        history.append({"step": 0, "candidate": name, "loss": loss, "kept": loss < best})
+        if loss < best:
+            best, best_alloc, anchor_name, anchor = loss, dict(alloc), name, anchor_for(tables, alloc)
     for step in range(1, steps + 1):
         left = 1 - (step - 1) / max(steps, 1)
         cand = dict(logs)

@@ -20,6 +20,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -674,7 +675,10 @@ def shrink(
 def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, new_tokens: int = 32,
                 repeats: int = 5, device: str = "auto", dtype: str = "auto") -> list[dict]:
     """Prefill and decode tokens/s of each model with plain transformers, the same inputs for all, repeats
-    interleaved across the models, medians. Rows: model, params, prefill_tok_s, decode_tok_s."""
+    interleaved across the models, medians. Rows: model, params, prefill_tok_s, decode_tok_s.
+
+    Prefill is the prompt's forward as ``generate`` runs it (KV cache filled, logits of the last position
+    only): the time to the first token. Decode: ``new_tokens`` greedy tokens after a 16-token prompt."""
     import statistics
 
     from llmprune.structured import count_params
@@ -687,6 +691,10 @@ def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, 
     vocab = min(m.config.vocab_size for _, m in loaded)
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
     times: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "decode": []} for r, _ in loaded}
+    # prefill as generation runs it: the prompt's KV cache filled and only the last position's logits
+    # computed (a model without ``logits_to_keep`` computes them all, as it would when generating)
+    prefill_kwargs = {ref: {"use_cache": True} | ({"logits_to_keep": 1} if "logits_to_keep" in
+                      signature(m.forward).parameters else {}) for ref, m in loaded}
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -697,7 +705,7 @@ def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, 
             for ref, m in loaded:
                 sync()
                 t = time.perf_counter()
-                m(input_ids=ids, use_cache=False)
+                m(input_ids=ids, **prefill_kwargs[ref])
                 sync()
                 prefill = time.perf_counter() - t
                 t = time.perf_counter()

@@ -25,6 +25,20 @@ def build_recipe(config: str | None, **flags) -> Recipe:
     return recipe_from_dict(merged, source="options")
 
 
+class OwlLambda(click.ParamType):
+    """--owl-lambda: a number, or ``auto``."""
+
+    name = "LAMBDA|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor auto: pass e.g. --owl-lambda 0.08", param, ctx)
+
+
 def _log_to_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     """--log-file: the library's log (INFO and up, with times) appended to a file, beside the terminal's."""
     if value:
@@ -105,8 +119,9 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                           " program over layer errors, sensitivities searched on the calibration loss); dp was"
                           " removed."),
         click.option("--owl-m", type=float, default=None, help="OWL outlier threshold, x the mean score (default 5)."),
-        click.option("--owl-lambda", type=float, default=None,
-                     help="OWL: block sparsities within target ± lambda (default 0.08)."),
+        click.option("--owl-lambda", type=OwlLambda(), default=None,
+                     help="OWL: block sparsities within target ± lambda (default 0.08); auto: the lambda whose"
+                          " allocation has the lowest calibration loss (0 = uniform included)."),
         click.option("--dp-radius", type=float, default=None,
                      help="spdy: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
         click.option("--spdy-steps", type=int, default=None,

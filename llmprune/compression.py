@@ -438,50 +438,64 @@ def plan_sparsities(
     tables: dict[str, dict] = {}
     solver = SOLVERS[recipe.method]
     cands = allocate.candidates(target, recipe.dp_radius)
-    store = spdy.VersionStore() if recipe.allocation == "spdy" else None
+    owl_auto = recipe.allocation == "owl" and recipe.owl_lambda == "auto"
+    # spdy and owl's λ search score allocations assembled from every linear's solved versions
+    store = spdy.VersionStore() if recipe.allocation == "spdy" or owl_auto else None
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         with on_device(block, linears[prefixes[i]]) as lin:
             collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype,
-                                         diagonal=recipe.allocation == "owl")  # owl: Wanda scores only
+                                         diagonal=store is None)  # a fixed owl: Wanda scores only
             with collector:
                 block_pass()
         leader, hessians, _ = _shared_hessians(lin, collector) if distributed.active() else \
             (collector.leader, collector.H, collector.n)
         reached = [n for n in lin if n in leader]
         pairs = [(get_weight(lin[n]), hessians[leader[n]]) for n in reached]
-        if recipe.allocation == "owl":
-            ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
+        ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
+        if store is None:
             return
         versions: dict[str, Tensor] = {}
         for name, (W, H) in zip(reached, pairs, strict=True):
             errors = {}
             full = f"{prefixes[i]}.{name}"
-            if store is not None and getattr(model, "block_source", None) is None:
+            if getattr(model, "block_source", None) is None:
                 versions[f"{full}@dense"] = W
             for s in cands:
                 res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
                 errors[str(s)] = relative_error(W, res.weight, H)
-                if store is not None:
-                    versions[f"{full}@{s}"] = res.weight
+                versions[f"{full}@{s}"] = res.weight
             tables[full] = {"numel": W.numel(), "errors": errors}
-        if store is not None:
-            store.put(i, versions)
+        store.put(i, versions)
 
+    def owl_at(lam: float) -> dict[str, float]:
+        per_block = allocate.owl(ratios, sizes, target, lam) if lam > 0 else [target] * len(prefixes)
+        return {f"{p}.{n}": s for p, s in zip(prefixes, per_block, strict=True) for n in linears[p]}
+
+    def owl_report(lam: float, **extra) -> dict:
+        return {"method": "owl", "target": target, "owl_lambda": lam,
+                "block_outlier_ratios": dict(zip(prefixes, ratios, strict=True)), **extra,
+                "sparsities": owl_at(lam)}
+
+    sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
     captured: dict = {}
     try:
         Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
                captured=captured).run(on_block, desc=f"{recipe.allocation} plan")
-        if store is not None:
-            return spdy.search(model, windows, recipe, linears, device, tables, store, progress)
+        if store is None:
+            return owl_report(recipe.owl_lambda)
+        # OWL's allocations for a few λ on the candidates' grid: spdy's further starting points, owl's choices
+        owls = {f"owl lambda={lam:g}": allocate.snap({n: a[n] for n in tables}, tables, target)
+                for lam in allocate.owl_lambdas(recipe.dp_radius) for a in [owl_at(lam)]}
+        if recipe.allocation == "spdy":
+            return spdy.search(model, windows, recipe, linears, device, tables, store, progress, starts=owls)
+        choices = {"owl lambda=0": dict.fromkeys(tables, target)} | owls  # λ = 0: uniform
+        best, scored = spdy.choose(model, windows, recipe, linears, device, choices, store, progress)
+        return owl_report(float(best.removeprefix("owl lambda=")), lambda_search=scored,
+                          lambda_scored_on="each allocation rounded to the candidate sparsities (dp_radius grid)")
     finally:
         if store is not None:
             store.close()
-    sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
-    per_block = allocate.owl(ratios, sizes, target, recipe.owl_lambda)
-    sparsities = {f"{p}.{n}": s for p, s in zip(prefixes, per_block, strict=True) for n in linears[p]}
-    return {"method": "owl", "target": target, "block_outlier_ratios": dict(zip(prefixes, ratios, strict=True)),
-            "sparsities": sparsities}
 
 
 def compress_model(

@@ -68,7 +68,9 @@ class Recipe:
     # a dynamic program over measured error tables with sensitivities searched on the calibration loss)
     allocation: str = "uniform"
     owl_m: float = 5.0  # OWL: a Wanda score above owl_m x its block's mean counts as an outlier
-    owl_lambda: float = 0.08  # OWL: block sparsities lie in target ± owl_lambda
+    # OWL: block sparsities lie in target ± owl_lambda; "auto": the λ (0.02 steps up to dp_radius, or 0 =
+    # uniform) whose allocation gives the lowest calibration loss, scored as spdy scores its candidates
+    owl_lambda: float | str = 0.08
     # spdy: candidate sparsities target ± dp_radius in steps of 0.025, the dynamic program's choices
     dp_radius: float = 0.1
     # spdy: dp's tables with per-block and per-kind sensitivity coefficients searched (spdy_steps candidates,
@@ -192,8 +194,11 @@ class Recipe:
             raise UsageError(f"--allocation {self.allocation} distributes a sparsity: pass e.g. --sparsity 0.7")
         if not (0 < self.dp_radius <= 0.5):
             raise UsageError(f"dp_radius {self.dp_radius} must be in (0, 0.5]: e.g. --dp-radius 0.1")
-        if not (0 < self.owl_lambda < 0.5) or self.owl_m <= 0:
-            raise UsageError(f"owl_lambda {self.owl_lambda} must be in (0, 0.5) and owl_m {self.owl_m} positive")
+        if self.owl_lambda != "auto" and (isinstance(self.owl_lambda, str | bool)
+                                          or not 0 < self.owl_lambda < 0.5):
+            raise UsageError(f"owl_lambda {self.owl_lambda!r} must be in (0, 0.5) or auto: e.g. --owl-lambda 0.08")
+        if self.owl_m <= 0:
+            raise UsageError(f"owl_m {self.owl_m} must be positive: e.g. --owl-m 5")
 
     @property
     def nm(self) -> Pattern | None:
@@ -261,6 +266,10 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
         elif key_norm == "sparsity":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise UsageError(f"{source}: {key} must be a number, got {value!r}")
+        elif key_norm == "owl_lambda":
+            if isinstance(value, bool) or not (isinstance(value, int | float) or value == "auto"):
+                raise UsageError(f"{source}: {key} must be a number or auto, got {value!r}")
+            value = value if value == "auto" else float(value)
         elif key_norm == "wbits":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise UsageError(f"{source}: {key} must be an integer 2..8, got {value!r}")

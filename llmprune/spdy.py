@@ -72,42 +72,80 @@ def calibration_loss(model: nn.Module, batches: list[Tensor], device: torch.devi
     return total / count
 
 
-def search(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
-          device: torch.device, tables: dict[str, dict], store: VersionStore, progress: Progress) -> dict:
-    """SPDY's search over the measured tables: each candidate allocation assembled from the stored versions
-    and scored by its calibration loss on the first ``spdy_samples`` windows (allocate.spdy_search)."""
-    prefixes = list(linears)
-    batches = batched(distributed.shard(windows[: recipe.spdy_samples]), recipe.batch_size)
-    captured: dict = {}
-    lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew from disk every pass
+class Assembler:
+    """Models assembled from the stored versions (each linear at its allocation's sparsity) and scored by
+    their calibration loss on the first ``spdy_samples`` windows, streamed; ``restore`` puts an in-memory
+    model's weights back to dense (a lazily loaded one reads its blocks anew on every pass)."""
 
-    def assemble(alloc: dict[str, float] | None):
+    def __init__(self, model: nn.Module, windows: Tensor, recipe: Recipe,
+                 linears: dict[str, dict[str, nn.Module]], device: torch.device, store: VersionStore):
+        self.model, self.linears, self.device, self.store = model, linears, device, store
+        self.prefixes = list(linears)
+        self.batches = batched(distributed.shard(windows[: recipe.spdy_samples]), recipe.batch_size)
+        self.captured: dict = {}
+        self.lazy = getattr(model, "block_source", None) is not None
+
+    def _on_block(self, alloc: dict[str, float] | None):
         """Set each linear to its version at ``alloc``'s sparsity; None: back to dense (in-memory models)."""
         def on_block(i: int, block: nn.Module) -> None:
-            with on_device(block, linears[prefixes[i]]) as lin:
-                keys = {n: f"{prefixes[i]}.{n}@{alloc[f'{prefixes[i]}.{n}']}"
-                        if alloc is not None and f"{prefixes[i]}.{n}" in alloc else f"{prefixes[i]}.{n}@dense"
-                        for n in lin}
-                versions = store.get(i, list(keys.values()))
+            p = self.prefixes[i]
+            with on_device(block, self.linears[p]) as lin:
+                keys = {n: f"{p}.{n}@{alloc[f'{p}.{n}']}" if alloc is not None and f"{p}.{n}" in alloc
+                        else f"{p}.{n}@dense" for n in lin}
+                versions = self.store.get(i, list(keys.values()))
                 for n, m in lin.items():
                     if keys[n] in versions:
                         set_weight(m, versions[keys[n]].to(get_weight(m).dtype))
 
         return on_block
 
-    steps = track(range(recipe.spdy_steps + 2), recipe.spdy_steps + 2, "spdy search", progress)
-    it = iter(steps)
+    def loss(self, alloc: dict[str, float]) -> float:
+        return calibration_loss(self.model, self.batches, self.device, self._on_block(alloc), self.captured)
+
+    def restore(self) -> None:
+        if not self.lazy:
+            dense = self._on_block(None)
+            Stream(self.model, [], self.device, progress=False).visit(lambda i, block, _: dense(i, block))
+
+
+def search(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
+          device: torch.device, tables: dict[str, dict], store: VersionStore, progress: Progress,
+          starts: dict[str, dict[str, float]] | None = None) -> dict:
+    """SPDY's search over the measured tables: each candidate allocation assembled from the stored versions
+    and scored by its calibration loss on the first ``spdy_samples`` windows (allocate.spdy_search);
+    ``starts``: further named starting allocations (OWL's)."""
+    assembler = Assembler(model, windows, recipe, linears, device, store)
+    n = recipe.spdy_steps + 2 + len(starts or {})
+    it = iter(track(range(n), n, "spdy search", progress, unit="candidate"))
 
     def score(alloc: dict[str, float]) -> float:
         next(it, None)
-        return calibration_loss(model, batches, device, assemble(alloc), captured)
+        return assembler.loss(alloc)
 
     try:
-        found = allocate.spdy_search(tables, recipe.target_sparsity, score, recipe.spdy_steps, seed=recipe.seed)
+        found = allocate.spdy_search(tables, recipe.target_sparsity, score, recipe.spdy_steps, seed=recipe.seed,
+                                     starts=starts)
     finally:
-        if not lazy:  # every weight back to dense before the compression run
-            Stream(model, [], device, progress=False).visit(lambda i, block, _: assemble(None)(i, block))
+        assembler.restore()  # every weight back to dense before the compression run
     kept = sum(1 for h in found["history"] if h.get("kept") and h["step"] > 0)
-    log.info("spdy: calibration loss %.4f after %d candidates (%d improvements)", found["loss"],
-             len(found["history"]), kept)
+    log.info("spdy: calibration loss %.4f after %d candidates (%d improvements; started from %s)", found["loss"],
+             len(found["history"]), kept, found["anchor"])
     return {"method": "spdy", "target": recipe.target_sparsity, "tables": tables, **found}
+
+
+def choose(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
+           device: torch.device, candidates: dict[str, dict[str, float]], store: VersionStore,
+           progress: Progress) -> tuple[str, list[dict]]:
+    """The named allocation of lowest calibration loss (each assembled from the stored versions), and every
+    candidate's loss in the order scored."""
+    assembler = Assembler(model, windows, recipe, linears, device, store)
+    scored = []
+    try:
+        for name, alloc in track(candidates.items(), len(candidates), "owl lambda", progress, unit="candidate"):
+            scored.append({"candidate": name, "loss": assembler.loss(alloc)})
+    finally:
+        assembler.restore()
+    best = min(scored, key=lambda c: c["loss"])
+    log.info("owl: %s has the lowest calibration loss (%.4f) of %d candidates", best["candidate"], best["loss"],
+             len(scored))
+    return best["candidate"], scored

@@ -1,6 +1,6 @@
 """Per-layer sparsity allocations judged on text they were not calibrated on: SmolLM2-135M, SparseGPT,
-uniform / owl / spdy, calibrated (a) on the built-in text's train part and (b) on a second kind of
-English text (the docstrings of a fixed list of Python standard-library modules: technical prose, made
+uniform / owl / owl with --owl-lambda auto / spdy, calibrated (a) on the built-in text's train part and (b) on
+a second kind of English text (the docstrings of a fixed list of Python standard-library modules: technical prose, made
 reproducibly from this Python), evaluated on the built-in text's held-out part. One process, the same
 windows for every row; wall times are whole compress runs, allocation search included.
 
@@ -53,7 +53,7 @@ def docstrings_text() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", default="0.7,0.6")
-    ap.add_argument("--allocations", default="uniform,owl,spdy")
+    ap.add_argument("--allocations", default="uniform,owl,owl-auto,spdy")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-count", type=int, default=16)
@@ -77,7 +77,9 @@ def main() -> None:
             uniform = {}
             for allocation in args.allocations.split(","):
                 model.load_state_dict(pristine)
-                recipe = base.replace(sparsity=sparsity, allocation=allocation, spdy_steps=args.spdy_steps,
+                auto = allocation == "owl-auto"  # --allocation owl --owl-lambda auto
+                recipe = base.replace(sparsity=sparsity, allocation="owl" if auto else allocation,
+                                      owl_lambda="auto" if auto else base.owl_lambda, spdy_steps=args.spdy_steps,
                                       spdy_samples=args.spdy_samples)
                 t0 = time.perf_counter()
                 compress_model(model, tokenizer, recipe, windows=windows, progress=False)

@@ -39,6 +39,41 @@ def test_coefficients_move_the_dp_and_the_target_holds():
     assert found["loss"] < loss(dict.fromkeys(tables, 0.6))
 
 
+def _tables(target: float) -> dict[str, dict]:
+    tables = {}
+    for i in range(6):
+        for kind, a in (("self_attn.q_proj", 3.0), ("mlp.down_proj", 1.0)):
+            errors = {str(s): a * (i + 1) * s**3 for s in allocate.candidates(target)}
+            tables[f"model.layers.{i}.{kind}"] = {"numel": 1000 * (1 + i % 3), "errors": errors}
+    return tables
+
+
+def test_snap_rounds_an_allocation_to_the_grid_at_the_target_and_the_anchor_reproduces_it():
+    tables = _tables(0.6)
+    total = sum(t["numel"] for t in tables.values())
+    sign = {n: (1 if int(n.split(".")[2]) % 2 else -1) for n in tables}
+    owl = {n: 0.6 + sign[n] * (0.05 if "q_proj" in n else -0.03) for n in tables}  # off the grid, mean 0.6
+    snapped = allocate.snap(owl, tables, 0.6)
+    assert sum(snapped[n] * t["numel"] for n, t in tables.items()) / total == pytest.approx(0.6, abs=1e-3)
+    assert all(str(s) in tables[n]["errors"] for n, s in snapped.items())
+    assert all(abs(snapped[n] - owl[n]) <= 0.0125 + 1e-9 for n in tables)  # the nearest grid point
+    on_grid = dict.fromkeys(tables, 0.6)
+    assert allocate.snap(on_grid, tables, 0.6) == on_grid
+    # the coefficients anchored at an allocation make the dynamic program choose it again
+    assert allocate.dp(tables, 0.6, weights=allocate.anchor_for(tables, snapped)) == snapped
+
+
+def test_the_search_starts_from_the_best_of_the_given_allocations():
+    tables = _tables(0.6)
+    start = allocate.snap({n: 0.55 if "q_proj" in n else 0.65 for n in tables}, tables, 0.6)
+
+    def loss(alloc):  # lowest at ``start``
+        return sum(abs(alloc[n] - start[n]) for n in tables)
+
+    found = allocate.spdy_search(tables, 0.6, loss, steps=0, starts={"mine": start})
+    assert found["anchor"] == "mine" and found["sparsities"] == start and found["loss"] == 0
+
+
 @pytest.fixture(scope="module")
 def sensitive():
     """A tiny llama whose block 1 MLP output is scaled up 8x: its pruning errors dominate the loss, which
@@ -67,7 +102,9 @@ def test_spdy_spares_the_sensitive_layer_and_lowers_the_calibration_loss(sensiti
     uniform_loss = calibration_loss(uniform_model, batches, torch.device("cpu"), lambda i, b: None)
     assert spdy_loss < uniform_loss
     history = report["allocation"]["history"]
-    assert len(history) <= recipe.spdy_steps + 2 and report["allocation"]["coefficients"]
+    owls = len(allocate.owl_lambdas(recipe.dp_radius))  # OWL's allocations are starting points too
+    assert len(history) <= recipe.spdy_steps + 2 + owls and report["allocation"]["coefficients"]
+    assert sum(1 for h in history if str(h.get("candidate", "")).startswith("owl lambda=")) == owls
 
 
 def test_the_search_leaves_an_in_memory_model_dense_and_reuse_reproduces_it(sensitive):
@@ -82,3 +119,39 @@ def test_the_search_leaves_an_in_memory_model_dense_and_reuse_reproduces_it(sens
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     again = plan_sparsities(model, windows, recipe, linears, torch.device("cpu"), reuse=plan, progress=False)
     assert again["sparsities"] == plan["sparsities"]
+
+
+def test_owl_lambda_auto_takes_the_lambda_of_lowest_calibration_loss(sensitive):
+    import copy
+
+    model, windows = sensitive
+    recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", spdy_samples=8)
+    report = compress_model(copy.deepcopy(model), None, recipe, windows=windows, progress=False)
+    alloc = report["allocation"]
+    scored = alloc["lambda_search"]
+    assert [c["candidate"] for c in scored] == ["owl lambda=0"] + [f"owl lambda={lam:g}"
+                                                                  for lam in allocate.owl_lambdas(0.1)]
+    best = min(scored, key=lambda c: c["loss"])
+    assert best["candidate"] == f"owl lambda={alloc['owl_lambda']:g}"
+    assert report["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    # the allocation is OWL's own at the chosen lambda, not its rounding to the grid
+    fixed = recipe.replace(owl_lambda=alloc["owl_lambda"]) if alloc["owl_lambda"] > 0 else None
+    if fixed is not None:
+        plain = plan_sparsities(copy.deepcopy(model), windows, fixed, prunable_linears(model, fixed),
+                                torch.device("cpu"), progress=False)
+        assert plain["sparsities"] == pytest.approx(alloc["sparsities"])
+    else:
+        assert set(alloc["sparsities"].values()) == {0.6}
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), (0.05, True), (1, False), ("big", False), (True, False)])
+def test_owl_lambda_is_a_number_in_range_or_auto(value, ok):
+    from llmprune.errors import UsageError
+    from llmprune.recipe import recipe_from_dict
+
+    data = {"sparsity": 0.6, "allocation": "owl", "owl_lambda": value}
+    if ok:
+        assert recipe_from_dict(data).owl_lambda == value
+    else:
+        with pytest.raises(UsageError, match="owl_lambda"):
+            recipe_from_dict(data)
