@@ -155,9 +155,13 @@ def snap(alloc: dict[str, float], tables: dict[str, dict], target: float) -> dic
 
 
 def owl_lambdas(radius: float, step: float = 0.02) -> list[float]:
-    """The OWL λ values ``--owl-lambda auto`` (and SPDY's starting points) try: step, 2·step, ... up to the
-    candidate grid's radius (a wider λ would be clipped by the grid when scored)."""
+    """OWL λ values step, 2·step, ... up to ``radius``: SPDY's further starting points (up to its candidate
+    grid's radius, as a wider λ would be clipped by the grid)."""
     return [round(step * k, 6) for k in range(1, int(radius / step + 1e-9) + 1)]
+
+
+# the λ that --owl-lambda auto tries, each with a real compression on the scoring windows (0: uniform)
+OWL_AUTO = (0.0, *owl_lambdas(0.12, 0.03))
 
 
 def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed: int = 0,

@@ -56,10 +56,11 @@ class VersionStore:
 
 def calibration_loss(model: nn.Module, batches: list[Tensor], device: torch.device, on_block,
                      captured: dict | None = None) -> float:
-    """Mean next-token NLL of the model over ``batches``, streamed; ``on_block(i, block)`` may change a
-    block's weights just before it runs (SPDY assembles each candidate model this way)."""
+    """Mean next-token NLL of the model over ``batches``, streamed; ``on_block(i, block, block_pass)`` may
+    change a block's weights just before it feeds the next (SPDY assembles each candidate model this way;
+    owl's λ trials compress it)."""
     stream = Stream(model, batches, device, progress=False, captured=captured)
-    stream.run(lambda i, block, block_pass: on_block(i, block), desc="spdy score")
+    stream.run(on_block, desc="score")
     total, count = 0.0, 0
     with stream.non_block_modules_on_device(), torch.no_grad():
         for b, ids in enumerate(batches):
@@ -87,7 +88,7 @@ class Assembler:
 
     def _on_block(self, alloc: dict[str, float] | None):
         """Set each linear to its version at ``alloc``'s sparsity; None: back to dense (in-memory models)."""
-        def on_block(i: int, block: nn.Module) -> None:
+        def on_block(i: int, block: nn.Module, _=None) -> None:
             p = self.prefixes[i]
             with on_device(block, self.linears[p]) as lin:
                 keys = {n: f"{p}.{n}@{alloc[f'{p}.{n}']}" if alloc is not None and f"{p}.{n}" in alloc
@@ -105,7 +106,7 @@ class Assembler:
     def restore(self) -> None:
         if not self.lazy:
             dense = self._on_block(None)
-            Stream(self.model, [], self.device, progress=False).visit(lambda i, block, _: dense(i, block))
+            Stream(self.model, [], self.device, progress=False).visit(dense)
 
 
 def search(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
@@ -132,20 +133,3 @@ def search(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str,
              len(found["history"]), kept, found["anchor"])
     return {"method": "spdy", "target": recipe.target_sparsity, "tables": tables, **found}
 
-
-def choose(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
-           device: torch.device, candidates: dict[str, dict[str, float]], store: VersionStore,
-           progress: Progress) -> tuple[str, list[dict]]:
-    """The named allocation of lowest calibration loss (each assembled from the stored versions), and every
-    candidate's loss in the order scored."""
-    assembler = Assembler(model, windows, recipe, linears, device, store)
-    scored = []
-    try:
-        for name, alloc in track(candidates.items(), len(candidates), "owl lambda", progress, unit="candidate"):
-            scored.append({"candidate": name, "loss": assembler.loss(alloc)})
-    finally:
-        assembler.restore()
-    best = min(scored, key=lambda c: c["loss"])
-    log.info("owl: %s has the lowest calibration loss (%.4f) of %d candidates", best["candidate"], best["loss"],
-             len(scored))
-    return best["candidate"], scored

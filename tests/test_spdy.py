@@ -98,8 +98,8 @@ def test_spdy_spares_the_sensitive_layer_and_lowers_the_calibration_loss(sensiti
     assert alloc["model.layers.1.mlp.down_proj"] < 0.7
     compress_model(uniform_model, None, recipe.replace(allocation="uniform"), windows=windows, progress=False)
     batches = batched(windows, 8)
-    spdy_loss = calibration_loss(spdy_model, batches, torch.device("cpu"), lambda i, b: None)
-    uniform_loss = calibration_loss(uniform_model, batches, torch.device("cpu"), lambda i, b: None)
+    spdy_loss = calibration_loss(spdy_model, batches, torch.device("cpu"), lambda i, b, p: None)
+    uniform_loss = calibration_loss(uniform_model, batches, torch.device("cpu"), lambda i, b, p: None)
     assert spdy_loss < uniform_loss
     history = report["allocation"]["history"]
     owls = len(allocate.owl_lambdas(recipe.dp_radius))  # OWL's allocations are starting points too
@@ -121,27 +121,31 @@ def test_the_search_leaves_an_in_memory_model_dense_and_reuse_reproduces_it(sens
     assert again["sparsities"] == plan["sparsities"]
 
 
-def test_owl_lambda_auto_takes_the_lambda_of_lowest_calibration_loss(sensitive):
+def test_owl_lambda_auto_takes_the_lambda_of_lowest_calibration_loss_of_real_runs(sensitive):
     import copy
 
     model, windows = sensitive
+    model = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", spdy_samples=8)
-    report = compress_model(copy.deepcopy(model), None, recipe, windows=windows, progress=False)
-    alloc = report["allocation"]
-    scored = alloc["lambda_search"]
-    assert [c["candidate"] for c in scored] == ["owl lambda=0"] + [f"owl lambda={lam:g}"
-                                                                  for lam in allocate.owl_lambdas(0.1)]
-    best = min(scored, key=lambda c: c["loss"])
-    assert best["candidate"] == f"owl lambda={alloc['owl_lambda']:g}"
-    assert report["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
-    # the allocation is OWL's own at the chosen lambda, not its rounding to the grid
-    fixed = recipe.replace(owl_lambda=alloc["owl_lambda"]) if alloc["owl_lambda"] > 0 else None
-    if fixed is not None:
-        plain = plan_sparsities(copy.deepcopy(model), windows, fixed, prunable_linears(model, fixed),
-                                torch.device("cpu"), progress=False)
-        assert plain["sparsities"] == pytest.approx(alloc["sparsities"])
-    else:
-        assert set(alloc["sparsities"].values()) == {0.6}
+    linears = prunable_linears(model, recipe)
+    plan = plan_sparsities(model, windows, recipe, linears, torch.device("cpu"), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # dense again after the trials
+    scored = plan["lambda_search"]
+    assert [c["owl_lambda"] for c in scored] == list(allocate.OWL_AUTO)
+    assert plan["owl_lambda"] == min(scored, key=lambda c: c["loss"])["owl_lambda"]
+    # each trial is a real compression scored on its windows: lambda 0 is a uniform run on the first 8
+    uniform = copy.deepcopy(model)
+    compress_model(uniform, None, recipe.replace(allocation="uniform"), windows=windows[:8], progress=False)
+    loss = calibration_loss(uniform, batched(windows[:8], recipe.batch_size), torch.device("cpu"),
+                            lambda i, b, p: None)
+    assert scored[0]["loss"] == pytest.approx(loss, rel=1e-5)
+    # the allocation is OWL's own at the chosen lambda
+    lam = plan["owl_lambda"]
+    fixed = plan_sparsities(model, windows, recipe.replace(owl_lambda=lam or 0.05), linears, torch.device("cpu"),
+                            progress=False)
+    want = fixed["sparsities"] if lam else dict.fromkeys(fixed["sparsities"], 0.6)
+    assert plan["sparsities"] == pytest.approx(want)
 
 
 @pytest.mark.parametrize("value, ok", [("auto", True), (0.05, True), (1, False), ("big", False), (True, False)])
