@@ -84,6 +84,8 @@ CASES = {
     "two-pass-24-eager": ["--two-pass", "--pattern", "2:4", "--no-lazy"],
     "two-pass-24-w4-eager": ["--two-pass", "--pattern", "2:4", "--wbits", "4", "--group-size", "32", "--no-lazy"],
     "joint-w4-compressed-tensors": ["--sparsity", "0.5", "--wbits", "4", "--format", "compressed-tensors"],
+    # real compressions per lambda, scored in the same pass; the lazy blocks are read anew for each trial
+    "owl-lambda-auto-lazy": ["--sparsity", "0.6", "--allocation", "owl", "--owl-lambda", "auto", "--owl-m", "2"],
 }
 
 
@@ -104,6 +106,10 @@ def test_torchrun_output_equals_the_single_process_output(case, model_dir, tmp_p
         assert_same_model(tmp_path / "two", tmp_path / "one")
         assert [x["zeros"] for x in r1["layers"]] == [x["zeros"] for x in r2["layers"]]
     assert two.stdout.count("compressed ") == 1  # rank 0 alone prints the summary
+    if "auto" in CASES[case]:  # the same trials' losses (the ranks' sums) and so the same lambda
+        s1, s2 = r1["allocation"]["lambda_search"], r2["allocation"]["lambda_search"]
+        assert [c["loss"] for c in s2] == pytest.approx([c["loss"] for c in s1], rel=1e-4)
+        assert r2["allocation"]["owl_lambda"] == r1["allocation"]["owl_lambda"]
 
 
 @pytest.mark.parametrize("dist_read", ["all", "rank0"])
