@@ -159,3 +159,14 @@ def test_owl_lambda_is_a_number_in_range_or_auto(value, ok):
     else:
         with pytest.raises(UsageError, match="owl_lambda"):
             recipe_from_dict(data)
+
+
+def test_owl_lambda_trials_leave_fused_experts_whole():
+    model = tiny_model("gpt_oss")  # fused, transposed experts with biases: written through views
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", spdy_samples=8)
+    plan = plan_sparsities(model, windows, recipe, prunable_linears(model, recipe), torch.device("cpu"),
+                           progress=False)
+    assert len(plan["lambda_search"]) == len(allocate.OWL_AUTO)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
