@@ -199,6 +199,15 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
         f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']}, in {report.timings['total_s']:.1f} s"
         f" -> {out}"
     )
+    alloc = report.allocation or {}
+    if alloc.get("lambda_search"):  # --owl-lambda auto: what each trial scored
+        losses = ", ".join(f"{c['owl_lambda']:g}: {c['loss']:.4f}" for c in alloc["lambda_search"])
+        click.echo(f"owl lambda {alloc['owl_lambda']:g}, the lowest calibration loss of the trials ({losses})")
+    elif alloc.get("method") == "spdy" and "loss" in alloc:
+        uniform = next((h["loss"] for h in alloc.get("history", []) if h.get("candidate") == "uniform"), None)
+        click.echo(f"spdy allocation: calibration loss {alloc['loss']:.4f}"
+                   + (f" (uniform {uniform:.4f})" if uniform is not None else "")
+                   + f", searched from {alloc.get('anchor')}")
     moe = report.experts or {}
     if moe.get("dropped") is not None:
         click.echo(f"dropped {moe['experts_before'] - moe['experts_after']} of {moe['experts_before']} experts in"

@@ -58,6 +58,25 @@ def test_compress_writes_a_loadable_model_and_report(tiny_model_dir, calib_txt, 
     assert result["windows"] == 3 and result["ppl"] > 1
 
 
+def test_searched_allocations_say_what_they_found(tiny_model_dir, calib_txt, tmp_path, capsys):
+    from llmprune.allocate import OWL_AUTO
+
+    out = tmp_path / "owl"
+    code, stdout, _ = run(compress_args(tiny_model_dir, out, calib_txt, "--sparsity", "0.6", "--allocation", "owl",
+                                        "--owl-lambda", "auto", "--owl-m", "2"), capsys)
+    assert code == 0, stdout
+    alloc = json.loads((out / "llmprune.json").read_text())["allocation"]
+    assert alloc["owl_lambda"] in OWL_AUTO and [c["owl_lambda"] for c in alloc["lambda_search"]] == list(OWL_AUTO)
+    assert f"owl lambda {alloc['owl_lambda']:g}, the lowest calibration loss" in stdout
+
+    out = tmp_path / "spdy"
+    code, stdout, _ = run(compress_args(tiny_model_dir, out, calib_txt, "--sparsity", "0.6", "--allocation", "spdy",
+                                        "--spdy-steps", "2", "--spdy-samples", "4"), capsys)
+    assert code == 0, stdout
+    alloc = json.loads((out / "llmprune.json").read_text())["allocation"]
+    assert f"spdy allocation: calibration loss {alloc['loss']:.4f} (uniform " in stdout
+
+
 def test_config_file_and_flag_override(tiny_model_dir, calib_txt, tmp_path, capsys):
     cfg = tmp_path / "r.yaml"
     cfg.write_text("method: wanda\nsparsity: 0.6\nnsamples: 2\n")
