@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -283,6 +283,8 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     dropped: dict[str, dict] = {}
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
+        if lay is not None and heads_go and channels_go and spec.method != "l1":
+            return heads_then_mlp(i, block, block_pass)
         watch = {}
         if channels_go and spec.method != "l1":
             watch["mlp"] = block.get_submodule(lay.mlp_out)
@@ -306,6 +308,26 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         if lay is not None:
             H = {k: collector.hessian(k) if k in collector.leader else None for k in ("mlp", "attn")}  # l1: none
             info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
+        per_block.append({"block": i, "cosine": cos, **info})
+
+    def heads_then_mlp(i: int, block: nn.Module, block_pass: BlockPass) -> None:
+        """Heads and channels both go: the heads first, chosen on o_proj's Hessian of the whole block, then
+        the MLP channels on down_proj's Hessian with those heads already gone (one more pass over the block),
+        so the MLP's update also absorbs what removing the heads changed in its input."""
+        similarity = _Similarity(block)
+        attn = HessianCollector({"attn": block.get_submodule(lay.o)}, hessian_dtype=recipe.hessian_dtype)
+        try:
+            with attn:
+                block_pass()
+        finally:
+            cos = similarity.close()
+        info = shrink_block(block, replace(p, keep_channels=p.channels), spec, recipe, None, attn.hessian("attn"))
+        del attn
+        mlp = HessianCollector({"mlp": block.get_submodule(lay.mlp_out)}, hessian_dtype=recipe.hessian_dtype)
+        with mlp:
+            block_pass()
+        info |= shrink_block(block, replace(p, remove_per_group=0, whole_groups=0), spec, recipe,
+                             mlp.hessian("mlp"), None)
         per_block.append({"block": i, "cosine": cos, **info})
 
     path, _ = find_blocks(model)
