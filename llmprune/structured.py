@@ -5,9 +5,10 @@ One streamed pass (the engine's): per block, the Hessians of the linears that re
 groups go (solvers/structured.py: OBS with the consumer's update, or l1 / wanda scores), the producing rows
 (gate/up, fc1; q, and k/v with whole KV groups) and the consuming columns are cut out, the modules are
 replaced by smaller ones, and the shrunk block feeds the next. At the end the blocks that change their input
-least (1 − cosine) are dropped. The config says the new sizes, so transformers loads the result with no
-custom code. Widths are the same in every block (the standard config has one of each) and channel counts are
-rounded to a multiple of ``align``.
+least (1 − cosine) are dropped. When heads and channels both go, the heads go first and down_proj's
+Hessian comes from a second pass over the block with them gone. The config says the new sizes, so
+transformers loads the result with no custom code. Widths are the same in every block (the standard config
+has one of each) and channel counts are rounded to a multiple of ``align``.
 """
 
 from __future__ import annotations
