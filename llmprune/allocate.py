@@ -140,11 +140,6 @@ def anchor_for(tables: dict[str, dict], alloc: dict[str, float]) -> dict[str, fl
     return {n: c / mean for n, c in out.items()}
 
 
-def uniform_anchor(tables: dict[str, dict], target: float) -> dict[str, float]:
-    """Coefficients under which the dynamic program's choice is (close to) uniform (``anchor_for``)."""
-    return anchor_for(tables, dict.fromkeys(tables, target))
-
-
 def snap(alloc: dict[str, float], tables: dict[str, dict], target: float) -> dict[str, float]:
     """The allocation over the tables' candidate sparsities nearest to ``alloc`` (least parameter-weighted
     squared distance) whose global sparsity is the target (to 0.1%): e.g. OWL's continuous block sparsities

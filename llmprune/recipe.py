@@ -68,8 +68,8 @@ class Recipe:
     # a dynamic program over measured error tables with sensitivities searched on the calibration loss)
     allocation: str = "uniform"
     owl_m: float = 5.0  # OWL: a Wanda score above owl_m x its block's mean counts as an outlier
-    # OWL: block sparsities lie in target ± owl_lambda; "auto": the λ (0.02 steps up to dp_radius, or 0 =
-    # uniform) whose allocation gives the lowest calibration loss, scored as spdy scores its candidates
+    # OWL: block sparsities lie in target ± owl_lambda; "auto": the λ of allocate.OWL_AUTO (0 = uniform)
+    # whose real compression on the first spdy_samples windows gives those windows the lowest loss
     owl_lambda: float | str = 0.08
     # spdy: candidate sparsities target ± dp_radius in steps of 0.025, the dynamic program's choices
     dp_radius: float = 0.1
