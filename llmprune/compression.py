@@ -473,8 +473,8 @@ def plan_sparsities(
         return {f"{p}.{n}": s for p, s in zip(prefixes, per_block, strict=True) for n in linears[p]}
 
     try:
-        Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
-               captured={}).run(on_block, desc=f"{recipe.allocation} plan")
+        Stream(model, batched(distributed.shard(windows), recipe.batch_size), device,
+               progress=progress).run(on_block, desc=f"{recipe.allocation} plan")
         if store is not None:  # OWL's allocations for a few λ, rounded to the grid, are further starting points
             owls = {f"owl lambda={lam:g}": allocate.snap({n: a[n] for n in tables}, tables, target)
                     for lam in allocate.owl_lambdas(recipe.dp_radius) for a in [owl_at(lam)]}

@@ -18,6 +18,10 @@ import yaml
 from llmprune.errors import UsageError
 from llmprune.pattern import Pattern, n_pruned, parse_pattern
 from llmprune.quant import SEARCHES, QuantSpec
+from llmprune.solvers.admm import ITERS as ADMM_ITERS  # admm's defaults live with the solver
+from llmprune.solvers.admm import REFIT_ITERS as ADMM_REFIT_ITERS
+from llmprune.solvers.admm import RHO0 as ADMM_RHO0
+from llmprune.solvers.admm import RHO_GROWTH as ADMM_RHO_GROWTH
 
 __all__ = ["Pattern", "Recipe", "load_recipe", "n_pruned", "parse_pattern", "recipe_from_dict"]
 
@@ -84,10 +88,10 @@ class Recipe:
     # from the dense block, then a second forward to feed the next block)
     sequential: bool = True
     # admm: at most admm_iters iterations, the penalty from admm_rho0 x mean diag(H), x admm_rho_growth each
-    admm_iters: int = 60
-    admm_rho0: float = 0.1
-    admm_rho_growth: float = 1.9
-    admm_refit_iters: int = 10  # admm: PCG steps of the refit on the support it found
+    admm_iters: int = ADMM_ITERS
+    admm_rho0: float = ADMM_RHO0
+    admm_rho_growth: float = ADMM_RHO_GROWTH
+    admm_refit_iters: int = ADMM_REFIT_ITERS  # admm: PCG steps of the refit on the support it found
     # re-solve the kept weights of any method's mask (PCG, refit_iters steps; never raises a layer's error);
     # with wbits the mask's weights are compensated and quantized by the GPTQ sweep on that mask instead
     refit: bool = False
