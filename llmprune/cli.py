@@ -103,8 +103,9 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
                      help="Compute and output dtype (default: the checkpoint's)."),
         click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default 8)."),
-        click.option("--hessian-dtype", type=click.Choice(["auto", "fp32"]), default=None,
-                     help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate."),
+        click.option("--hessian-dtype", type=click.Choice(["auto", "fp32", "fp64"]), default=None,
+                     help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate;"
+                          " fp64: accumulate in fp64, so torchrun gives one process's output bit for bit."),
         click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),
         click.option("--wbits", type=int, default=None, help="Quantize kept weights to 2..8 bits (default: no)."),
         click.option("--group-size", type=int, default=None,

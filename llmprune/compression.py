@@ -28,7 +28,13 @@ from llmprune.data import (
 )
 from llmprune.engine import BlockPass, Stream, default_device
 from llmprune.errors import CholeskyError, UsageError
-from llmprune.hessian import HessianCollector, diagonal_update, hessian_update, layer_input_width
+from llmprune.hessian import (
+    HessianCollector,
+    accumulator_dtype,
+    diagonal_update,
+    hessian_update,
+    layer_input_width,
+)
 from llmprune.loading import context_length
 from llmprune.progress import Progress, track
 from llmprune.quant import QuantParams
@@ -355,7 +361,8 @@ def sequential_block(
             last.clear()  # the previous group's Hessian is not needed any more
             cols = layer_input_width(mod)
             diag = diagonal_only(recipe)
-            H = torch.zeros((cols,) if diag else (cols, cols), dtype=torch.float32, device=xs[0].device)
+            H = torch.zeros((cols,) if diag else (cols, cols), dtype=accumulator_dtype(recipe.hessian_dtype),
+                            device=xs[0].device)
             n = 0
             for x in xs:
                 if diag:
@@ -447,7 +454,7 @@ def plan_sparsities(
             with collector:
                 block_pass()
         leader, hessians, _ = _shared_hessians(lin, collector) if distributed.active() else \
-            (collector.leader, collector.H, collector.n)
+            (collector.leader, {lead: collector.hessian(lead) for lead in collector.groups()}, collector.n)
         reached = [n for n in lin if n in leader]
         pairs = [(get_weight(lin[n]), hessians[leader[n]]) for n in reached]
         ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)

@@ -94,11 +94,13 @@ def _comm(t: Tensor) -> Tensor:
 
 
 def sum_mean(H: Tensor | None, n: int, shape: tuple[int, ...], like: torch.device) -> tuple[Tensor, int]:
-    """The all-ranks mean of running means ``H`` over ``n`` tokens each (H None: this rank saw none)."""
+    """The all-ranks mean of running means ``H`` over ``n`` tokens each (H None: this rank saw none), in fp32
+    for the solvers. The ranks' means are summed in fp64; fp64 accumulators (``--hessian-dtype fp64``)
+    enter unrounded, which makes the result the single process's to the last bit."""
     import torch.distributed as dist
 
     if not active():
-        return H, n
+        return (H.float() if H is not None else H), n  # an fp64 accumulator rounded once
     total = H.double() * n if H is not None and n else torch.zeros(shape, dtype=torch.float64)
     total = _comm(total)
     count = _comm(torch.tensor([float(n)], dtype=torch.float64))

@@ -10,6 +10,20 @@ import torch
 from torch import Tensor, nn
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+HESSIAN_DTYPES = ("auto", "fp32", "fp64")
+
+
+def accumulator_dtype(hessian_dtype: str) -> torch.dtype:
+    """The running Hessian's dtype. ``fp64``: a product of two fp32 numbers is exact in fp64 and the sums
+    carry 29 more bits than fp32, so once rounded to fp32 (``as_solver_hessian``) the Hessian no longer
+    depends on how the windows were batched or split over torchrun's ranks: a torchrun run gives the single
+    process's weights bit for bit, quantized codes included. Costs 2x the Hessian memory and fp64 GEMMs."""
+    return torch.float64 if hessian_dtype == "fp64" else torch.float32
+
+
+def as_solver_hessian(H: Tensor) -> Tensor:
+    """What the solvers take: fp32 (an fp64 accumulator rounded once, after every token is in)."""
+    return H if H.dtype == torch.float32 else H.float()
 
 
 def on_tensor_cores(x: Tensor, hessian_dtype: str, dtype: torch.dtype) -> bool:
@@ -78,7 +92,8 @@ def layer_input_width(module: nn.Module) -> int:
 
 
 class HessianCollector:
-    """Context manager: hooks every given linear, accumulates one fp32 Hessian per input group.
+    """Context manager: hooks every given linear, accumulates one Hessian per input group (fp32, or fp64 for
+    ``hessian_dtype="fp64"``: ``H`` holds the accumulators, ``hessian()`` gives the solvers' fp32).
 
     ``leader[name]`` is the linear whose Hessian ``name`` uses. Groups are decided on the first forward pass
     (inputs compared with ``is``); later passes accumulate only on each group's leader.
@@ -120,7 +135,7 @@ class HessianCollector:
             cols = layer_input_width(mod)
             if name not in self.H:
                 shape = (cols,) if self.diagonal else (cols, cols)
-                self.H[name] = torch.zeros(shape, dtype=torch.float32, device=x.device)
+                self.H[name] = torch.zeros(shape, dtype=accumulator_dtype(self.hessian_dtype), device=x.device)
                 self.n[name] = 0
             flat = x.detach().reshape(-1, cols)
             if self.diagonal:
@@ -131,7 +146,9 @@ class HessianCollector:
         return hook
 
     def hessian(self, name: str) -> Tensor:
-        return self.H[self.leader[name]]
+        lead = self.leader[name]
+        self.H[lead] = as_solver_hessian(self.H[lead])  # rounded once, shared by the group
+        return self.H[lead]
 
     def drop(self, leader: str) -> None:
         """Free a group's Hessian once every linear that reads it is solved."""

@@ -137,8 +137,8 @@ class Recipe:
             raise UsageError(f"--refit re-solves another method's mask; --method {self.method} "
                              + ("refits already: drop --refit" if self.method == "admm" else
                                 "is rounding only: use --method magnitude --refit"))
-        if self.hessian_dtype not in ("auto", "fp32"):
-            raise UsageError(f"unknown hessian_dtype {self.hessian_dtype!r}: choose auto or fp32")
+        if self.hessian_dtype not in ("auto", "fp32", "fp64"):
+            raise UsageError(f"unknown hessian_dtype {self.hessian_dtype!r}: choose auto, fp32 or fp64")
         if self.kernels not in ("auto", "triton", "torch"):
             raise UsageError(f"unknown kernels {self.kernels!r}: choose auto, triton or torch")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -9,7 +9,8 @@ from conftest import TINY, VOCAB, tiny_model
 from llmprune.arch import find_blocks, find_linears
 from llmprune.compression import compress_model
 from llmprune.engine import Stream
-from llmprune.hessian import HessianCollector, hessian_update
+from llmprune.errors import UsageError
+from llmprune.hessian import HessianCollector, accumulator_dtype, as_solver_hessian, hessian_update
 from llmprune.recipe import Recipe
 
 
@@ -54,6 +55,27 @@ def test_hessian_update_incremental_equals_batch():
         H, n = hessian_update(H, n, chunk)
     assert n == 300
     torch.testing.assert_close(H, 2 / 300 * X.T @ X)
+
+
+def test_fp64_accumulation_makes_the_hessian_independent_of_how_tokens_are_batched():
+    """--hessian-dtype fp64: whatever the batches (one process's, or each rank's share), the fp32 Hessian the
+    solvers get is the same to the last bit; fp32 accumulation is not (what torchrun equality rests on)."""
+    torch.manual_seed(0)
+    X = torch.randn(4096, 48) * torch.logspace(-2, 2, 48)
+
+    def fold(dtype_name: str, sizes: list[int]) -> torch.Tensor:
+        H, n = torch.zeros(48, 48, dtype=accumulator_dtype(dtype_name)), 0
+        for chunk in X.split(sizes):
+            H, n = hessian_update(H, n, chunk, dtype_name)
+        return as_solver_hessian(H)
+
+    splits = ([4096], [512] * 8, [100, 1000, 2996], [1024, 7, 3065])
+    exact = [fold("fp64", s) for s in splits]
+    assert all(h.dtype == torch.float32 and torch.equal(h, exact[0]) for h in exact)
+    rounded = [fold("fp32", s) for s in splits]
+    assert not all(torch.equal(h, rounded[0]) for h in rounded)
+    with pytest.raises(UsageError, match="hessian_dtype"):
+        Recipe(hessian_dtype="fp16")
 
 
 def test_linears_reading_one_input_share_one_hessian():

@@ -112,6 +112,31 @@ def test_torchrun_output_equals_the_single_process_output(case, model_dir, tmp_p
         assert r2["allocation"]["owl_lambda"] == r1["allocation"]["owl_lambda"]
 
 
+EXACT = {
+    "sequential-joint-w4-lazy": ["--sparsity", "0.5", "--wbits", "4", "--group-size", "32"],
+    "two-pass-24-w4-eager": ["--two-pass", "--pattern", "2:4", "--wbits", "4", "--group-size", "32", "--no-lazy"],
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT))
+def test_with_fp64_hessians_torchrun_gives_the_single_process_output_bit_for_bit(case, model_dir, tmp_path):
+    """--hessian-dtype fp64 makes the Hessians independent of how the windows are split over the ranks, so
+    even GPTQ's chaotic rounding lands on the same codes: every tensor equal, not merely close."""
+    base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
+            "--device", "cpu", "--hessian-dtype", "fp64", *EXACT[case]]
+    one = single([*base, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun([*base, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} tensors differ, first {differ[:3]}"
+    r1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())
+    assert [x["rel_error"] for x in r1["layers"]] == pytest.approx([x["rel_error"] for x in r2["layers"]], rel=1e-6)
+
+
 @pytest.mark.parametrize("dist_read", ["all", "rank0"])
 def test_with_rank0_reading_only_rank0_opens_the_shards_and_the_output_is_the_same(dist_read, model_dir, tmp_path):
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
