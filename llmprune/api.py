@@ -665,10 +665,12 @@ def shrink(
     report = shrink_model(m, tok, rec, spec, progress=progress)
     _describe(report, m, source or "in-memory", kind)
     if out_path is not None:
-        with atomic_dir(out_path) as tmp:
-            report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-            save_hf(m, tok, tmp, report)
-        log.info("wrote %s", out_path)
+        if distributed.is_main():  # torchrun: rank 0 writes; every rank holds the same model
+            with atomic_dir(out_path) as tmp:
+                report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+                save_hf(m, tok, tmp, report)
+            log.info("wrote %s", out_path)
+        report = distributed.broadcast_object(report)
     return report
 
 

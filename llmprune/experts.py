@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from llmprune import distributed
 from llmprune.arch import ROUTERS, find_experts
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,10 @@ def reap_drop(block: nn.Module, run, keep: int) -> dict[str, dict]:
         router = find_router(block, path)
         if router is None:
             raise ValueError(f"{path}: no router found beside it to drop expert rows from")
-        saliency = r.scores / r.tokens.clamp(min=1)
+        # torchrun: every rank's tokens, so all ranks keep the same experts
+        scores = torch.tensor(distributed.all_sum(r.scores.tolist()), dtype=torch.float64)
+        tokens = torch.tensor(distributed.all_sum(r.tokens.double().tolist()), dtype=torch.float64)
+        saliency = scores / tokens.clamp(min=1)
         order = sorted(range(len(saliency)), key=lambda e: float(saliency[e]), reverse=True)
         kept = sorted(order[:keep])
         drop(module, router, kept)

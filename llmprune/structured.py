@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from llmprune import experts
+from llmprune import distributed, experts
 from llmprune.arch import LAYOUTS, Layout, find_blocks, get_weight
 from llmprune.compression import calibration_set, experts_kept, resolve_device
 from llmprune.data import batched
 from llmprune.engine import BlockPass, Stream
 from llmprune.errors import UsageError
-from llmprune.hessian import HessianCollector
+from llmprune.hessian import HessianCollector, layer_input_width
 from llmprune.progress import Progress
 from llmprune.recipe import Recipe
 from llmprune.solvers.result import relative_error
@@ -228,8 +228,29 @@ class _Similarity:
         self.n += cos.numel()
 
     def close(self) -> float:
+        """The mean over every rank's tokens (torchrun), so all ranks drop the same blocks."""
         self.handle.remove()
-        return self.total / max(self.n, 1)
+        total, n = distributed.all_sum([self.total, float(self.n)])
+        return total / max(n, 1)
+
+
+def _hessian(collector: HessianCollector, key: str, module: nn.Module) -> Tensor | None:
+    """``key``'s Hessian over every rank's tokens (torchrun: the ranks' sums), fp32; None if not collected."""
+    if not distributed.active():
+        return collector.hessian(key) if key in collector.leader else None
+    if key not in collector.linears:
+        return None
+    cols = layer_input_width(module)
+    H, _ = distributed.sum_mean(collector.H.get(key), collector.n.get(key, 0), (cols, cols), get_weight(module).device)
+    return H
+
+
+def _same_on_every_rank(block: nn.Module) -> None:
+    """torchrun: rank 0's shrunk block on all ranks (each rank chose the same groups from the same Hessians;
+    this makes it so to the last bit whatever the device does)."""
+    if distributed.active():
+        for t in block.state_dict().values():
+            distributed.broadcast_(t, 0)
 
 
 def _update_config(model: nn.Module, p: Plan, kept_blocks: list[int]) -> None:
@@ -274,7 +295,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     """Shrink ``model`` in place as ``spec`` says (calibration as in ``recipe``); return the run report."""
     t0 = time.perf_counter()
     p = plan(model, spec)
-    device = resolve_device(recipe.device)
+    device = distributed.device() or resolve_device(recipe.device)
     before = count_params(model)
     windows, calib = calibration_set(tokenizer, model, recipe)
     lay = p.layout
@@ -307,8 +328,9 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
             cos = similarity.close()
         info = {}
         if lay is not None:
-            H = {k: collector.hessian(k) if k in collector.leader else None for k in ("mlp", "attn")}  # l1: none
+            H = {k: _hessian(collector, k, watch.get(k)) for k in ("mlp", "attn")}  # l1: none
             info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
+            _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
 
     def heads_then_mlp(i: int, block: nn.Module, block_pass: BlockPass) -> None:
@@ -322,17 +344,24 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
                 block_pass()
         finally:
             cos = similarity.close()
-        info = shrink_block(block, replace(p, keep_channels=p.channels), spec, recipe, None, attn.hessian("attn"))
+        info = shrink_block(block, replace(p, keep_channels=p.channels), spec, recipe, None,
+                            _hessian(attn, "attn", block.get_submodule(lay.o)))
+        _same_on_every_rank(block)
         del attn
         mlp = HessianCollector({"mlp": block.get_submodule(lay.mlp_out)}, hessian_dtype=recipe.hessian_dtype)
         with mlp:
             block_pass()
         info |= shrink_block(block, replace(p, remove_per_group=0, whole_groups=0), spec, recipe,
-                             mlp.hessian("mlp"), None)
+                             _hessian(mlp, "mlp", block.get_submodule(lay.mlp_out)), None)
+        _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
 
     path, _ = find_blocks(model)
-    Stream(model, batched(windows, recipe.batch_size), device, progress=progress).run(on_block, desc="shrink")
+    if distributed.active() and windows.shape[0] < distributed.world():
+        raise UsageError(f"{windows.shape[0]} calibration windows cannot be shared by {distributed.world()} torchrun"
+                         f" processes: raise --nsamples to at least {distributed.world()} or launch fewer")
+    Stream(model, batched(distributed.shard(windows), recipe.batch_size), device,
+           progress=progress).run(on_block, desc="shrink")
     drop = sorted(sorted(range(len(per_block)), key=lambda i: per_block[i]["cosine"], reverse=True)
                   [: spec.drop_blocks])
     kept = _drop_blocks(model, drop) if drop else list(range(len(per_block)))

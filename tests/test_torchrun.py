@@ -154,6 +154,51 @@ def test_with_rank0_reading_only_rank0_opens_the_shards_and_the_output_is_the_sa
     assert_same_model(tmp_path / "two", tmp_path / "one")
 
 
+@pytest.mark.parametrize("method", ["obs", "wanda"])
+def test_shrink_under_torchrun_gives_the_single_process_model(method, model_dir, tmp_path):
+    """Heads, channels and a block chosen on every rank's tokens (Hessians and similarities summed), rank 0
+    writes: with fp64 Hessians the same model bit for bit."""
+    base = ["shrink", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
+            "--device", "cpu", "--mlp", "0.34", "--heads", "0.5", "--drop-blocks", "1", "--align", "16",
+            "--method", method, "--hessian-dtype", "fp64"]
+    one = single([*base, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    two = torchrun([*base, "--out", str(tmp_path / "two")], script=[str(HERE / "torchrun_reads.py")],
+                   LLMPRUNE_TEST_READS=str(counts))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [int((counts / f"windows{r}.txt").read_text()) for r in (0, 1)] == [4, 4]  # each rank half the data
+    r1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())
+    assert r2["dropped_blocks"] == r1["dropped_blocks"] and r2["sizes"] == r1["sizes"]
+    assert [b["cosine"] for b in r2["blocks"]] == pytest.approx([b["cosine"] for b in r1["blocks"]], rel=1e-6)
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_drop_experts_under_torchrun_scores_every_ranks_tokens(tmp_path, tiny_tokenizer):
+    """REAP's scores are summed over the ranks: the same experts go as in one process (each rank alone would
+    score its own windows and could drop different ones)."""
+    from conftest import tiny_model
+
+    d = tmp_path / "moe"
+    tiny_model("mixtral").save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    base = ["compress", str(d), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32", "--device", "cpu",
+            "--sparsity", "0", "--drop-experts", "0.5"]
+    one = single([*base, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun([*base, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    e1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())["experts"]
+    e2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())["experts"]
+    for path, info in e1["dropped"].items():
+        assert e2["dropped"][path]["dropped"] == info["dropped"], path
+        assert e2["dropped"][path]["scores"] == pytest.approx(info["scores"], rel=1e-5), path
+
+
 def test_eval_ppl_under_torchrun_equals_the_single_process(model_dir):
     args = ["eval-ppl", str(model_dir), "--dataset", "shakespeare", "--seqlen", "32", "--max-windows", "10",
             "--device", "cpu", "--json"]
