@@ -651,11 +651,27 @@ def shrink(
     spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
                       drop_experts=drop_experts)
     rec = make_recipe(recipe, source="shrink()", **options)
+    pruning = [f for f, on in (("sparsity", rec.sparsity not in (None, 0, 0.0)), ("pattern", rec.nm is not None),
+                               ("allocation", rec.allocation != "uniform")) if on]
+    if pruning:
+        raise UsageError(f"shrink removes whole channels, heads and blocks; {', '.join(pruning)} in the recipe prunes"
+                         " inside layers: drop it, or run `llmprune compress` on the shrunk model")
     if not drop_experts and rec.drop_experts:  # given in the recipe
         spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
                           drop_experts=rec.drop_experts)
+    def check(m: nn.Module) -> None:
+        p = plan(m, spec)
+        if rec.wbits is not None and rec.group_size > 0 and p.layout is not None:  # the widths after shrinking
+            heads = p.heads - (p.remove_per_group * p.kv_heads or p.whole_groups)
+            widths = {"MLP channels": p.keep_channels, "attention inputs (heads x head_dim)": heads * p.head_dim,
+                      "hidden size": m.config.hidden_size}
+            for what, cols in widths.items():
+                if cols % rec.group_size:
+                    raise UsageError(f"--group-size {rec.group_size} does not divide the shrunk model's {cols} {what}:"
+                                     f" pick a divisor of {cols}, -1 for per-channel, or another --align")
+
     mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
-                                               lambda m: plan(m, spec))
+                                               check)
     if mref is None:
         m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
     else:
@@ -663,14 +679,32 @@ def shrink(
         tok = tokenizer if tokenizer is not None else loaded
         source, kind = mref.ref, mref.origin
     report = shrink_model(m, tok, rec, spec, progress=progress)
+    grids: dict = {}
+    if rec.wbits is not None:  # then quantized (GPTQ, or the recipe's method at sparsity 0) in the same run
+        report = _quantize_shrunk(m, tok, rec, report, grids, progress)
     _describe(report, m, source or "in-memory", kind)
     if out_path is not None:
         if distributed.is_main():  # torchrun: rank 0 writes; every rank holds the same model
-            with atomic_dir(out_path) as tmp:
-                report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-                save_hf(m, tok, tmp, report)
-            log.info("wrote %s", out_path)
+            if rec.wbits is not None:
+                _save(out_path, m, tok, report, grids, t0)
+            else:
+                with atomic_dir(out_path) as tmp:
+                    report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+                    save_hf(m, tok, tmp, report)
+                log.info("wrote %s", out_path)
         report = distributed.broadcast_object(report)
+    return report
+
+
+def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, grids: dict,
+                     progress: Progress) -> dict:
+    """``--wbits`` after shrinking: the smaller model's linears quantized on the same calibration windows (a
+    second streamed pass, as its inputs changed); the report is compress's, with the shrink's entries added."""
+    report = compress_model(model, tokenizer, recipe.replace(sparsity=0.0, drop_experts=0.0), grids=grids,
+                            progress=progress)
+    report["timings"] = {"shrink_s": shrunk["timings"]["shrink_s"], **report["timings"]}
+    for key in ("shrink", "sizes", "dropped_experts", "dropped_blocks", "blocks", "params"):
+        report[key] = shrunk[key]
     return report
 
 

@@ -308,7 +308,7 @@ def sweep(model: str, out: str, methods: str | None, sparsities: str | None, gri
               help="Mixture of experts: fraction of each layer's experts removed, those with the lowest"
                    " router-weighted output norm (REAP).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
-@_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--wbits", "--allocation", "--drop-experts",
+@_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--allocation", "--drop-experts",
                           "--min-expert-tokens"))
 @_model_options
 @_log_file
@@ -331,6 +331,9 @@ def shrink(model: str, out: str, mlp: float, heads: float, drop_blocks: int, shr
         parts.append(f"heads {sizes['heads'][0]} -> {sizes['heads'][1]}")
     if sizes["experts"]:
         parts.append(f"experts {sizes['experts'][0]} -> {sizes['experts'][1]} per MoE layer")
+    if report.get("layers") is not None:  # --wbits: quantized after shrinking
+        q = report["recipe"]
+        parts.append(f"then {q['wbits']}-bit (group {q['group_size']}) on {len(report['layers'])} linears")
     click.echo(f"shrunk ({shrink_method}): " + ", ".join(parts)
                + f"{', ' if parts else ''}blocks {sizes['blocks'][0]} -> {sizes['blocks'][1]}; {before:,} -> {after:,}"
                " parameters"

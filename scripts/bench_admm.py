@@ -2,7 +2,7 @@
 
 Calibration on the Shakespeare train part, perplexity on its held-out tail; every row uses the same windows,
 in one process (read the time ratios, the machine is shared). Rows: SparseGPT vs admm at 50%, 70% and 2:4;
-admm with OWL at 70%; wanda and magnitude with and without --refit; joint 50% + w4g64 vs SparseGPT then
+admm with OWL and with SPDY at 70%; wanda and magnitude with and without --refit; joint 50% + w4g64 vs SparseGPT then
 round-to-nearest on the same grid (the two-stage recipe of llm-compressor).
 
     python scripts/bench_admm.py [--nsamples 32] [--seqlen 512] [--rows NAME,...]
@@ -33,6 +33,8 @@ ROWS = {
     "admm 2:4": dict(method="admm", pattern="2:4"),
     "sparsegpt 70% owl": dict(sparsity=0.7, allocation="owl"),
     "admm 70% owl": dict(method="admm", sparsity=0.7, allocation="owl"),
+    "sparsegpt 70% spdy": dict(sparsity=0.7, allocation="spdy"),
+    "admm 70% spdy": dict(method="admm", sparsity=0.7, allocation="spdy"),
     "wanda 50%": dict(method="wanda", sparsity=0.5),
     "wanda 50% + refit": dict(method="wanda", sparsity=0.5, refit=True),
     "magnitude 50%": dict(method="magnitude", sparsity=0.5),
@@ -88,7 +90,8 @@ def main() -> None:
         + f" {ratio('admm 50%', 'sparsegpt 50%', 2)}; 70% " + ratio("admm 70%", "sparsegpt 70%", 1)
         + f" {ratio('admm 70%', 'sparsegpt 70%', 2)}; 2:4 " + ratio("admm 2:4", "sparsegpt 2:4", 1)
         + f" {ratio('admm 2:4', 'sparsegpt 2:4', 2)}; admm+owl 70% / sparsegpt 70% "
-        + ratio("admm 70% owl", "sparsegpt 70%", 1)
+        + ratio("admm 70% owl", "sparsegpt 70%", 1) + "; admm+spdy 70% / sparsegpt 70% "
+        + ratio("admm 70% spdy", "sparsegpt 70%", 1) + f" {ratio('admm 70% spdy', 'sparsegpt 70%', 2)}"
         + "; joint / sparsegpt-then-rtn " + ratio("sparsegpt 50% + w4g64 joint", "sparsegpt 50% then rtn w4g64", 1),
     ]
     publish(lines, args.out)

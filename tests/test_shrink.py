@@ -152,3 +152,35 @@ def test_bench_speed_prints_both_models(tiny_model_dir, tmp_path, capsys):
               "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out.splitlines()
     assert exc.value.code == 0 and len(out) == 3 and "prefill tok/s" in out[0]
+
+
+def test_shrink_then_wbits_gives_a_smaller_quantized_model_that_loads(tiny_tokenizer, tmp_path):
+    """--wbits after shrinking, in the same run: every linear of the smaller model on a 4-bit grid of 32-column
+    groups (at most 16 distinct values in each group of a row's 32 columns), the report both the shrink's and the quantization's;
+    a group size the shrunk widths cannot hold is refused before any work."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "src"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    with pytest.raises(llmprune.UsageError, match="does not divide the shrunk model's 72 MLP channels"):
+        llmprune.shrink(d, tmp_path / "out", mlp=0.25, align=8, wbits=4, group_size=16, **CALIB)
+    assert not (tmp_path / "out").exists()
+    report = llmprune.shrink(d, tmp_path / "out", mlp=1 / 3, heads=0.5, align=8, wbits=4, group_size=32, **CALIB)
+    assert report["sizes"]["mlp_channels"] == [96, 64]
+    assert report["sizes"]["mlp_channels"][1] < report["sizes"]["mlp_channels"][0]
+    assert report["layers"] and all(x["bits"] > 4 for x in report["layers"])  # 4-bit codes plus the scales
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.intermediate_size == report["sizes"]["mlp_channels"][1]
+    for name, mod in loaded.model.layers.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            groups = mod.weight.detach().reshape(mod.weight.shape[0], -1, 32)
+            assert max(len(torch.unique(g)) for row in groups for g in row) <= 16, name
+    out = loaded.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
+
+
+def test_shrink_refuses_a_recipe_that_prunes_inside_layers(tiny_model_dir, tmp_path):
+    with pytest.raises(llmprune.UsageError, match="sparsity in the recipe prunes inside layers"):
+        llmprune.shrink(tiny_model_dir, tmp_path / "o", mlp=0.25, sparsity=0.5, **CALIB)
+    assert not (tmp_path / "o").exists()
