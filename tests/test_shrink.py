@@ -155,9 +155,9 @@ def test_bench_speed_prints_both_models(tiny_model_dir, tmp_path, capsys):
 
 
 def test_shrink_then_wbits_gives_a_smaller_quantized_model_that_loads(tiny_tokenizer, tmp_path):
-    """--wbits after shrinking, in the same run: every linear of the smaller model on a 4-bit grid of 32-column
-    groups (at most 16 distinct values in each group of a row's 32 columns), the report both the shrink's and the quantization's;
-    a group size the shrunk widths cannot hold is refused before any work."""
+    """--wbits after shrinking, in the same run: every linear of the smaller model on a 4-bit grid (at most 16
+    distinct values in each row's 32-column group), the report both the shrink's and the quantization's; a
+    group size the shrunk widths cannot hold is refused before any work."""
     from transformers import AutoModelForCausalLM
 
     d = tmp_path / "src"
