@@ -13,11 +13,13 @@ names as the CLI flags and YAML keys; a bad one raises ``UsageError`` with the m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from inspect import signature
@@ -30,6 +32,7 @@ from torch import nn
 from llmprune import distributed
 from llmprune.checkpoint import (
     REPORT,
+    TensorReader,
     atomic_dir,
     compressed_tensors_config,
     is_packed,
@@ -38,6 +41,7 @@ from llmprune.checkpoint import (
     save_compressed_tensors,
     save_hf,
     save_metadata,
+    save_tensors,
     write_report,
 )
 from llmprune.compression import (
@@ -372,9 +376,9 @@ def _load_whole(mref: ModelRef, dtype: str):
 
 
 def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float,
-                   progress: Progress, tokenizer=None, dist_read: str = "all") -> Report:
+                   progress: Progress, tokenizer=None, dist_read: str = "all", extra: dict | None = None) -> Report:
     """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
-    publish it as ``out``."""
+    publish it as ``out``. ``extra``: entries added to the report (a streamed shrink's, before ``--wbits``)."""
     from llmprune.resume import PartialOutput
 
     path = Path(mref.location)
@@ -397,6 +401,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
         report["calibration"] = calib
     report["timings"]["load_s"] = round(load_s, 3)
     dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
+    report.update(extra or {})
     # the tensors outside the blocks, as the input stores them: only the rank that writes needs them
     rest = model.block_source.rest_state() if distributed.is_main() else {}
     t_save = time.perf_counter()
@@ -635,6 +640,7 @@ def shrink(
     drop_experts: float = 0.0,
     tokenizer=None,
     overwrite: bool = False,
+    lazy: bool = True,
     progress: Progress = True,
     revision: str | None = None,
     trust_remote_code: bool = False,
@@ -644,7 +650,9 @@ def shrink(
     (``heads``), ``drop_blocks`` whole blocks and, in a mixture of experts, ``drop_experts`` of each layer's
     experts (REAP), choosing by ``method`` (obs, l1, wanda) on the calibration
     data of ``recipe``/``options``; write a standard, smaller model directory to ``out`` (or shrink an
-    in-memory model in place). Returns the run report (also ``out/llmprune.json``)."""
+    in-memory model in place); ``wbits`` in the recipe quantizes the shrunk model in the same run. A
+    safetensors directory is streamed from disk (``lazy``) unless ``lazy=False``. Returns the run report (also
+    ``out/llmprune.json``)."""
     from llmprune.structured import ShrinkSpec, plan, shrink_model
 
     t0 = time.perf_counter()
@@ -672,9 +680,14 @@ def shrink(
 
     mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
                                                check)
+    if lazy and out_path is not None and mref is not None and mref.kind == "dir" \
+            and can_load_lazily(Path(mref.location)):
+        return _shrink_lazy(mref, out_path, rec, spec, overwrite, t0, progress, tokenizer)
     if mref is None:
         m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
     else:
+        if lazy and out_path is not None:
+            _say_not_streamed(mref, rec)
         m, loaded = _load_whole(mref, rec.dtype)
         tok = tokenizer if tokenizer is not None else loaded
         source, kind = mref.ref, mref.origin
@@ -696,6 +709,86 @@ def shrink(
     return report
 
 
+def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, t0: float, progress: Progress,
+                 tokenizer) -> dict:
+    """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written beside the
+    output as soon as it is done, and the output assembled (blocks renumbered past the dropped ones) only
+    once every block is in. With ``--wbits`` the shrunk model is then quantized streamed too, from that
+    directory, into ``out``. Rank 0 alone writes (torchrun)."""
+    from llmprune.structured import shrink_model
+
+    model, loaded_tok = load_lazy(Path(mref.location), rec.dtype, mref.trust_remote_code)
+    tok = tokenizer if tokenizer is not None else loaded_tok
+    src = model.block_source
+    main = distributed.is_main()
+    target = out if rec.wbits is None else out.parent / f".{out.name}.shrunk"
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(target)) if main else None
+
+        def write_block(i: int, block: nn.Module) -> None:
+            if main:
+                save_tensors({f"{src.path}.{i}.{k}": v for k, v in block.state_dict().items()},
+                             tmp / f".shrunk-{i:05d}.safetensors")
+
+        report = shrink_model(model, tok, rec, spec, progress=progress, on_block_done=write_block)
+        dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
+        if main:
+            _assemble_shrunk(tmp, model, tok, report, dtype)
+            report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+            write_report(tmp, report)
+    if main:
+        log.info("wrote %s", target)
+    report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
+    if rec.wbits is None:
+        return report
+    try:
+        quantized = _compress_lazy(resolve(str(target)), out, rec.replace(sparsity=0.0, drop_experts=0.0),
+                                   overwrite, None, t0, progress, tokenizer or tok, "all",
+                                   extra={k: report[k] for k in (*SHRINK_KEYS, "model")})
+    finally:
+        distributed.barrier()
+        if main:
+            shutil.rmtree(target, ignore_errors=True)
+    return quantized.to_dict()
+
+
+SHRINK_KEYS = ("shrink", "sizes", "dropped_experts", "dropped_blocks", "kept_blocks", "blocks", "params")
+
+
+def _assemble_shrunk(directory: Path, model: nn.Module, tokenizer, report: dict, dtype: torch.dtype) -> None:
+    """The output of a streamed shrink from its per-block files: kept block i becomes block j (its tensors
+    renamed, in the input's checkpoint layout), the tensors outside the blocks as the input stores them, an
+    index, the config with the new sizes; one block in memory at a time."""
+    src = model.block_source
+    kept = report["kept_blocks"]
+    n = len(kept) + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    for j, i in enumerate(kept):
+        part = directory / f".shrunk-{i:05d}.safetensors"
+        reader = TensorReader(directory, prefix=part.name.removesuffix(".safetensors"))
+        inside = f"{src.path}.{i}."
+        tensors = src.keymap.to_checkpoint({f"{src.path}.{j}.{k.removeprefix(inside)}": reader.get(k)
+                                            for k in reader.keys()})
+        reader.close()
+        fname = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+        save_tensors(tensors, directory / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    rest = src.rest_state()
+    fname = f"model-{n:05d}-of-{n:05d}.safetensors"
+    save_tensors(rest, directory / fname, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, fname))
+    total += sum(t.numel() * t.element_size() for t in rest.values())
+    for part in directory.glob(".shrunk-*.safetensors"):
+        part.unlink()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    save_metadata(model, tokenizer, directory)
+    report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
+
+
 def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, grids: dict,
                      progress: Progress) -> dict:
     """``--wbits`` after shrinking: the smaller model's linears quantized on the same calibration windows (a
@@ -703,7 +796,7 @@ def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, 
     report = compress_model(model, tokenizer, recipe.replace(sparsity=0.0, drop_experts=0.0), grids=grids,
                             progress=progress)
     report["timings"] = {"shrink_s": shrunk["timings"]["shrink_s"], **report["timings"]}
-    for key in ("shrink", "sizes", "dropped_experts", "dropped_blocks", "blocks", "params"):
+    for key in SHRINK_KEYS:
         report[key] = shrunk[key]
     return report
 

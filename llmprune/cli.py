@@ -308,20 +308,22 @@ def sweep(model: str, out: str, methods: str | None, sparsities: str | None, gri
               help="Mixture of experts: fraction of each layer's experts removed, those with the lowest"
                    " router-weighted output norm (REAP).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--lazy/--no-lazy", default=True, show_default=True,
+              help="Stream a safetensors directory from disk one block at a time (else load it whole).")
 @_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--allocation", "--drop-experts",
                           "--min-expert-tokens"))
 @_model_options
 @_log_file
 def shrink(model: str, out: str, mlp: float, heads: float, drop_blocks: int, shrink_method: str, align: int,
-           drop_experts: float, overwrite: bool, config: str | None, tokenizer: str | None, revision: str | None,
-           trust_remote_code: bool, **flags) -> None:
+           drop_experts: float, overwrite: bool, lazy: bool, config: str | None, tokenizer: str | None,
+           revision: str | None, trust_remote_code: bool, **flags) -> None:
     """Structured pruning: a smaller standard model (fewer MLP channels, heads, blocks) that runs faster."""
     from llmprune import api
 
     recipe = build_recipe(config, **flags)
     report = api.shrink(model, out, recipe, mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=shrink_method,
-                        align=align, drop_experts=drop_experts, overwrite=overwrite, tokenizer=tokenizer,
-                        revision=revision, trust_remote_code=trust_remote_code)
+                        align=align, drop_experts=drop_experts, overwrite=overwrite, lazy=lazy,
+                        tokenizer=tokenizer, revision=revision, trust_remote_code=trust_remote_code)
     before, after = report["params"]["before"], report["params"]["after"]
     sizes = report["sizes"]
     parts = []

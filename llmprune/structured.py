@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -291,8 +292,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, progress: Progress = True) -> dict:
-    """Shrink ``model`` in place as ``spec`` says (calibration as in ``recipe``); return the run report."""
+def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, progress: Progress = True,
+                 on_block_done: Callable[[int, nn.Module], None] | None = None) -> dict:
+    """Shrink ``model`` in place as ``spec`` says (calibration as in ``recipe``); return the run report.
+
+    ``on_block_done(i, block)``: called with each shrunk block while its weights are loaded (a lazily loaded
+    model's are dropped right after: that is where they get written)."""
     t0 = time.perf_counter()
     p = plan(model, spec)
     device = distributed.device() or resolve_device(recipe.device)
@@ -332,6 +337,8 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
             info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
             _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
+        if on_block_done is not None:
+            on_block_done(i, block)
 
     def heads_then_mlp(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         """Heads and channels both go: the heads first, chosen on o_proj's Hessian of the whole block, then
@@ -355,6 +362,8 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
                              _hessian(mlp, "mlp", block.get_submodule(lay.mlp_out)), None)
         _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
+        if on_block_done is not None:
+            on_block_done(i, block)
 
     path, _ = find_blocks(model)
     if distributed.active() and windows.shape[0] < distributed.world():
@@ -379,6 +388,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         "dropped_experts": dropped,
         "dropped_blocks": drop,
         "blocks": per_block,
+        "kept_blocks": kept,
         "params": {"before": before, "after": after},
         "timings": {"shrink_s": round(time.perf_counter() - t0, 3)},
     }

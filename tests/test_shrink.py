@@ -4,6 +4,7 @@ with the removed channels/heads zeroed and the same updates applied; it loads an
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -184,3 +185,32 @@ def test_shrink_refuses_a_recipe_that_prunes_inside_layers(tiny_model_dir, tmp_p
     with pytest.raises(llmprune.UsageError, match="sparsity in the recipe prunes inside layers"):
         llmprune.shrink(tiny_model_dir, tmp_path / "o", mlp=0.25, sparsity=0.5, **CALIB)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shrink_streamed_from_disk_equals_the_whole_model_run(family, tiny_tokenizer, tmp_path):
+    """The default for a safetensors directory: one block in memory at a time, the output assembled with the
+    kept blocks renumbered; the same tensors (under the input's own keys), config and report as loading the
+    model whole; with --wbits, the same quantized model."""
+    from safetensors.torch import load_file
+
+    d = tmp_path / "src"
+    tiny_model(family).save_pretrained(d, max_shard_size="60KB")
+    tiny_tokenizer.save_pretrained(d)
+    assert len(list(d.glob("*.safetensors"))) > 1
+    heads = 0.5 if family in HEADS else 0.0
+    opts = dict(mlp=0.25, heads=heads, drop_blocks=1, align=8, **CALIB)
+    for wbits in (None, 4):
+        q = dict(wbits=wbits, group_size=8) if wbits else {}
+        one = llmprune.shrink(d, tmp_path / f"whole{wbits}", lazy=False, **opts, **q)
+        two = llmprune.shrink(d, tmp_path / f"lazy{wbits}", **opts, **q)
+        assert two["model"]["lazy"] and two["kept_blocks"] == one["kept_blocks"] and two["sizes"] == one["sizes"]
+        assert [b["cosine"] for b in two["blocks"]] == pytest.approx([b["cosine"] for b in one["blocks"]])
+        w1, w2 = ({k: v for f in sorted((tmp_path / f"{n}{wbits}").glob("*.safetensors")) for k, v in
+                   load_file(f).items()} for n in ("whole", "lazy"))
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
+        c1, c2 = (json.loads((tmp_path / f"{n}{wbits}" / "config.json").read_text()) for n in ("whole", "lazy"))
+        assert {k: v for k, v in c1.items() if k != "dtype"} == {k: v for k, v in c2.items() if k != "dtype"}
+    assert not list(tmp_path.glob(".*"))  # no temporary directory left beside the outputs

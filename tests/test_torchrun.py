@@ -154,13 +154,15 @@ def test_with_rank0_reading_only_rank0_opens_the_shards_and_the_output_is_the_sa
     assert_same_model(tmp_path / "two", tmp_path / "one")
 
 
-@pytest.mark.parametrize("method", ["obs", "wanda"])
+@pytest.mark.parametrize("method", ["obs", "wanda", "obs-w4"])
 def test_shrink_under_torchrun_gives_the_single_process_model(method, model_dir, tmp_path):
     """Heads, channels and a block chosen on every rank's tokens (Hessians and similarities summed), rank 0
-    writes: with fp64 Hessians the same model bit for bit."""
+    writes (streamed from disk; obs-w4: then quantized, streamed too): with fp64 Hessians the same model bit
+    for bit."""
     base = ["shrink", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
             "--device", "cpu", "--mlp", "0.34", "--heads", "0.5", "--drop-blocks", "1", "--align", "16",
-            "--method", method, "--hessian-dtype", "fp64"]
+            "--method", method.removesuffix("-w4"), "--hessian-dtype", "fp64",
+            *(["--wbits", "4", "--group-size", "16"] if method.endswith("-w4") else [])]
     one = single([*base, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
     counts = tmp_path / "counts"
