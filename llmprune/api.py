@@ -13,7 +13,6 @@ names as the CLI flags and YAML keys; a bad one raises ``UsageError`` with the m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,7 +31,6 @@ from torch import nn
 from llmprune import distributed
 from llmprune.checkpoint import (
     REPORT,
-    TensorReader,
     atomic_dir,
     compressed_tensors_config,
     is_packed,
@@ -41,7 +39,6 @@ from llmprune.checkpoint import (
     save_compressed_tensors,
     save_hf,
     save_metadata,
-    save_tensors,
     write_report,
 )
 from llmprune.compression import (
@@ -711,82 +708,79 @@ def shrink(
 
 def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, t0: float, progress: Progress,
                  tokenizer) -> dict:
-    """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written beside the
-    output as soon as it is done, and the output assembled (blocks renumbered past the dropped ones) only
-    once every block is in. With ``--wbits`` the shrunk model is then quantized streamed too, from that
-    directory, into ``out``. Rank 0 alone writes (torchrun)."""
+    """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written to OUT.partial/
+    as soon as it is done (with the journal compress keeps, so a re-run resumes), and the output assembled
+    (blocks renumbered past the dropped ones) only once every block is in. With ``--wbits`` the shrunk model
+    goes to a hidden directory beside ``out`` and is then quantized streamed from there (both stages resume).
+    Rank 0 alone writes (torchrun)."""
+    from llmprune.resume import PartialOutput, spec_hash
     from llmprune.structured import shrink_model
 
-    model, loaded_tok = load_lazy(Path(mref.location), rec.dtype, mref.trust_remote_code)
+    path = Path(mref.location)
+    model, loaded_tok = load_lazy(path, rec.dtype, mref.trust_remote_code)
     tok = tokenizer if tokenizer is not None else loaded_tok
     src = model.block_source
     main = distributed.is_main()
+    windows, calib = calibration_set(tok, model, rec)
+    key = {"shrink": dataclasses.asdict(spec), "recipe": rec.to_dict(), "calibration": calib["sha256"],
+           "model": str(path), "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+           "llmprune": __version__}
     target = out if rec.wbits is None else out.parent / f".{out.name}.shrunk"
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_dir(target)) if main else None
+    stamp = target / ".shrink-spec"  # --wbits: the shrunk stage finished for this very spec
+    if rec.wbits is not None and stamp.is_file() and stamp.read_text() == spec_hash(key):
+        report = read_report(target)
+        log.info("resuming: %s is already shrunk, quantizing it", target)
+    else:
+        if main:  # torchrun: rank 0 makes (or checks) the partial directory, the others only read it
+            partial = PartialOutput(target, key)
+        distributed.barrier()
+        if not main:
+            partial = PartialOutput(target, key, readonly=True)
+        done = {i: partial.layers(i)[0] for i in partial.finished}
+        if done:
+            log.info("resuming %s: %d blocks already done", partial.dir, len(done))
+        for i in done:
+            src.overrides[i] = partial.reader(i)
 
-        def write_block(i: int, block: nn.Module) -> None:
-            if main:
-                save_tensors({f"{src.path}.{i}.{k}": v for k, v in block.state_dict().items()},
-                             tmp / f".shrunk-{i:05d}.safetensors")
+        def write_block(i: int, block: nn.Module, info: dict) -> None:
+            partial.finish_block(i, {f"{src.path}.{i}.{k}": v for k, v in block.state_dict().items()}, [info], {})
 
-        report = shrink_model(model, tok, rec, spec, progress=progress, on_block_done=write_block)
+        report = shrink_model(model, tok, rec, spec, progress=progress, on_block_done=write_block, done=done,
+                              calibration=(windows, calib))
         dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
         if main:
-            _assemble_shrunk(tmp, model, tok, report, dtype)
-            report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-            write_report(tmp, report)
-    if main:
-        log.info("wrote %s", target)
-    report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
+            new_index = {i: j for j, i in enumerate(report["kept_blocks"])}
+
+            def renumber(i: int, tensors: dict, grids: dict) -> dict:
+                """Kept block i as block j, in the input's checkpoint layout (its keys, per-expert tensors)."""
+                inside = f"{src.path}.{i}."
+                return src.keymap.to_checkpoint({f"{src.path}.{new_index[i]}.{k.removeprefix(inside)}": v
+                                                 for k, v in tensors.items()})
+
+            def write_meta(directory: Path) -> None:
+                save_metadata(model, tok, directory)
+                report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
+                report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+                write_report(directory, report)
+                if rec.wbits is not None:
+                    (directory / stamp.name).write_text(spec_hash(key))
+
+            partial.publish(src.rest_state(), write_meta, overwrite or rec.wbits is not None, renumber,
+                            kept=report["kept_blocks"])
+            log.info("wrote %s", target)
+        report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
     if rec.wbits is None:
         return report
-    try:
-        quantized = _compress_lazy(resolve(str(target)), out, rec.replace(sparsity=0.0, drop_experts=0.0),
-                                   overwrite, None, t0, progress, tokenizer or tok, "all",
-                                   extra={k: report[k] for k in (*SHRINK_KEYS, "model")})
-    finally:
-        distributed.barrier()
-        if main:
-            shutil.rmtree(target, ignore_errors=True)
+    quantized = _compress_lazy(resolve(str(target)), out, rec.replace(sparsity=0.0, drop_experts=0.0),
+                               overwrite, None, t0, progress, tokenizer or tok, "all",
+                               extra={k: report[k] for k in (*SHRINK_KEYS, "model")})
+    distributed.barrier()
+    if main:  # kept until the quantized output is complete, so an interrupted run resumes from it
+        shutil.rmtree(target, ignore_errors=True)
     return quantized.to_dict()
 
 
 SHRINK_KEYS = ("shrink", "sizes", "dropped_experts", "dropped_blocks", "kept_blocks", "blocks", "params")
-
-
-def _assemble_shrunk(directory: Path, model: nn.Module, tokenizer, report: dict, dtype: torch.dtype) -> None:
-    """The output of a streamed shrink from its per-block files: kept block i becomes block j (its tensors
-    renamed, in the input's checkpoint layout), the tensors outside the blocks as the input stores them, an
-    index, the config with the new sizes; one block in memory at a time."""
-    src = model.block_source
-    kept = report["kept_blocks"]
-    n = len(kept) + 1
-    weight_map: dict[str, str] = {}
-    total = 0
-    for j, i in enumerate(kept):
-        part = directory / f".shrunk-{i:05d}.safetensors"
-        reader = TensorReader(directory, prefix=part.name.removesuffix(".safetensors"))
-        inside = f"{src.path}.{i}."
-        tensors = src.keymap.to_checkpoint({f"{src.path}.{j}.{k.removeprefix(inside)}": reader.get(k)
-                                            for k in reader.keys()})
-        reader.close()
-        fname = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
-        save_tensors(tensors, directory / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, fname))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
-    rest = src.rest_state()
-    fname = f"model-{n:05d}-of-{n:05d}.safetensors"
-    save_tensors(rest, directory / fname, metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(rest, fname))
-    total += sum(t.numel() * t.element_size() for t in rest.values())
-    for part in directory.glob(".shrunk-*.safetensors"):
-        part.unlink()
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    save_metadata(model, tokenizer, directory)
-    report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
 
 
 def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, grids: dict,

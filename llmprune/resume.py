@@ -145,28 +145,34 @@ class PartialOutput:
         self.journal["blocks"][str(i)] = {"file": name, "layers": layers}
         self._write_journal()
 
-    def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool, convert=None) -> Path:
+    def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool, convert=None,
+                kept: list[int] | None = None) -> Path:
         """Complete the directory (``rest`` = tensors outside the blocks; ``write_meta(dir)`` writes config,
         tokenizer, report, ...) and rename it to ``OUT``.
 
         ``convert(i, tensors, grids) -> tensors``, when given, rewrites each finished block's file for the
-        output format (compressed-tensors packs its quantized linears), one block in memory at a time; the
-        blocks' own files stay until the output is complete, so an interrupted publish can be redone.
+        output format (compressed-tensors packs its quantized linears; shrink renumbers the kept blocks), one
+        block in memory at a time; the blocks' own files stay until the output is complete, so an interrupted
+        publish can be redone. ``kept``: the finished blocks that go into the output (shrink's dropped blocks
+        do not; needs ``convert``), default all.
         """
+        publish_blocks = self.finished if kept is None else kept
+        if kept is not None and convert is None:
+            raise ValueError("publishing some blocks only needs a convert that renames them")
         with _disk_errors(self.dir):
             save_tensors(rest, self.dir / "model-rest.safetensors", metadata={"format": "pt"})
             weight_map, total = {}, 0
-            blocks = [f"{self.block_prefix(i)}.safetensors" for i in self.finished]
+            blocks = [f"{self.block_prefix(i)}.safetensors" for i in publish_blocks]
             if convert is not None:
                 converted = []
-                for i, fname in zip(self.finished, blocks, strict=True):
+                for i, fname in zip(publish_blocks, blocks, strict=True):
                     reader = TensorReader(self.dir, prefix=fname.removesuffix(".safetensors"))
                     tensors = convert(i, {k: reader.get(k) for k in reader.keys()}, self.grids(i))
                     reader.close()
                     converted.append(f"model-out-{i:05d}.safetensors")
                     save_tensors(tensors, self.dir / converted[-1], metadata={"format": "pt"})
                     del tensors
-                old, blocks = blocks, converted
+                old, blocks = [f"{self.block_prefix(i)}.safetensors" for i in self.finished], converted
             files = blocks + ["model-rest.safetensors"]
             for fname in files:
                 reader = TensorReader(self.dir, prefix=fname.removesuffix(".safetensors"))

@@ -214,6 +214,38 @@ def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_
     return info
 
 
+def resize_block(block: nn.Module, p: Plan, info: dict) -> None:
+    """Give a weightless (meta) block the shapes ``shrink_block`` left it with (``info``: its removed heads and
+    channels), so the shrunk tensors of a resumed run load into it."""
+    lay = p.layout
+    if lay is None:
+        return
+
+    def cut(name: str, rows: Tensor | None, cols: Tensor | None) -> None:
+        mod = block.get_submodule(name)
+        W, b = get_weight(mod), _bias(mod)
+        out_n = W.shape[0] if rows is None else int(rows.sum())
+        in_n = W.shape[1] if cols is None else int(cols.sum())
+        meta = dict(dtype=W.dtype, device="meta")
+        _replace(block, name, torch.empty(out_n, in_n, **meta), None if b is None else torch.empty(out_n, **meta))
+
+    if info.get("heads_removed") is not None:
+        removed = torch.tensor(info["heads_removed"], dtype=torch.long)
+        keep_heads = _keep(p.heads, removed)
+        cols = keep_heads.repeat_interleave(p.head_dim)
+        cut(lay.o, None, cols)
+        for name in (lay.q, *((lay.k, lay.v) if p.whole_groups else ())):
+            cut(name, cols, None)
+        attn = block.get_submodule(lay.attn)
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = int(keep_heads.sum()) // (p.kv_heads - (len(removed) if p.whole_groups else 0))
+    if info.get("channels_removed") is not None:
+        keep = _keep(p.channels, torch.tensor(info["channels_removed"], dtype=torch.long))
+        cut(lay.mlp_out, None, keep)
+        for name in lay.mlp_in:
+            cut(name, keep, None)
+
+
 class _Similarity:
     """Mean cosine similarity between a block's input and output hidden states over the calibration tokens."""
 
@@ -293,16 +325,24 @@ def count_params(model: nn.Module) -> int:
 
 
 def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, progress: Progress = True,
-                 on_block_done: Callable[[int, nn.Module], None] | None = None) -> dict:
+                 on_block_done: Callable[[int, nn.Module, dict], None] | None = None,
+                 done: dict[int, dict] | None = None, calibration: tuple[Tensor, dict] | None = None) -> dict:
     """Shrink ``model`` in place as ``spec`` says (calibration as in ``recipe``); return the run report.
 
-    ``on_block_done(i, block)``: called with each shrunk block while its weights are loaded (a lazily loaded
-    model's are dropped right after: that is where they get written)."""
+    ``on_block_done(i, block, info)``: called with each shrunk block while its weights are loaded (a lazily
+    loaded model's are dropped right after: that is where they get written). ``done``: blocks shrunk by an
+    earlier, interrupted run (their report entries; a lazily loaded model reads their shrunk tensors): they
+    are resized and only run, to feed the next block. ``calibration``: (windows, description) if already cut.
+    """
     t0 = time.perf_counter()
     p = plan(model, spec)
     device = distributed.device() or resolve_device(recipe.device)
     before = count_params(model)
-    windows, calib = calibration_set(tokenizer, model, recipe)
+    windows, calib = calibration or calibration_set(tokenizer, model, recipe)
+    done = done or {}
+    _, all_blocks = find_blocks(model)
+    for i, info in done.items():  # expert counts follow the tensors when they are read (lazy.BlockSource)
+        resize_block(all_blocks[i], p, info)
     lay = p.layout
     per_block: list[dict] = []
     heads_go = bool(p.remove_per_group or p.whole_groups)
@@ -310,6 +350,10 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     dropped: dict[str, dict] = {}
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
+        if i in done:  # shrunk by the interrupted run: loaded shrunk, the engine's forward feeds the next block
+            per_block.append(done[i])
+            dropped.update(done[i].get("dropped_experts", {}))
+            return
         if lay is not None and heads_go and channels_go and spec.method != "l1":
             return heads_then_mlp(i, block, block_pass)
         watch = {}
@@ -319,6 +363,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
             watch["attn"] = block.get_submodule(lay.o)
         similarity = _Similarity(block)
         collector = HessianCollector(watch, hessian_dtype=recipe.hessian_dtype)
+        mine: dict[str, dict] = {}
 
         def run() -> None:
             with collector:
@@ -326,19 +371,20 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
 
         try:
             if p.experts is not None and experts.find_experts(block):  # scored in the same pass, then dropped
-                dropped.update({f"{path}.{i}.{k}": v for k, v in experts.reap_drop(block, run, p.experts[2]).items()})
+                mine = {f"{path}.{i}.{k}": v for k, v in experts.reap_drop(block, run, p.experts[2]).items()}
             else:
                 run()
         finally:
             cos = similarity.close()
-        info = {}
+        info: dict = {"dropped_experts": mine} if mine else {}
+        dropped.update(mine)
         if lay is not None:
             H = {k: _hessian(collector, k, watch.get(k)) for k in ("mlp", "attn")}  # l1: none
-            info = shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
+            info |= shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
             _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
         if on_block_done is not None:
-            on_block_done(i, block)
+            on_block_done(i, block, per_block[-1])
 
     def heads_then_mlp(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         """Heads and channels both go: the heads first, chosen on o_proj's Hessian of the whole block, then
@@ -363,7 +409,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
         if on_block_done is not None:
-            on_block_done(i, block)
+            on_block_done(i, block, per_block[-1])
 
     path, _ = find_blocks(model)
     if distributed.active() and windows.shape[0] < distributed.world():

@@ -214,3 +214,71 @@ def test_shrink_streamed_from_disk_equals_the_whole_model_run(family, tiny_token
         c1, c2 = (json.loads((tmp_path / f"{n}{wbits}" / "config.json").read_text()) for n in ("whole", "lazy"))
         assert {k: v for k, v in c1.items() if k != "dtype"} == {k: v for k, v in c2.items() if k != "dtype"}
     assert not list(tmp_path.glob(".*"))  # no temporary directory left beside the outputs
+
+
+def test_an_interrupted_streamed_shrink_resumes_to_the_same_output(tiny_tokenizer, tmp_path, monkeypatch, caplog):
+    """Each shrunk block is journaled in OUT.partial/ as it is done; a failure keeps them, and the re-run
+    resizes those blocks, reads them back, shrinks only the rest and writes the output an uninterrupted run
+    writes. With --wbits, a failure in the quantization stage keeps the shrunk model, and the re-run only
+    quantizes."""
+    import logging
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import llmprune.api
+    import llmprune.structured as structured
+
+    d = tmp_path / "src"
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(d, max_shard_size="100KB")
+    tiny_tokenizer.save_pretrained(d)
+    opts = dict(mlp=1 / 3, heads=0.5, drop_blocks=1, align=8, **CALIB)
+
+    def tensors(out):
+        return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    real = structured.shrink_block
+    calls = []
+
+    def fail_at_block_2(block, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # heads, then channels, per block: the third block's heads
+            raise RuntimeError("injected")
+        return real(block, *args, **kwargs)
+
+    for wbits in (None, 4):
+        q = dict(wbits=wbits, group_size=8) if wbits else {}
+        ref = llmprune.shrink(d, tmp_path / f"ref{wbits}", **opts, **q)
+        out = tmp_path / f"out{wbits}"
+        calls.clear()
+        monkeypatch.setattr(structured, "shrink_block", fail_at_block_2)
+        with pytest.raises(RuntimeError, match="injected"):
+            llmprune.shrink(d, out, **opts, **q)
+        monkeypatch.setattr(structured, "shrink_block", real)
+        shrunk_dir = out if wbits is None else tmp_path / f".{out.name}.shrunk"
+        partial = tmp_path / f"{shrunk_dir.name}.partial"
+        assert not out.exists() and sorted(json.loads((partial / "journal.json").read_text())["blocks"]) == ["0", "1"]
+        with caplog.at_level(logging.INFO, logger="llmprune"):
+            again = llmprune.shrink(d, out, **opts, **q)
+        assert "2 blocks already done" in caplog.text
+        caplog.clear()
+        assert again["kept_blocks"] == ref["kept_blocks"] and again["blocks"] == ref["blocks"]
+        a, b = tensors(tmp_path / f"ref{wbits}"), tensors(out)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not partial.exists()
+    # --wbits: the quantization stage fails after the shrink finished; the re-run does not shrink again
+    monkeypatch.setattr(llmprune.api, "_compress_lazy", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("q")))
+    with pytest.raises(RuntimeError, match="q"):
+        llmprune.shrink(d, tmp_path / "late", **opts, wbits=4, group_size=8)
+    monkeypatch.undo()
+    assert (tmp_path / ".late.shrunk" / "llmprune.json").is_file()
+    monkeypatch.setattr(structured, "shrink_block", lambda *a, **k: pytest.fail("shrunk again"))
+    with caplog.at_level(logging.INFO, logger="llmprune"):
+        llmprune.shrink(d, tmp_path / "late", **opts, wbits=4, group_size=8)
+    assert "already shrunk" in caplog.text
+    a, b = tensors(tmp_path / "ref4"), tensors(tmp_path / "late")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".late.shrunk").exists()
