@@ -5,7 +5,7 @@ Budgets are fractions of the blocks' parameters: MLP channels only, heads (1 of 
 blocks dropped + MLP, the MLP share chosen so the total is about the budget (channels in multiples of 64).
 Prefill speed: the obs model of each structure against the dense one, interleaved, medians (bench_speed).
 
-    python scripts/bench_shrink.py [--nsamples 16] [--seqlen 256] [--budgets 0.2,0.35]
+    python scripts/bench_shrink.py [--nsamples 16] [--seqlen 256] [--budgets 0.2,0.35] [--structures mlp,heads+mlp]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--budgets", default="0.2,0.35")
     ap.add_argument("--methods", default="obs,l1,wanda")
+    ap.add_argument("--structures", default="mlp,heads+mlp,2 blocks+mlp")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_shrink.txt"))
     args = ap.parse_args()
 
@@ -77,6 +78,8 @@ def main() -> None:
     tokenizer.save_pretrained(tmp / "dense")
     for budget in (float(b) for b in args.budgets.split(",")):
         for struct, spec in structures(model, budget).items():
+            if struct not in args.structures.split(","):
+                continue
             for method in args.methods.split(","):
                 m = copy.deepcopy(pristine)
                 s = ShrinkSpec(spec.mlp, spec.heads, spec.drop_blocks, method, spec.align)

@@ -47,6 +47,20 @@ def single(args: list[str], timeout: int = 240):
                           timeout=timeout, env=_env())
 
 
+def both(base: list[str], tmp_path: Path, counts: Path | None = None):
+    """``base`` run alone into tmp_path/one and under torchrun into tmp_path/two (with ``counts``: each rank's
+    shard reads and streamed windows counted there, by torchrun_reads.py); both reports and torchrun's run."""
+    one = single([*base, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    if counts is not None:
+        counts.mkdir()
+    two = torchrun([*base, "--out", str(tmp_path / "two")], **(
+        dict(script=[str(HERE / "torchrun_reads.py")], LLMPRUNE_TEST_READS=str(counts)) if counts else {}))
+    assert two.returncode == 0, two.stderr[-3000:]
+    reports = [json.loads((tmp_path / d / "llmprune.json").read_text()) for d in ("one", "two")]
+    return reports[0], reports[1], two
+
+
 def weights(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(directory.glob("*.safetensors")):
@@ -93,12 +107,7 @@ CASES = {
 def test_torchrun_output_equals_the_single_process_output(case, model_dir, tmp_path):
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
             "--device", "cpu", *CASES[case]]
-    one = single([*base, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun([*base, "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    r1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())
+    r1, r2, two = both(base, tmp_path)
     assert [x["tokens"] for x in r1["layers"]] == [x["tokens"] for x in r2["layers"]]  # every rank's tokens
     if "--wbits" in CASES[case]:
         assert_same_quality(r1, r2)
@@ -124,16 +133,11 @@ def test_with_fp64_hessians_torchrun_gives_the_single_process_output_bit_for_bit
     even GPTQ's chaotic rounding lands on the same codes: every tensor equal, not merely close."""
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
             "--device", "cpu", "--hessian-dtype", "fp64", *EXACT[case]]
-    one = single([*base, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun([*base, "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2, _ = both(base, tmp_path)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert wa.keys() == wb.keys()
     differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not differ, f"{len(differ)} tensors differ, first {differ[:3]}"
-    r1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())
     assert [x["rel_error"] for x in r1["layers"]] == pytest.approx([x["rel_error"] for x in r2["layers"]], rel=1e-6)
 
 
@@ -141,13 +145,8 @@ def test_with_fp64_hessians_torchrun_gives_the_single_process_output_bit_for_bit
 def test_with_rank0_reading_only_rank0_opens_the_shards_and_the_output_is_the_same(dist_read, model_dir, tmp_path):
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
             "--device", "cpu", "--dist-read", dist_read]
-    one = single([*base, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-2000:]
     counts = tmp_path / "reads"
-    counts.mkdir()
-    two = torchrun([*base, "--out", str(tmp_path / "two")], script=[str(HERE / "torchrun_reads.py")],
-                   LLMPRUNE_TEST_READS=str(counts))
-    assert two.returncode == 0, two.stderr[-3000:]
+    both(base, tmp_path, counts)
     reads = [int((counts / f"rank{r}.txt").read_text()) for r in (0, 1)]
     assert reads[0] > 0
     assert (reads[1] == 0) if dist_read == "rank0" else (reads[1] > 0)
@@ -163,16 +162,9 @@ def test_shrink_under_torchrun_gives_the_single_process_model(method, model_dir,
             "--device", "cpu", "--mlp", "0.34", "--heads", "0.5", "--drop-blocks", "1", "--align", "16",
             "--method", method.removesuffix("-w4"), "--hessian-dtype", "fp64",
             *(["--wbits", "4", "--group-size", "16"] if method.endswith("-w4") else [])]
-    one = single([*base, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-2000:]
     counts = tmp_path / "counts"
-    counts.mkdir()
-    two = torchrun([*base, "--out", str(tmp_path / "two")], script=[str(HERE / "torchrun_reads.py")],
-                   LLMPRUNE_TEST_READS=str(counts))
-    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2, _ = both(base, tmp_path, counts)
     assert [int((counts / f"windows{r}.txt").read_text()) for r in (0, 1)] == [4, 4]  # each rank half the data
-    r1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())
-    r2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())
     assert r2["dropped_blocks"] == r1["dropped_blocks"] and r2["sizes"] == r1["sizes"]
     assert [b["cosine"] for b in r2["blocks"]] == pytest.approx([b["cosine"] for b in r1["blocks"]], rel=1e-6)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -190,12 +182,8 @@ def test_drop_experts_under_torchrun_scores_every_ranks_tokens(tmp_path, tiny_to
     tiny_tokenizer.save_pretrained(d)
     base = ["compress", str(d), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32", "--device", "cpu",
             "--sparsity", "0", "--drop-experts", "0.5"]
-    one = single([*base, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun([*base, "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-3000:]
-    e1 = json.loads((tmp_path / "one" / "llmprune.json").read_text())["experts"]
-    e2 = json.loads((tmp_path / "two" / "llmprune.json").read_text())["experts"]
+    r1, r2, _ = both(base, tmp_path)
+    e1, e2 = r1["experts"], r2["experts"]
     for path, info in e1["dropped"].items():
         assert e2["dropped"][path]["dropped"] == info["dropped"], path
         assert e2["dropped"][path]["scores"] == pytest.approx(info["scores"], rel=1e-5), path
