@@ -39,6 +39,7 @@ from llmprune.checkpoint import (
     save_compressed_tensors,
     save_hf,
     save_metadata,
+    weights_bytes,
     write_report,
 )
 from llmprune.compression import (
@@ -213,7 +214,7 @@ def _describe(report: dict, model: nn.Module, source: str, kind: str, **extra: A
 
 def _dense_checkpoint_info(directory: Path, dtype: torch.dtype) -> dict:
     return {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
-            "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+            "bytes": weights_bytes(directory)}
 
 
 def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_start: float) -> None:
@@ -433,7 +434,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
             (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             report["checkpoint"] = {"format": "compressed-tensors",
                                     "bits_per_weight": 8 * sizes["packed_bytes"] / sizes["numel"],
-                                    "bytes": sum(f.stat().st_size for f in directory.glob("*.safetensors"))}
+                                    "bytes": weights_bytes(directory)}
         else:
             report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
@@ -692,15 +693,17 @@ def shrink(
     grids: dict = {}
     if rec.wbits is not None:  # then quantized (GPTQ, or the recipe's method at sparsity 0) in the same run
         report = _quantize_shrunk(m, tok, rec, report, grids, progress)
-    _describe(report, m, source or "in-memory", kind)
+    dtype = _describe(report, m, source or "in-memory", kind)
     if out_path is not None:
         if distributed.is_main():  # torchrun: rank 0 writes; every rank holds the same model
             if rec.wbits is not None:
                 _save(out_path, m, tok, report, grids, t0)
             else:
                 with atomic_dir(out_path) as tmp:
-                    report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
                     save_hf(m, tok, tmp, report)
+                    report["checkpoint"] = _dense_checkpoint_info(tmp, dtype)
+                    report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+                    write_report(tmp, report)  # again, with the checkpoint's size
                 log.info("wrote %s", out_path)
         report = distributed.broadcast_object(report)
     return report

@@ -183,6 +183,17 @@ def quant_spec_from_config(config: dict) -> QuantSpec | None:
                      "mse" if w.get("observer") == "mse" else "minmax")
 
 
+def weights_bytes(directory: Path) -> int:
+    """Bytes of the weight files a loader reads: those the index names (files still being replaced beside them,
+    e.g. a streamed run's per-block files before they are removed, do not count), else every *.safetensors
+    but the quantization grids kept beside dense weights (``GRIDS``, for ``pack`` later)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        return sum((directory / f).stat().st_size for f in files)
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors") if f.name != GRIDS)
+
+
 def save_metadata(model: nn.Module, tokenizer, directory: Path) -> None:
     """Everything of a model directory but the weights: config, generation config, tokenizer."""
     model.config.save_pretrained(directory)
@@ -332,7 +343,7 @@ def save_compressed_tensors(
         packed_bytes += sum(t.numel() * t.element_size() for k, t in layer.items() if not k.endswith("shape"))
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in grids)
     write_shards(tensors, directory, max_shard_bytes)
-    total = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+    total = weights_bytes(directory)
     spec = next(iter(grids.values())).spec
     save_metadata(model, tokenizer, directory)
     cfg_path = directory / "config.json"

@@ -104,5 +104,7 @@ def test_compressed_tensors_streams_block_by_block_and_equals_the_whole_model_ru
     qb = json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
     assert qa == qb
     assert lazy["checkpoint"]["bits_per_weight"] == pytest.approx(whole["checkpoint"]["bits_per_weight"])
+    for d, r in (("lazy", lazy), ("whole", whole)):  # the bytes of the files written, not of what was beside them
+        assert r["checkpoint"]["bytes"] == sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")), d
     assert sorted(f.name for f in (tmp_path / "lazy").iterdir() if f.name.startswith(("model-block", "grids")))\
         == []  # only the output's own files are left

@@ -205,6 +205,7 @@ def test_shrink_streamed_from_disk_equals_the_whole_model_run(family, tiny_token
         one = llmprune.shrink(d, tmp_path / f"whole{wbits}", lazy=False, **opts, **q)
         two = llmprune.shrink(d, tmp_path / f"lazy{wbits}", **opts, **q)
         assert two["model"]["lazy"] and two["kept_blocks"] == one["kept_blocks"] and two["sizes"] == one["sizes"]
+        assert one["checkpoint"]["bytes"] == pytest.approx(two["checkpoint"]["bytes"], rel=0.01)  # both report it
         assert [b["cosine"] for b in two["blocks"]] == pytest.approx([b["cosine"] for b in one["blocks"]])
         w1, w2 = ({k: v for f in sorted((tmp_path / f"{n}{wbits}").glob("*.safetensors")) for k, v in
                    load_file(f).items()} for n in ("whole", "lazy"))
