@@ -14,6 +14,7 @@ import argparse
 import copy
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -117,6 +118,7 @@ def main() -> None:
         lines.append(f"{budget:>6.2f} {struct:<14} {method:<6} {removed:>8.1%} {mlp:>5} {heads:>5} {blocks:>6}"
                      f" {ppl:>9.2f} {seconds:>9.1f} {sp}")
     publish(lines, args.out)
+    shutil.rmtree(tmp, ignore_errors=True)  # the saved models (~3 GB)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ low = {re.match(r"[\w-]+", d).group(0): re.search(r">=([\d.]+)", d).group(1) for
 print(low["torch"], low["transformers"])
 PY
 )
-venv=$(mktemp -d)/venv
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT  # the venv is ~5 GB: runs that leave it behind fill the disk
+venv=$tmp/venv
 python -m venv --system-site-packages "$venv"
 "$venv/bin/python" -m pip install -q "torch==$torch_low" "transformers==$tf_low" "numpy<2.3"
 "$venv/bin/python" - <<'PY'
