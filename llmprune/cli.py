@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from llmprune.errors import CholeskyError, UsageError
-from llmprune.recipe import METHODS, Recipe, load_recipe, recipe_from_dict
+from llmprune.recipe import HESSIAN_DTYPES, METHODS, Recipe, load_recipe, recipe_from_dict
 from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
@@ -103,7 +103,7 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
                      help="Compute and output dtype (default: the checkpoint's)."),
         click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default 8)."),
-        click.option("--hessian-dtype", type=click.Choice(["auto", "fp32", "fp64"]), default=None,
+        click.option("--hessian-dtype", type=click.Choice(list(HESSIAN_DTYPES)), default=None,
                      help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate;"
                           " fp64: accumulate in fp64, so torchrun gives one process's output bit for bit."),
         click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-HESSIAN_DTYPES = ("auto", "fp32", "fp64")
 
 
 def accumulator_dtype(hessian_dtype: str) -> torch.dtype:

@@ -28,6 +28,7 @@ __all__ = ["Pattern", "Recipe", "load_recipe", "n_pruned", "parse_pattern", "rec
 METHODS = ("sparsegpt", "wanda", "magnitude", "rtn", "admm", "obc")
 ALLOCATIONS = ("uniform", "owl", "spdy")
 FORMATS = ("dense", "compressed-tensors")
+HESSIAN_DTYPES = ("auto", "fp32", "fp64")  # how H = 2/n Σ xxᵀ is formed and accumulated (hessian.py)
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ class Recipe:
             raise UsageError(f"--refit re-solves another method's mask; --method {self.method} "
                              + ("refits already: drop --refit" if self.method == "admm" else
                                 "is rounding only: use --method magnitude --refit"))
-        if self.hessian_dtype not in ("auto", "fp32", "fp64"):
-            raise UsageError(f"unknown hessian_dtype {self.hessian_dtype!r}: choose auto, fp32 or fp64")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise UsageError(f"unknown hessian_dtype {self.hessian_dtype!r}: choose {', '.join(HESSIAN_DTYPES)}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise UsageError(f"unknown kernels {self.kernels!r}: choose auto, triton or torch")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
