@@ -657,14 +657,13 @@ def shrink(
     spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
                       drop_experts=drop_experts)
     rec = make_recipe(recipe, source="shrink()", **options)
-    pruning = [f for f, on in (("sparsity", rec.sparsity not in (None, 0, 0.0)), ("pattern", rec.nm is not None),
+    pruning = [f for f, on in (("sparsity", rec.sparsity not in (None, 0)), ("pattern", rec.nm is not None),
                                ("allocation", rec.allocation != "uniform")) if on]
     if pruning:
         raise UsageError(f"shrink removes whole channels, heads and blocks; {', '.join(pruning)} in the recipe prunes"
                          " inside layers: drop it, or run `llmprune compress` on the shrunk model")
     if not drop_experts and rec.drop_experts:  # given in the recipe
-        spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
-                          drop_experts=rec.drop_experts)
+        spec = dataclasses.replace(spec, drop_experts=rec.drop_experts)
     def check(m: nn.Module) -> None:
         p = plan(m, spec)
         if rec.wbits is not None and rec.group_size > 0 and p.layout is not None:  # the widths after shrinking
@@ -693,18 +692,10 @@ def shrink(
     grids: dict = {}
     if rec.wbits is not None:  # then quantized (GPTQ, or the recipe's method at sparsity 0) in the same run
         report = _quantize_shrunk(m, tok, rec, report, grids, progress)
-    dtype = _describe(report, m, source or "in-memory", kind)
+    _describe(report, m, source or "in-memory", kind)
     if out_path is not None:
         if distributed.is_main():  # torchrun: rank 0 writes; every rank holds the same model
-            if rec.wbits is not None:
-                _save(out_path, m, tok, report, grids, t0)
-            else:
-                with atomic_dir(out_path) as tmp:
-                    save_hf(m, tok, tmp, report)
-                    report["checkpoint"] = _dense_checkpoint_info(tmp, dtype)
-                    report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-                    write_report(tmp, report)  # again, with the checkpoint's size
-                log.info("wrote %s", out_path)
+            _save(out_path, m, tok, report, grids, t0)
         report = distributed.broadcast_object(report)
     return report
 
@@ -774,13 +765,18 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
         report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
     if rec.wbits is None:
         return report
-    quantized = _compress_lazy(resolve(str(target)), out, rec.replace(sparsity=0.0, drop_experts=0.0),
+    quantized = _compress_lazy(resolve(str(target)), out, _quantizing(rec),
                                overwrite, None, t0, progress, tokenizer or tok, "all",
                                extra={k: report[k] for k in (*SHRINK_KEYS, "model")})
     distributed.barrier()
     if main:  # kept until the quantized output is complete, so an interrupted run resumes from it
         shutil.rmtree(target, ignore_errors=True)
     return quantized.to_dict()
+
+
+def _quantizing(recipe: Recipe) -> Recipe:
+    """The recipe of ``--wbits`` after a shrink: quantization only (the shrink already dropped the experts)."""
+    return recipe.replace(sparsity=0.0, drop_experts=0.0)
 
 
 SHRINK_KEYS = ("shrink", "sizes", "dropped_experts", "dropped_blocks", "kept_blocks", "blocks", "params")
@@ -790,8 +786,7 @@ def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, 
                      progress: Progress) -> dict:
     """``--wbits`` after shrinking: the smaller model's linears quantized on the same calibration windows (a
     second streamed pass, as its inputs changed); the report is compress's, with the shrink's entries added."""
-    report = compress_model(model, tokenizer, recipe.replace(sparsity=0.0, drop_experts=0.0), grids=grids,
-                            progress=progress)
+    report = compress_model(model, tokenizer, _quantizing(recipe), grids=grids, progress=progress)
     report["timings"] = {"shrink_s": shrunk["timings"]["shrink_s"], **report["timings"]}
     for key in SHRINK_KEYS:
         report[key] = shrunk[key]
