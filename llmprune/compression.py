@@ -283,11 +283,14 @@ def compress_block(
     return reports, fallback
 
 
-def _shared_hessians(linears: dict[str, nn.Module], collector: HessianCollector
-                     ) -> tuple[dict[str, str], dict[str, Tensor], dict[str, int]]:
-    """torchrun: every rank's Hessians summed into the all-ranks ones. Groups (which linears share an input)
-    are merged over the ranks, since an expert may be reached on one rank only; returns (leader of each
-    linear reached anywhere, Hessian per leader, tokens per leader), the same on every rank."""
+def shared_hessians(linears: dict[str, nn.Module], collector: HessianCollector
+                    ) -> tuple[dict[str, str], dict[str, Tensor], dict[str, int]]:
+    """The collected Hessians as the solvers take them (fp32): (leader of each linear reached, Hessian per
+    leader, tokens per leader). Under torchrun every rank's Hessians are summed into the all-ranks ones and the
+    groups (which linears share an input) merged over the ranks, since an expert may be reached on one rank
+    only; the result is the same on every rank."""
+    if not distributed.active():
+        return collector.leader, {lead: collector.hessian(lead) for lead in collector.groups()}, collector.n
     leader: dict[str, str] = {}
     for part in distributed.gather_objects(dict(collector.leader)):
         for name, lead in part.items():
@@ -307,7 +310,7 @@ def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], coll
                           grids: dict[str, QuantParams] | None) -> list[LayerReport]:
     """torchrun, two-pass: the all-ranks Hessians, each linear solved on the rank that owns it (balanced by
     estimated cost, rows x cols²), its new weights (and grid) broadcast from there, the reports gathered."""
-    leader, H, n = _shared_hessians(linears, collector)
+    leader, H, n = shared_hessians(linears, collector)
     collector.H.clear()
     todo = [name for name in linears if name in leader or experts.expert_of(name) is not None]
     costs = {name: float(get_weight(linears[name]).shape[0]) * get_weight(linears[name]).shape[1] ** 2
@@ -453,8 +456,7 @@ def plan_sparsities(
                                          diagonal=store is None)  # owl: Wanda scores only
             with collector:
                 block_pass()
-        leader, hessians, _ = _shared_hessians(lin, collector) if distributed.active() else \
-            (collector.leader, {lead: collector.hessian(lead) for lead in collector.groups()}, collector.n)
+        leader, hessians, _ = shared_hessians(lin, collector)
         reached = [n for n in lin if n in leader]
         pairs = [(get_weight(lin[n]), hessians[leader[n]]) for n in reached]
         ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)

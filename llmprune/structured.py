@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from llmprune import distributed, experts
 from llmprune.arch import LAYOUTS, Layout, find_blocks, get_weight
-from llmprune.compression import calibration_set, experts_kept, resolve_device
+from llmprune.compression import calibration_set, experts_kept, resolve_device, shared_hessians
 from llmprune.data import batched
 from llmprune.engine import BlockPass, Stream
 from llmprune.errors import UsageError
-from llmprune.hessian import HessianCollector, layer_input_width
+from llmprune.hessian import HessianCollector
 from llmprune.progress import Progress
 from llmprune.recipe import Recipe
 from llmprune.solvers.result import relative_error
@@ -267,17 +267,6 @@ class _Similarity:
         return total / max(n, 1)
 
 
-def _hessian(collector: HessianCollector, key: str, module: nn.Module) -> Tensor | None:
-    """``key``'s Hessian over every rank's tokens (torchrun: the ranks' sums), fp32; None if not collected."""
-    if not distributed.active():
-        return collector.hessian(key) if key in collector.leader else None
-    if key not in collector.linears:
-        return None
-    cols = layer_input_width(module)
-    H, _ = distributed.sum_mean(collector.H.get(key), collector.n.get(key, 0), (cols, cols), get_weight(module).device)
-    return H
-
-
 def _same_on_every_rank(block: nn.Module) -> None:
     """torchrun: rank 0's shrunk block on all ranks (each rank chose the same groups from the same Hessians;
     this makes it so to the last bit whatever the device does)."""
@@ -379,7 +368,8 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         info: dict = {"dropped_experts": mine} if mine else {}
         dropped.update(mine)
         if lay is not None:
-            H = {k: _hessian(collector, k, watch.get(k)) for k in ("mlp", "attn")}  # l1: none
+            _, H, _ = shared_hessians(watch, collector)  # every rank's tokens; l1: none
+            H = {k: H.get(k) for k in ("mlp", "attn")}
             info |= shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
             _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
@@ -398,14 +388,14 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         finally:
             cos = similarity.close()
         info = shrink_block(block, replace(p, keep_channels=p.channels), spec, recipe, None,
-                            _hessian(attn, "attn", block.get_submodule(lay.o)))
+                            shared_hessians(attn.linears, attn)[1]["attn"])
         _same_on_every_rank(block)
         del attn
         mlp = HessianCollector({"mlp": block.get_submodule(lay.mlp_out)}, hessian_dtype=recipe.hessian_dtype)
         with mlp:
             block_pass()
         info |= shrink_block(block, replace(p, remove_per_group=0, whole_groups=0), spec, recipe,
-                             _hessian(mlp, "mlp", block.get_submodule(lay.mlp_out)), None)
+                             shared_hessians(mlp.linears, mlp)[1]["mlp"], None)
         _same_on_every_rank(block)
         per_block.append({"block": i, "cosine": cos, **info})
         if on_block_done is not None:
