@@ -42,6 +42,7 @@ from llmprune.recipe import Recipe
 from llmprune.solvers import SOLVERS
 from llmprune.solvers.refit import refit_result
 from llmprune.solvers.result import output_error, relative_error
+from llmprune.solvers.sparsegpt import sparsegpt_levels
 from llmprune.targets import block_targets, on_device
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,39 @@ def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.
     return windows, info
 
 
+# stacked copies of one weight that sparsegpt_levels may sweep at once (bytes of fp32)
+LEVELS_BYTES = 256 << 20
+
+
+def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
+                 recipe: Recipe) -> list[tuple[float, Tensor, float]]:
+    """The recipe's solver on one linear at each of ``sparsities`` (unstructured): [(sparsity, weights,
+    relative output error)]. SparseGPT solves several sparsities per sweep (``sparsegpt_levels``, stacked up to
+    LEVELS_BYTES) and its error comes from the sweep's own OBS losses, relative to the damped Hessian it
+    solved with: what SPDY's plan pass spent most of its time on (one sweep and one error GEMM per level)
+    costs about one sweep on small layers. Other solvers: one call and one error per sparsity."""
+    if recipe.method != "sparsegpt":
+        solver = SOLVERS[recipe.method]
+        out = []
+        for s in sparsities:
+            res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
+            out.append((s, res.weight, relative_error(W, res.weight, H)))
+        return out
+    per = max(1, LEVELS_BYTES // (W.numel() * 4))
+    out = []
+    for a in range(0, len(sparsities), per):
+        chunk = sparsities[a : a + per]
+        results = sparsegpt_levels(W, H, chunk, recipe.quant, **common_options(recipe))
+        diag = torch.diagonal(H).float().clone()
+        dead = diag == 0
+        diag[dead] = 1
+        lam = results[0].damp_frac * float(diag.mean())  # the damping the sweep solved with
+        Wp = W.float().masked_fill(dead.unsqueeze(0), 0)
+        den = output_error(Wp, Wp.new_zeros(()), H) + lam * float(Wp.square().sum())
+        out += [(s, r.weight, r.obs_loss / den if den > 0 else 0.0) for s, r in zip(chunk, results, strict=True)]
+    return out
+
+
 def plan_sparsities(
     model: nn.Module, windows: torch.Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
     device: torch.device, reuse: dict | None = None, progress: Progress = True,
@@ -446,7 +480,6 @@ def plan_sparsities(
     prefixes = list(linears)
     ratios: list[float] = []
     tables: dict[str, dict] = {}
-    solver = SOLVERS[recipe.method]
     cands = allocate.candidates(target, recipe.dp_radius)
     store = spdy.VersionStore() if recipe.allocation == "spdy" else None
 
@@ -468,10 +501,9 @@ def plan_sparsities(
             full = f"{prefixes[i]}.{name}"
             if getattr(model, "block_source", None) is None:
                 versions[f"{full}@dense"] = W
-            for s in cands:
-                res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
-                errors[str(s)] = relative_error(W, res.weight, H)
-                versions[f"{full}@{s}"] = res.weight
+            for s, weight, err in solve_levels(W, H, cands, recipe):
+                errors[str(s)] = err
+                versions[f"{full}@{s}"] = weight
             tables[full] = {"numel": W.numel(), "errors": errors}
         store.put(i, versions)
 

@@ -224,3 +224,39 @@ def test_linears_sharing_a_hessian_share_its_factor_and_a_changed_or_freed_hessi
     del H, H2
     gc.collect()
     assert "sparsegpt" not in hinv._LAST
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sparsegpt_levels_equal_one_sweep_per_sparsity_and_account_their_error(quantized):
+    """SPDY's plan solves each linear at several sparsities in one stacked sweep: every level's mask (and grid)
+    is what its own sweep chooses, its weights the same up to GEMM rounding, and obs_loss is the sweep's
+    exact output error under the damped Hessian it solved with (what the plan's error tables are made of)."""
+    from llmprune.quant import QuantSpec
+    from llmprune.solvers.result import output_error
+    from llmprune.solvers.sparsegpt import sparsegpt_levels
+
+    W, H = correlated_layer(96, 256)
+    H[:, 7] = H[7, :] = 0  # a dead input
+    quant = QuantSpec(4, 64, True, "minmax") if quantized else None
+    levels = [0.5, 0.625, 0.8]
+    stacked = sparsegpt_levels(W, H, levels, quant)
+    diag = torch.diagonal(H).clone()
+    diag[7] = 1
+    damped = H + 0.01 * diag.mean() * torch.eye(256)
+    damped[7, 7] = 1 + 0.01 * diag.mean()
+    for s, got in zip(levels, stacked, strict=True):
+        one = sparsegpt(W, H, s, None, quant)
+        assert torch.equal(got.mask, one.mask) and got.mask.sum() == int(s * W.numel())
+        torch.testing.assert_close(got.weight, one.weight, atol=1e-5, rtol=0)
+        if quantized:
+            assert torch.equal(got.quant.scale, one.quant.scale) and torch.equal(got.quant.zero, one.quant.zero)
+            assert got.quant_share == pytest.approx(one.quant_share, rel=1e-4)
+        Wp = W.clone()
+        Wp[:, 7] = 0
+        assert got.obs_loss == pytest.approx(output_error(Wp, got.weight, damped), rel=1e-4)
+        assert one.obs_loss == pytest.approx(got.obs_loss, rel=1e-5)
+    with pytest.raises(ValueError, match="unstructured"):
+        from llmprune.solvers.sparsegpt import _sweep
+
+        _sweep(W, H, levels, Pattern(2, 4), None, block_size=128, damp_frac=0.01, act_order=False,
+               kernels="auto", mask=None)

@@ -22,11 +22,13 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
     if n > 8 * _SAMPLE:
         gen = torch.Generator().manual_seed(0)
         idx = torch.randint(n, (_SAMPLE,), generator=gen).to(flat.device)
-        sample = flat[idx].sort().values
+        sample = flat[idx]
         q = k / n
         margin = int(4 * (q * (1 - q) * _SAMPLE) ** 0.5) + 8
         at = int(q * _SAMPLE)
-        lo, hi = sample[max(at - margin, 0)], sample[min(at + margin, _SAMPLE - 1)]
+        # the sample's order statistics at ±margin (two selections: a full sort of it costs ten times more)
+        lo = sample.kthvalue(max(at - margin, 0) + 1).values
+        hi = sample.kthvalue(min(at + margin, _SAMPLE - 1) + 1).values
         below = int((flat < lo).sum())
         band = (flat >= lo) & (flat <= hi)
         if below < k <= below + int(band.sum()):

@@ -23,6 +23,9 @@ class SolveResult:
     iterations: int | None = None  # iterative solvers (admm, refit): iterations run
     # admm: the output error of its SparseGPT warm start, tr((W - Ŵ₀) H (W - Ŵ₀)ᵀ), to compare against
     warm_error: float | None = None
+    # sparsegpt: the sum of its steps' OBS losses err², which is tr((W - Ŵ)(H + λI)(W - Ŵ)ᵀ) of the damped H it
+    # solved with (the sweep's own exact account of its output error, at no cost)
+    obs_loss: float | None = None
 
     @property
     def sparsity(self) -> float:
