@@ -373,12 +373,23 @@ def _load_whole(mref: ModelRef, dtype: str):
     return model, tokenizer
 
 
+def _open_partial(out: Path, spec: dict):
+    """OUT.partial/ for this run's spec (resumed when a run with the same spec stopped): under torchrun rank 0
+    makes (or checks) it and the others, once it exists, only read it."""
+    from llmprune.resume import PartialOutput
+
+    if distributed.is_main():
+        partial = PartialOutput(out, spec)
+    distributed.barrier()
+    if not distributed.is_main():
+        partial = PartialOutput(out, spec, readonly=True)
+    return partial
+
+
 def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float,
                    progress: Progress, tokenizer=None, dist_read: str = "all", extra: dict | None = None) -> Report:
     """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
     publish it as ``out``. ``extra``: entries added to the report (a streamed shrink's, before ``--wbits``)."""
-    from llmprune.resume import PartialOutput
-
     path = Path(mref.location)
     model, loaded_tok = load_lazy(path, recipe.dtype, mref.trust_remote_code, read_on_main=dist_read == "rank0")
     tokenizer = tokenizer if tokenizer is not None else loaded_tok
@@ -386,11 +397,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
     spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"] if calib else None, "model": str(path),
             "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
-    if distributed.is_main():  # torchrun: rank 0 makes (or checks) OUT.partial, the others only read it
-        partial = PartialOutput(out, spec)
-    distributed.barrier()
-    if not distributed.is_main():
-        partial = PartialOutput(out, spec, readonly=True)
+    partial = _open_partial(out, spec)
     if partial.finished:
         log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
     report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial,
@@ -707,7 +714,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
     (blocks renumbered past the dropped ones) only once every block is in. With ``--wbits`` the shrunk model
     goes to a hidden directory beside ``out`` and is then quantized streamed from there (both stages resume).
     Rank 0 alone writes (torchrun)."""
-    from llmprune.resume import PartialOutput, spec_hash
+    from llmprune.resume import spec_hash
     from llmprune.structured import shrink_model
 
     path = Path(mref.location)
@@ -725,11 +732,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
         report = read_report(target)
         log.info("resuming: %s is already shrunk, quantizing it", target)
     else:
-        if main:  # torchrun: rank 0 makes (or checks) the partial directory, the others only read it
-            partial = PartialOutput(target, key)
-        distributed.barrier()
-        if not main:
-            partial = PartialOutput(target, key, readonly=True)
+        partial = _open_partial(target, key)
         done = {i: partial.layers(i)[0] for i in partial.finished}
         if done:
             log.info("resuming %s: %d blocks already done", partial.dir, len(done))

@@ -424,10 +424,12 @@ LEVELS_BYTES = 256 << 20
 def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
                  recipe: Recipe) -> list[tuple[float, Tensor, float]]:
     """The recipe's solver on one linear at each of ``sparsities`` (unstructured): [(sparsity, weights,
-    relative output error)]. SparseGPT solves several sparsities per sweep (``sparsegpt_levels``, stacked up to
-    LEVELS_BYTES) and its error comes from the sweep's own OBS losses, relative to the damped Hessian it
-    solved with: what SPDY's plan pass spent most of its time on (one sweep and one error GEMM per level)
-    costs about one sweep on small layers. Other solvers: one call and one error per sparsity."""
+    relative output error ||WX - ŴX||² / ||WX||²)]. SparseGPT solves several sparsities per sweep
+    (``sparsegpt_levels``, stacked up to LEVELS_BYTES) and its error comes from the sweep's own OBS losses,
+    tr(D (H + λI) Dᵀ) for D = W - Ŵ, less λ||D||²: the same number ``relative_error`` gives, without one
+    (rows x cols²) product per level. What SPDY's plan pass spent most of its time on (one sweep and one
+    error product per level) costs about one sweep on small layers. Other solvers: one call and one error
+    per sparsity."""
     if recipe.method != "sparsegpt":
         solver = SOLVERS[recipe.method]
         out = []
@@ -435,18 +437,19 @@ def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
             res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
             out.append((s, res.weight, relative_error(W, res.weight, H)))
         return out
+    diag = torch.diagonal(H).float().clone()
+    dead = diag == 0
+    diag[dead] = 1
+    Wp = W.float().masked_fill(dead.unsqueeze(0), 0)  # what the sweep solves: dead inputs' columns zeroed
+    den = output_error(Wp, Wp.new_zeros(()), H)
     per = max(1, LEVELS_BYTES // (W.numel() * 4))
     out = []
     for a in range(0, len(sparsities), per):
         chunk = sparsities[a : a + per]
-        results = sparsegpt_levels(W, H, chunk, recipe.quant, **common_options(recipe))
-        diag = torch.diagonal(H).float().clone()
-        dead = diag == 0
-        diag[dead] = 1
-        lam = results[0].damp_frac * float(diag.mean())  # the damping the sweep solved with
-        Wp = W.float().masked_fill(dead.unsqueeze(0), 0)
-        den = output_error(Wp, Wp.new_zeros(()), H) + lam * float(Wp.square().sum())
-        out += [(s, r.weight, r.obs_loss / den if den > 0 else 0.0) for s, r in zip(chunk, results, strict=True)]
+        for s, r in zip(chunk, sparsegpt_levels(W, H, chunk, recipe.quant, **common_options(recipe)), strict=True):
+            lam = r.damp_frac * float(diag.mean())  # the damping the sweep solved with
+            num = max(r.obs_loss - lam * float((Wp - r.weight.float()).square().sum()), 0.0)
+            out.append((s, r.weight, num / den if den > 0 else 0.0))
     return out
 
 

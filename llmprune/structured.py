@@ -165,14 +165,41 @@ def _keep(n: int, removed: Tensor) -> Tensor:
     return mask
 
 
+def _cut_heads(block: nn.Module, p: Plan, removed: Tensor, W_o: Tensor) -> None:
+    """Remove heads ``removed``: their columns of o (``W_o``: o's new full-width weight), their rows of q (and of
+    k and v when whole KV groups go), and the attention's query-per-KV-group count. On a weightless (meta)
+    block this gives it the shrunk shapes only."""
+    lay = p.layout
+    keep_heads = _keep(p.heads, removed)
+    cols = torch.arange(p.heads * p.head_dim, device=removed.device).view(p.heads, p.head_dim)[keep_heads].reshape(-1)
+    o = block.get_submodule(lay.o)
+    _replace(block, lay.o, W_o[:, cols].to(get_weight(o).dtype), _bias(o))
+    for name in (lay.q, *((lay.k, lay.v) if p.whole_groups else ())):  # one query head per KV head: k, v go too
+        mod = block.get_submodule(name)
+        _replace(block, name, get_weight(mod)[cols], None if _bias(mod) is None else _bias(mod)[cols])
+    attn = block.get_submodule(lay.attn)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = int(keep_heads.sum()) // (p.kv_heads - (len(removed) if p.whole_groups else 0))
+
+
+def _cut_channels(block: nn.Module, p: Plan, removed: Tensor, W_down: Tensor) -> None:
+    """Remove MLP channels ``removed``: their columns of the consumer (``W_down``: its new full-width weight)
+    and their rows of the producers (gate/up)."""
+    lay = p.layout
+    keep = _keep(p.channels, removed)
+    down = block.get_submodule(lay.mlp_out)
+    _replace(block, lay.mlp_out, W_down[:, keep].to(get_weight(down).dtype), _bias(down))
+    for name in lay.mlp_in:
+        mod = block.get_submodule(name)
+        _replace(block, name, get_weight(mod)[keep], None if _bias(mod) is None else _bias(mod)[keep])
+
+
 def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_mlp: Tensor | None,
                  H_attn: Tensor | None) -> dict:
     """Remove this block's heads and channels in place (smaller modules); return what was removed."""
     lay, info = p.layout, {}
     if p.remove_per_group or p.whole_groups:
-        o = block.get_submodule(lay.o)
-        q = block.get_submodule(lay.q)
-        W_o, W_q = get_weight(o), get_weight(q)
+        W_o, W_q = get_weight(block.get_submodule(lay.o)), get_weight(block.get_submodule(lay.q))
         groups = torch.arange(p.heads * p.head_dim, device=W_o.device).view(p.heads, p.head_dim)
         group = p.heads // p.kv_heads
         if p.remove_per_group:
@@ -183,33 +210,16 @@ def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_
         else:
             n, allowed = p.whole_groups, None
         removed, W_new, err = _remove_groups(W_o, H_attn, groups, n, spec, recipe, [W_q], allowed)
-        keep_heads = _keep(p.heads, removed)
-        cols = groups[keep_heads].reshape(-1)
-        _replace(block, lay.o, W_new[:, cols].to(W_o.dtype), _bias(o))
-        _replace(block, lay.q, W_q[cols], None if _bias(q) is None else _bias(q)[cols])
-        if p.whole_groups:  # one query head per KV head: its k and v rows go with it
-            for name in (lay.k, lay.v):
-                mod = block.get_submodule(name)
-                W = get_weight(mod)
-                _replace(block, name, W[cols], None if _bias(mod) is None else _bias(mod)[cols])
-        attn = block.get_submodule(lay.attn)
-        new_heads, new_kv = int(keep_heads.sum()), p.kv_heads - (n if p.whole_groups else 0)
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = new_heads // new_kv
+        _cut_heads(block, p, removed, W_new)
         info.update(heads_removed=removed.tolist(), attn_rel_error=err)
     if p.keep_channels < p.channels:
-        down = block.get_submodule(lay.mlp_out)
-        W_down = get_weight(down)
+        W_down = get_weight(block.get_submodule(lay.mlp_out))
         producers = [get_weight(block.get_submodule(n)) for n in lay.mlp_in]
         groups = torch.arange(p.channels, device=W_down.device).unsqueeze(1)
         n = p.channels - p.keep_channels
         removed, W_new, err = _remove_groups(W_down, H_mlp, groups, n, spec, recipe, producers,
                                              chunk=channel_chunk(n))
-        keep = _keep(p.channels, removed)
-        _replace(block, lay.mlp_out, W_new[:, keep].to(W_down.dtype), _bias(down))
-        for name, W in zip(lay.mlp_in, producers, strict=True):
-            mod = block.get_submodule(name)
-            _replace(block, name, W[keep], None if _bias(mod) is None else _bias(mod)[keep])
+        _cut_channels(block, p, removed, W_new)
         info.update(channels_removed=removed.tolist(), mlp_rel_error=err)
     return info
 
@@ -220,30 +230,12 @@ def resize_block(block: nn.Module, p: Plan, info: dict) -> None:
     lay = p.layout
     if lay is None:
         return
-
-    def cut(name: str, rows: Tensor | None, cols: Tensor | None) -> None:
-        mod = block.get_submodule(name)
-        W, b = get_weight(mod), _bias(mod)
-        out_n = W.shape[0] if rows is None else int(rows.sum())
-        in_n = W.shape[1] if cols is None else int(cols.sum())
-        meta = dict(dtype=W.dtype, device="meta")
-        _replace(block, name, torch.empty(out_n, in_n, **meta), None if b is None else torch.empty(out_n, **meta))
-
     if info.get("heads_removed") is not None:
-        removed = torch.tensor(info["heads_removed"], dtype=torch.long)
-        keep_heads = _keep(p.heads, removed)
-        cols = keep_heads.repeat_interleave(p.head_dim)
-        cut(lay.o, None, cols)
-        for name in (lay.q, *((lay.k, lay.v) if p.whole_groups else ())):
-            cut(name, cols, None)
-        attn = block.get_submodule(lay.attn)
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = int(keep_heads.sum()) // (p.kv_heads - (len(removed) if p.whole_groups else 0))
+        _cut_heads(block, p, torch.tensor(info["heads_removed"], dtype=torch.long),
+                   get_weight(block.get_submodule(lay.o)))
     if info.get("channels_removed") is not None:
-        keep = _keep(p.channels, torch.tensor(info["channels_removed"], dtype=torch.long))
-        cut(lay.mlp_out, None, keep)
-        for name in lay.mlp_in:
-            cut(name, keep, None)
+        _cut_channels(block, p, torch.tensor(info["channels_removed"], dtype=torch.long),
+                      get_weight(block.get_submodule(lay.mlp_out)))
 
 
 class _Similarity:

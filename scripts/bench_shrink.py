@@ -39,16 +39,27 @@ def block_params(model) -> tuple[int, int, int]:
     return attn, mlp, sum(p.numel() for p in block.parameters())
 
 
+def mlp_fraction(removed_per_block: float, mlp: int, channels: int, align: int = 64) -> float:
+    """The --mlp fraction whose aligned width removes at least ``removed_per_block`` MLP parameters: the widest
+    multiple of ``align`` at or below the exact width (rounding to the nearest multiple, as shrink does, can
+    land under the budget: 1152 of 1536 channels is 18.7% of SmolLM2's block parameters, not 20%)."""
+    per_channel = mlp / channels
+    keep = int((channels - removed_per_block / per_channel) // align) * align
+    return max(0.0, 1 - keep / channels)
+
+
 def structures(model, budget: float) -> dict[str, ShrinkSpec]:
+    """Each structure's spec removing at least ``budget`` of the blocks' parameters."""
     cfg = model.config
     _, mlp, total = block_params(model)
+    channels = cfg.intermediate_size
     n = cfg.num_hidden_layers
     qo = 2 * cfg.hidden_size * cfg.head_dim * cfg.num_key_value_heads  # 1 query head per KV group: q rows + o cols
-    out = {"mlp": ShrinkSpec(mlp=budget * total / mlp)}
-    out["heads+mlp"] = ShrinkSpec(heads=1 / 3, mlp=max(0.0, (budget * total - qo) / mlp))
+    out = {"mlp": ShrinkSpec(mlp=mlp_fraction(budget * total, mlp, channels))}
+    out["heads+mlp"] = ShrinkSpec(heads=1 / 3, mlp=mlp_fraction(max(0.0, budget * total - qo), mlp, channels))
     drop = 2
-    rest = (budget * n * total - drop * total) / ((n - drop) * mlp)
-    out["2 blocks+mlp"] = ShrinkSpec(drop_blocks=drop, mlp=max(0.0, rest))
+    rest = (budget * n * total - drop * total) / (n - drop)  # per kept block
+    out["2 blocks+mlp"] = ShrinkSpec(drop_blocks=drop, mlp=mlp_fraction(max(0.0, rest), mlp, channels))
     return out
 
 

@@ -170,3 +170,26 @@ def test_owl_lambda_trials_leave_fused_experts_whole():
                            progress=False)
     assert len(plan["lambda_search"]) == len(allocate.OWL_AUTO)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_plan_versions_are_the_solvers_own_with_their_relative_errors(method):
+    """The plan's table entry of each candidate sparsity is the solver's answer at that sparsity and
+    relative_error of it: sparsegpt's (stacked sweeps, error from its OBS losses) as one call per level."""
+    from llmprune.compression import solve_levels
+    from llmprune.solvers import SOLVERS
+    from llmprune.solvers.result import relative_error
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 192, generator=g) @ torch.randn(192, 192, generator=g) * torch.rand(192, generator=g)
+    H = 2 / 1024 * X.T @ X
+    H[:, 5] = H[5, :] = 0  # a dead input
+    W = torch.randn(64, 192, generator=g)
+    levels = allocate.candidates(0.7)
+    got = solve_levels(W, H, levels, Recipe(method=method, sparsity=0.7))
+    assert [s for s, _, _ in got] == levels
+    for s, weight, err in got:
+        ref = SOLVERS[method](W, H, s)
+        torch.testing.assert_close(weight, ref.weight, atol=1e-5, rtol=0)
+        assert int((weight == 0).sum()) >= int(s * W.numel())
+        assert err == pytest.approx(relative_error(W, ref.weight, H), rel=1e-5)
