@@ -491,7 +491,10 @@ def plan_sparsities(
             collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype,
                                          diagonal=store is None)  # owl: Wanda scores only
             with collector:
-                block_pass()
+                if block_pass.sequential_fits(lin) is None:  # one forward: its outputs feed the next block
+                    block_pass.sequential(lin, lambda name, xs: None)
+                else:  # the engine runs the block again for them
+                    block_pass()
         leader, hessians, _ = shared_hessians(lin, collector)
         reached = [n for n in lin if n in leader]
         pairs = [(get_weight(lin[n]), hessians[leader[n]]) for n in reached]

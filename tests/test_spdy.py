@@ -193,3 +193,33 @@ def test_plan_versions_are_the_solvers_own_with_their_relative_errors(method):
         torch.testing.assert_close(weight, ref.weight, atol=1e-5, rtol=0)
         assert int((weight == 0).sum()) >= int(s * W.numel())
         assert err == pytest.approx(relative_error(W, ref.weight, H), rel=1e-5)
+
+
+def test_the_plan_pass_runs_each_block_once_with_the_tables_of_two_passes(sensitive, monkeypatch):
+    """The plan reads dense Hessians while the block's one pass keeps its outputs for the next block (the
+    engine's sequential pass with nothing changed); where that pass does not fit it runs the block twice.
+    Both give the same tables and search, and the one-pass plan calls each block's forward half as often."""
+    import copy
+
+    from llmprune.engine import BlockPass
+
+    model, windows = sensitive
+    recipe = Recipe(sparsity=0.6, allocation="spdy", device="cpu", spdy_steps=2, spdy_samples=4)
+    def plan(fits: bool) -> tuple[dict, int]:
+        m = copy.deepcopy(model)
+        counter = [0]
+        m.model.layers[1].register_forward_hook(lambda *a: counter.__setitem__(0, counter[0] + 1))
+        with monkeypatch.context() as mp:
+            if not fits:
+                mp.setattr(BlockPass, "sequential_fits", lambda self, modules: "too big (test)")
+            out = plan_sparsities(m, windows, recipe, prunable_linears(m, recipe), torch.device("cpu"),
+                                  progress=False)
+        return out, counter[0]
+
+    (once, n_once), (twice, n_twice) = plan(True), plan(False)
+    assert once["tables"] == twice["tables"] and once["sparsities"] == twice["sparsities"]
+    calls = {"once": n_once, "twice": n_twice}
+    batches = -(-len(windows) // recipe.batch_size)
+    scoring = (recipe.spdy_steps + 2 + len(allocate.owl_lambdas(recipe.dp_radius))) * 1  # one batch per score
+    assert calls["twice"] - calls["once"] == batches, calls
+    assert calls["once"] <= batches + scoring
