@@ -40,6 +40,7 @@ from llmprune.progress import Progress, track
 from llmprune.quant import QuantParams
 from llmprune.recipe import Recipe
 from llmprune.solvers import SOLVERS
+from llmprune.solvers.hinv import dead_inputs, prepare_weight
 from llmprune.solvers.refit import refit_result
 from llmprune.solvers.result import output_error, relative_error
 from llmprune.solvers.sparsegpt import sparsegpt_levels
@@ -437,17 +438,16 @@ def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
             res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
             out.append((s, res.weight, relative_error(W, res.weight, H)))
         return out
-    diag = torch.diagonal(H).float().clone()
-    dead = diag == 0
-    diag[dead] = 1
-    Wp = W.float().masked_fill(dead.unsqueeze(0), 0)  # what the sweep solves: dead inputs' columns zeroed
+    dead = dead_inputs(H)
+    mean_diag = float(torch.diagonal(H).float().masked_fill(dead, 1).mean())  # as the sweep's damping takes it
+    Wp = prepare_weight(W, dead)  # what the sweep solves: dead inputs' columns zeroed
     den = output_error(Wp, Wp.new_zeros(()), H)
     per = max(1, LEVELS_BYTES // (W.numel() * 4))
     out = []
     for a in range(0, len(sparsities), per):
         chunk = sparsities[a : a + per]
         for s, r in zip(chunk, sparsegpt_levels(W, H, chunk, recipe.quant, **common_options(recipe)), strict=True):
-            lam = r.damp_frac * float(diag.mean())  # the damping the sweep solved with
+            lam = r.damp_frac * mean_diag  # the damping the sweep solved with
             num = max(r.obs_loss - lam * float((Wp - r.weight.float()).square().sum()), 0.0)
             out.append((s, r.weight, num / den if den > 0 else 0.0))
     return out

@@ -165,13 +165,18 @@ def _keep(n: int, removed: Tensor) -> Tensor:
     return mask
 
 
+def _head_columns(p: Plan, device: torch.device) -> Tensor:
+    """(heads, head_dim): the columns of o (rows of q) each head owns."""
+    return torch.arange(p.heads * p.head_dim, device=device).view(p.heads, p.head_dim)
+
+
 def _cut_heads(block: nn.Module, p: Plan, removed: Tensor, W_o: Tensor) -> None:
     """Remove heads ``removed``: their columns of o (``W_o``: o's new full-width weight), their rows of q (and of
     k and v when whole KV groups go), and the attention's query-per-KV-group count. On a weightless (meta)
     block this gives it the shrunk shapes only."""
     lay = p.layout
     keep_heads = _keep(p.heads, removed)
-    cols = torch.arange(p.heads * p.head_dim, device=removed.device).view(p.heads, p.head_dim)[keep_heads].reshape(-1)
+    cols = _head_columns(p, removed.device)[keep_heads].reshape(-1)
     o = block.get_submodule(lay.o)
     _replace(block, lay.o, W_o[:, cols].to(get_weight(o).dtype), _bias(o))
     for name in (lay.q, *((lay.k, lay.v) if p.whole_groups else ())):  # one query head per KV head: k, v go too
@@ -200,7 +205,7 @@ def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_
     lay, info = p.layout, {}
     if p.remove_per_group or p.whole_groups:
         W_o, W_q = get_weight(block.get_submodule(lay.o)), get_weight(block.get_submodule(lay.q))
-        groups = torch.arange(p.heads * p.head_dim, device=W_o.device).view(p.heads, p.head_dim)
+        groups = _head_columns(p, W_o.device)
         group = p.heads // p.kv_heads
         if p.remove_per_group:
             n = p.remove_per_group * p.kv_heads
