@@ -197,4 +197,7 @@ def shutdown() -> None:
         try:
             dist.barrier()
         finally:
+            read = _STATE.pop("read_group", None)
+            if read is not None:  # the subgroup first: its gloo threads once outlived the default group's teardown
+                dist.destroy_process_group(read)
             dist.destroy_process_group()

@@ -66,8 +66,8 @@ def calibration_loss(model: nn.Module, batches: list[Tensor], device: torch.devi
         for b, ids in enumerate(batches):
             logits = stream.logits(b).float()
             ids = ids.to(logits.device)
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                           reduction="sum"))
+            for r in range(len(ids)):  # window by window: logits[r, :-1] is contiguous, no (tokens x vocab) copy
+                total += float(F.cross_entropy(logits[r, :-1], ids[r, 1:], reduction="sum"))
             count += ids[:, 1:].numel()
     total, count = distributed.all_sum([total, float(count)])  # torchrun: each rank scored its share
     return total / count
