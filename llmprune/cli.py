@@ -128,7 +128,10 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--spdy-steps", type=int, default=None,
                      help="spdy: candidate allocations scored in the search (default 24)."),
         click.option("--spdy-samples", type=int, default=None,
-                     help="spdy: calibration windows each candidate is scored on (default 8)."),
+                     help="spdy: calibration windows each candidate is scored on (default 4)."),
+        click.option("--owl-samples", type=int, default=None,
+                     help="--owl-lambda auto: calibration windows each lambda's trial compresses and is scored on"
+                          " (default 8)."),
         click.option("--format", "format", type=click.Choice(["dense", "compressed-tensors"]), default=None,
                      help="dense (default): dequantized weights; compressed-tensors: pack-quantized ints."),
         click.option("--refit/--no-refit", default=None,

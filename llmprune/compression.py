@@ -540,14 +540,14 @@ def plan_sparsities(
 def _owl_trials(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
                 device: torch.device, owl_at: Callable[[float], dict[str, float]], progress: Progress) -> list[dict]:
     """--owl-lambda auto: the model compressed for real (the recipe's solver and order) with OWL's allocation
-    at each λ of ``allocate.OWL_AUTO`` on the first ``spdy_samples`` windows, and scored by the calibration
+    at each λ of ``allocate.OWL_AUTO`` on the first ``owl_samples`` windows, and scored by the calibration
     loss of those windows through it (streamed in the same pass). Each block's dense weights are put back
     once the next block has run, so the model is whole again after every trial. Returns [{owl_lambda,
     loss}]. (Scoring OWL's allocations assembled from layer versions solved on dense inputs, as spdy scores,
     chose λ > 0 where these real runs chose uniform: SmolLM2 70% calibrated on docstrings, 1.47x uniform's
     held-out perplexity.)"""
     prefixes = list(linears)
-    batches = batched(distributed.shard(windows[: recipe.spdy_samples]), recipe.batch_size)
+    batches = batched(distributed.shard(windows[: recipe.owl_samples]), recipe.batch_size)
     lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew on every pass
     captured: dict = {}
 

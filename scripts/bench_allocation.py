@@ -4,7 +4,7 @@ a second kind of English text (the docstrings of a fixed list of Python standard
 reproducibly from this Python), evaluated on the built-in text's held-out part. One process, the same
 windows for every row; wall times are whole compress runs, allocation search included.
 
-    python scripts/bench_allocation.py [--sparsities 0.7,0.6] [--nsamples 16] [--seqlen 256]
+    python scripts/bench_allocation.py [--sparsities 0.7,0.6] [--nsamples 128] [--seqlen 256] [--spdy-samples 4]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tables import publish  # noqa: E402
 
 from llmprune.compression import calibration_set, compress_model  # noqa: E402
 from llmprune.perplexity import perplexity  # noqa: E402
+from llmprune.recipe import Recipe  # noqa: E402
 
 MODULES = ["argparse", "asyncio", "calendar", "collections", "csv", "datetime", "decimal", "difflib", "email",
            "fractions", "functools", "heapq", "http.client", "inspect", "ipaddress", "itertools", "json", "logging",
@@ -54,11 +55,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", default="0.7,0.6")
     ap.add_argument("--allocations", default="uniform,owl,owl-auto,spdy")
-    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--nsamples", type=int, default=Recipe.nsamples)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-count", type=int, default=16)
     ap.add_argument("--spdy-steps", type=int, default=24)
-    ap.add_argument("--spdy-samples", type=int, default=8)
+    ap.add_argument("--spdy-samples", type=int, default=Recipe.spdy_samples)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_allocation.txt"))
     args = ap.parse_args()
     model, tokenizer, pristine, base, shakespeare, held_out = setup(args.nsamples, args.seqlen, args.eval_count)

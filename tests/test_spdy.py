@@ -127,7 +127,7 @@ def test_owl_lambda_auto_takes_the_lambda_of_lowest_calibration_loss_of_real_run
     model, windows = sensitive
     model = copy.deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", spdy_samples=8)
+    recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", owl_samples=8)
     linears = prunable_linears(model, recipe)
     plan = plan_sparsities(model, windows, recipe, linears, torch.device("cpu"), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # dense again after the trials
@@ -165,7 +165,7 @@ def test_owl_lambda_trials_leave_fused_experts_whole():
     model = tiny_model("gpt_oss")  # fused, transposed experts with biases: written through views
     before = {k: v.clone() for k, v in model.state_dict().items()}
     windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-    recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", spdy_samples=8)
+    recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", owl_samples=8)
     plan = plan_sparsities(model, windows, recipe, prunable_linears(model, recipe), torch.device("cpu"),
                            progress=False)
     assert len(plan["lambda_search"]) == len(allocate.OWL_AUTO)
