@@ -78,18 +78,17 @@ def dp(tables: dict[str, dict], target: float, units: int = 200_000,
         layers.append([(float(s), c * float(e), round(float(s) * int(t["numel"]) / unit))
                        for s, e in sorted(t["errors"].items(), key=lambda kv: float(kv[0]))])
     # the band: budgets reachable by the layers so far and from which the layers left can reach the goal window
-    rest_min = [0] * (len(layers) + 1)
-    rest_max = [0] * (len(layers) + 1)
+    w_min = [min(w for _, _, w in cands) for cands in layers]
+    w_max = [max(w for _, _, w in cands) for cands in layers]
+    rest_min, rest_max = [0] * (len(layers) + 1), [0] * (len(layers) + 1)  # summed over layers k.. the end
     for k in range(len(layers) - 1, -1, -1):
-        rest_min[k] = rest_min[k + 1] + min(w for _, _, w in layers[k])
-        rest_max[k] = rest_max[k + 1] + max(w for _, _, w in layers[k])
+        rest_min[k], rest_max[k] = rest_min[k + 1] + w_min[k], rest_max[k + 1] + w_max[k]
     lo_goal, hi_goal = max(goal - tol, 0), min(goal + tol, units)
     lo, best = 0, torch.zeros(1, dtype=torch.float64)  # best[b - lo] for budgets b in the band
     choice = []  # per layer: (candidates, band start, index of the candidate chosen for each budget)
     for k, cands in enumerate(layers):
-        reach_lo, reach_hi = lo + min(w for _, _, w in cands), lo + len(best) - 1 + max(w for _, _, w in cands)
-        new_lo = max(reach_lo, lo_goal - rest_max[k + 1], 0)
-        new_hi = min(reach_hi, hi_goal - rest_min[k + 1], units)
+        new_lo = max(lo + w_min[k], lo_goal - rest_max[k + 1], 0)
+        new_hi = min(lo + len(best) - 1 + w_max[k], hi_goal - rest_min[k + 1], units)
         if new_hi < new_lo:
             raise ValueError(f"no combination of the candidate sparsities reaches the target {target}")
         nxt = torch.full((new_hi - new_lo + 1,), inf, dtype=torch.float64)

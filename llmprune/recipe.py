@@ -83,7 +83,7 @@ class Recipe:
     # each scored by the calibration loss of the assembled model on the first spdy_samples windows)
     spdy_steps: int = 24
     # 4: at the default 128 windows the search then costs ~1 calibration forward (8 scored 0.879 / 0.676 x
-    # uniform's held-out perplexity against 0.888 / 0.723, at 3.2-3.3x against 2.8x a uniform run's wall)
+    # uniform's held-out perplexity against 0.888 / 0.723, at 3.4-3.5x against 2.8x a uniform run's wall)
     spdy_samples: int = 4
     # the block loop of sparsegpt: auto = the fused Triton kernel on CUDA, torch on CPU; triton or torch forces
     kernels: str = "auto"

@@ -223,4 +223,3 @@ def test_the_plan_pass_runs_each_block_once_with_the_tables_of_two_passes(sensit
     scoring = (recipe.spdy_steps + 2 + len(allocate.owl_lambdas(recipe.dp_radius))) * 1  # one batch per score
     assert calls["twice"] - calls["once"] == batches, calls
     assert calls["once"] <= batches + scoring
-
