@@ -28,9 +28,11 @@ from torch import Tensor
 from llmprune.kernels import tl, triton
 
 BLOCK_ROWS = 16
-_MAGIC = 12582912.0  # 1.5 · 2**23: (x + MAGIC) − MAGIC rounds |x| < 2**22 to the nearest integer, ties to even
 
 if triton is not None:
+    # 1.5 · 2**23: (x + MAGIC) − MAGIC rounds |x| < 2**22 to the nearest integer, ties to even. A kernel may read
+    # a module global only as a constexpr: a plain float works under the interpreter and fails to compile.
+    _MAGIC = tl.constexpr(12582912.0)
 
     @triton.jit
     def _column(T, cc, i):
@@ -145,8 +147,39 @@ def obs_update(
     _obs_update_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
         state.W, H1, d1, state.mask, state.Q, state.E, S, LO, HI, state.losses,
         rows, count, c0, c1,
-        NM_N=n, NM_M=m, QUANT=grid is not None, BR=BLOCK_ROWS, BB=BB,
+        NM_N=n, NM_M=m, QUANT=grid is not None, BR=BLOCK_ROWS, BB=BB, **launch_options(BB),
     )
+
+
+def launch_options(BB: int) -> dict:
+    """Compile options of a launch over ``BB`` block columns. The four (BR, BB) fp32 tiles live in registers:
+    with 4 warps a 128-column block needs 255 registers a thread and spills; one warp per 16 columns keeps it
+    at ~190 on sm_80/sm_90 (``scripts/kernels_aot.py`` prints the counts). FP fusion off: no FMA contraction,
+    so the kernel rounds as its torch twin does, operation for operation."""
+    return {"num_warps": max(4, min(16, BB // 16)), "enable_fp_fusion": False}
+
+
+# The specialisations the solver launches: every N:M the recipes offer (none, 2:4, 4:8), pruning only and with
+# a grid, at the default block of 128 columns and the smaller last blocks and larger --block-size it may see.
+AOT_BLOCKS = (16, 64, 128, 256)
+AOT_PATTERNS = ((0, 0), (2, 4), (4, 8))
+
+
+def aot_variants() -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) of each specialisation, for the ahead-of-time check."""
+    if triton is None:
+        return []
+    sig = {name: "*fp32" for name in _obs_update_kernel.arg_names}
+    sig |= {"MASK_ptr": "*i8", "rows": "i32", "B": "i32", "c0": "i32", "c1": "i32"}
+    sig |= {name: "constexpr" for name in ("NM_N", "NM_M", "QUANT", "BR", "BB")}
+    out = []
+    for BB in AOT_BLOCKS:
+        for n, m in AOT_PATTERNS if BB == 128 else ((0, 0),):
+            for quant in (False, True):
+                label = f"obs_update[{f'{n}:{m}' if m else 'mask'}, {'quant' if quant else 'prune'}, BB={BB}]"
+                consts = dict(NM_N=n, NM_M=m, QUANT=quant, BR=BLOCK_ROWS, BB=BB)
+                out.append((label, _obs_update_kernel, sig, consts, launch_options(BB)))
+    return out
 
 
 def obs_update_torch(

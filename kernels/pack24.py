@@ -124,6 +124,25 @@ if triton is not None:
                 tl.store(base + j, tl.where(lo_idx == j, lo, tl.where(hi_idx == j, hi, zero)), mask=ok)
 
 
+# the dtypes checkpoints hold: pack runs on the stored weights, unpack on the stored values
+AOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def aot_variants() -> list[tuple[str, object, dict, dict, dict]]:
+    """(label, kernel, signature, constexprs, options) of each specialisation, for the ahead-of-time check."""
+    if triton is None:
+        return []
+    out = []
+    consts = {"BR": BLOCK_ROWS, "BP": BLOCK_PAIRS}
+    ints = {"rows": "i32", "groups": "i32", "pairs": "i32", "BR": "constexpr", "BP": "constexpr"}
+    for name in AOT_DTYPES:
+        out.append((f"pack24[{name}]", _pack24_kernel, {"w_ptr": f"*{name}", "v_ptr": f"*{name}", "m_ptr": "*u8"}
+                    | ints, consts, {}))
+        out.append((f"unpack24[{name}]", _unpack24_kernel, {"v_ptr": f"*{name}", "m_ptr": "*u8",
+                                                            "w_ptr": f"*{name}"} | ints, consts, {}))
+    return out
+
+
 def _grid(rows: int, pairs: int) -> tuple[int, int]:
     return (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(pairs, BLOCK_PAIRS))
 

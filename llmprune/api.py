@@ -83,6 +83,10 @@ class Report:
     layers: list[LayerReport]
     allocation: dict[str, Any] | None
     timings: dict[str, float]
+    # linears by the implementation of their column loop ("triton": the fused kernel, "torch"); and kernel ->
+    # error for each Triton kernel that failed on the device, after which its torch twin ran
+    kernels_used: dict[str, int] = field(default_factory=dict)
+    kernel_fallbacks: dict[str, str] = field(default_factory=dict)
     # sequential runs: blocks that fell back to two passes (and why), the peak of the inputs kept across
     # batches before one sublayer, where activations were kept; None for two-pass runs
     sequential: dict[str, Any] | None = None

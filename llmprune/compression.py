@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmprune import allocate, distributed, experts, spdy
+from llmprune import allocate, distributed, experts, kernels, spdy
 from llmprune.arch import find_blocks, find_routers, get_weight, is_moe, set_weight
 from llmprune.data import (
     batched,
@@ -67,6 +67,9 @@ class LayerReport:
     vs_sparsegpt: float | None = None
     method: str | None = None  # the solver used (an expert with too few tokens: magnitude, not the recipe's)
     tokens: int | None = None  # calibration tokens its Hessian came from (an expert: those routed to it)
+    # the implementation of its sweep's column loop (kernels/obs_update.py): "triton" (the fused kernel),
+    # "torch", or "torch+triton" (the kernel failed on the device mid-layer); None: the solver has no sweep
+    kernel: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,6 +170,7 @@ def solve_linear(
     W = get_weight(mod)
     H = H.to(W.device) if H is not None else None
     t0 = time.perf_counter()
+    before = kernels.launches()
     try:
         res = SOLVERS[method](W, H, sparsity, recipe.nm, recipe.quant, **solver_options(recipe))
         if recipe.refit and H is not None and method == recipe.method:
@@ -208,6 +212,7 @@ def solve_linear(
         vs_sparsegpt=num / res.warm_error if res.warm_error and whole_h else None,
         method=method,
         tokens=tokens,
+        kernel="+".join(kernels.summary(before).get("obs_update", {})) or None,
     )
 
 
@@ -595,6 +600,7 @@ def compress_model(
     runs over the same windows (engine.Stream), e.g. a sweep's cells.
     """
     t_start = time.perf_counter()
+    kernels.reset()  # each run tries the Triton kernels again
     device = distributed.device() or resolve_device(recipe.device)
     linears = prunable_linears(model, recipe)
     keep = experts_kept(model, recipe) if recipe.drop_experts else None
@@ -714,6 +720,10 @@ def compress_model(
         "experts": (_experts_summary(layers, recipe) | ({"experts_before": keep[1], "experts_after": keep[2],
                                                          "dropped": dropped} if keep else {})) if moe else None,
         "allocation": allocation,
+        # linears by the implementation of their sweep's column loop (journaled per block, so a resumed run
+        # counts the blocks of the run before it too); kernels that failed on the device in this process
+        "kernels_used": dict(Counter(r.kernel for r in layers if r.kernel is not None)),
+        "kernel_fallbacks": kernels.failures(),
         "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
                        "kept_inputs_peak_bytes": kept_peak[0],
                        "kept_on": str(stream.store)} if recipe.sequential else None,

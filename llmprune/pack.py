@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from llmprune import kernels as kernel_log
 from llmprune.arch import causal_lm_class
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.checkpoint import (
@@ -38,7 +39,7 @@ from llmprune.checkpoint import (
     write_shards,
 )
 from llmprune.errors import UsageError
-from llmprune.kernels import use_triton
+from llmprune.kernels import dispatch
 from llmprune.keymap import KeyMap
 from llmprune.pattern import Pattern, parse_pattern
 from llmprune.progress import Progress, track
@@ -55,14 +56,15 @@ log = logging.getLogger(__name__)
 def _pack24(W: Tensor, kernels: str) -> tuple[Tensor, Tensor]:
     from llmprune.kernels import pack24
 
-    return (pack24.pack24 if use_triton(kernels, W.device) else pack24.pack24_torch)(W)
+    pack24.check24(W)  # a matrix that is not 2:4 is the input's fault, not the kernel's: never a fallback
+    return dispatch("pack24", kernels, W.device, lambda: pack24.pack24(W), lambda: pack24.pack24_torch(W))
 
 
 def _unpack24(values: Tensor, meta: Tensor, cols: int, kernels: str) -> Tensor:
     from llmprune.kernels import pack24
 
-    fn = pack24.unpack24 if use_triton(kernels, values.device) else pack24.unpack24_torch
-    return fn(values, meta, cols)
+    return dispatch("unpack24", kernels, values.device, lambda: pack24.unpack24(values, meta, cols),
+                    lambda: pack24.unpack24_torch(values, meta, cols))
 
 
 def kept_grid(params: QuantParams, cols: int) -> tuple[Tensor, Tensor]:
@@ -123,6 +125,7 @@ def pack_checkpoint(src: Path, out: Path, pattern: str, skip_nonconforming: bool
     if pat not in (Pattern(2, 4), Pattern(4, 8)):
         raise UsageError(f"--pattern {pattern}: packing stores 2:4 (and 4:8 layers that are also 2:4); use 2:4")
     source = Source(src)
+    kernel_log.reset()
     linears = block_linears(source.config)
     dense_keys = set(source.reader.keys())
     packed: dict[str, Tensor] = {}
@@ -180,7 +183,8 @@ def pack_checkpoint(src: Path, out: Path, pattern: str, skip_nonconforming: bool
             shutil.copy2(f, out / f.name)
     (out / "config.json").write_text(json.dumps(source.raw_config, indent=2) + "\n")
     manifest = {"format": FORMAT, "version": VERSION, "pattern": "2:4", "requested_pattern": str(pat),
-                "layers": layers, "dense_layers": kept_dense, "dense_expert_tensors": experts, **total}
+                "layers": layers, "dense_layers": kept_dense, "dense_expert_tensors": experts, **total,
+                "kernels_used": kernel_log.summary(), "kernel_fallbacks": kernel_log.failures()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     report = dict(source.report)
     report["pack"] = {k: v for k, v in manifest.items() if k != "layers"}

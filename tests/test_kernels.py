@@ -119,3 +119,87 @@ def test_forcing_triton_on_cpu_without_the_interpreter_is_refused(tiny_model_dir
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "TRITON_INTERPRET=1" in err and "--kernels torch" in err
     assert not (tmp_path / "o").exists()
+
+
+class _Broken:
+    """Stands in for a Triton kernel that does not compile on the device: launching it raises."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("CompilationError: at 12:8: stand-in for a broken kernel")
+
+        return launch
+
+
+def _run_compress(tiny_model_dir, tmp_path, name: str, kernels: str) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    from llmprune.cli import main
+    from llmprune.data import builtin_text_path
+
+    calib = tmp_path / "calib.txt"
+    if not calib.exists():
+        calib.write_text(builtin_text_path().read_text()[:30_000])
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(tiny_model_dir), "--out", str(tmp_path / name), "--calib", str(calib), "--nsamples",
+              "2", "--seqlen", "16", "--device", "cpu", "--wbits", "4", "--sparsity", "0.5", "--kernels", kernels])
+    assert exc.value.code == 0
+    tensors = {k: v for f in (tmp_path / name).glob("model*.safetensors") for k, v in load_file(f).items()}
+    return tensors, json.loads((tmp_path / name / "llmprune.json").read_text())
+
+
+def test_a_kernel_that_fails_on_the_device_falls_back_to_torch_once(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """--kernels auto where the fused kernel does not compile: one warning naming it and the error, the run
+    finishes with the torch loop (same bytes as --kernels torch), and the report says which loop ran."""
+    import llmprune.kernels as k
+    import llmprune.kernels.obs_update as ou
+    ref, ref_report = _run_compress(tiny_model_dir, tmp_path, "torch", "torch")
+    assert set(ref_report["kernels_used"]) == {"torch"} and ref_report["kernel_fallbacks"] == {}
+    monkeypatch.setattr(k, "use_triton", lambda mode, device: mode != "torch")  # auto picks Triton, as on CUDA
+    monkeypatch.setattr(ou, "_obs_update_kernel", _Broken())
+    with caplog.at_level("WARNING", logger="llmprune"):
+        got, report = _run_compress(tiny_model_dir, tmp_path, "auto", "auto")
+    warnings = [r.getMessage() for r in caplog.records if "kernel obs_update failed" in r.getMessage()]
+    assert len(warnings) == 1 and "stand-in for a broken kernel" in warnings[0]
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert report["kernels_used"] == ref_report["kernels_used"]  # every linear: the torch loop
+    assert "stand-in for a broken kernel" in report["kernel_fallbacks"]["obs_update"]
+    assert all(layer["kernel"] == "torch" for layer in report["layers"])
+
+
+def test_a_forced_kernel_that_fails_is_an_error(monkeypatch):
+    import llmprune.kernels.obs_update as ou
+
+    monkeypatch.setattr(ou, "_obs_update_kernel", _Broken())
+    W, H = problem(8, 32, seed=3)
+    with pytest.raises(RuntimeError, match="stand-in for a broken kernel"):
+        sparsegpt(W, H, 0.5, kernels="triton", block_size=16)
+
+
+def test_the_fused_kernel_runs_without_falling_back(tiny_model_dir, tmp_path):
+    """The interpreted kernel really runs (a fallback would hide a bug in the fused path behind the torch loop)."""
+    _, report = _run_compress(tiny_model_dir, tmp_path, "triton", "triton")
+    assert report["kernel_fallbacks"] == {} and set(report["kernels_used"]) == {"triton"}
+
+
+def test_pack_falls_back_when_its_kernel_fails(monkeypatch, caplog):
+    import llmprune.kernels as k
+    from llmprune.kernels import pack24
+    from llmprune.pack import _pack24
+
+    W = torch.randn(16, 32)
+    W[:, 1::2] = 0  # 2:4
+    k.reset()
+    monkeypatch.setattr(k, "use_triton", lambda mode, device: True)
+    monkeypatch.setattr(pack24, "_pack24_kernel", _Broken())
+    with caplog.at_level("WARNING", logger="llmprune"):
+        values, meta = _pack24(W, "auto")
+        _pack24(W, "auto")  # the second layer goes straight to torch: one warning per run
+    ref = pack24.pack24_torch(W)
+    assert torch.equal(values, ref[0]) and torch.equal(meta, ref[1])
+    assert sum("kernel pack24 failed" in r.getMessage() for r in caplog.records) == 1
+    assert k.summary() == {"pack24": {"torch": 2}} and "pack24" in k.failures()
+    with pytest.raises(ValueError, match="breaks 2:4"):  # bad input is never taken for a kernel failure
+        _pack24(torch.ones(4, 8), "auto")

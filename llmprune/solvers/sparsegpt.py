@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from llmprune.kernels import use_triton
+from llmprune.kernels import fall_back, ran, runs_triton
 from llmprune.pattern import Pattern
 from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
 from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight, shared_factor
@@ -54,6 +54,37 @@ def _open_group(group: Tensor, c: int, i: int, quant: QuantSpec, dtype: torch.dt
     cover = slice(i, min(i + g, S1.shape[0]))
     S1[cover], LO1[cover], HI1[cover] = sc, -zc, quant.maxq - zc
     return cover
+
+
+def _fused_block(W: Tensor, i1: int, i2: int, Hinv1: Tensor, d1: Tensor, mask1: Tensor, pattern: Pattern | None,
+                 quant: QuantSpec | None, static: bool, layer: tuple[Tensor, Tensor], gidx: Tensor | None,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Columns ``i1:i2`` of the sweep in the fused Triton kernel: (final block, its mask, its errors Err1, per-row
+    (total, rounding) losses), all (rows, count). Reads ``W`` and writes only the grids of the groups opening
+    in the block into ``layer`` (the torch loop would write the same), so a block that fails can be redone."""
+    from llmprune.kernels.obs_update import BlockState, obs_update
+
+    count = i2 - i1
+    state = BlockState(W[:, i1:i2], mask1.t() if pattern is None else None)
+    nm = (pattern.n, pattern.m) if pattern is not None else None
+    if quant is None:
+        obs_update(state, Hinv1, d1, 0, count, nm)
+    else:
+        g = quant.group_cols(W.shape[1])
+        Hs1 = Hinv1 / d1.unsqueeze(1)
+        scaleT, zeroT = layer
+        cols1 = gidx[i1:i2]
+        S1, Z1 = scaleT[cols1], zeroT[cols1]
+        LO1, HI1 = -Z1, quant.maxq - Z1
+        cuts = sorted({0, count} | ({i for i in range(count) if (i1 + i) % g == 0} if not static else set()))
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            c = i1 + a
+            if not static and c % g == 0:  # as in the torch loop
+                group = W[:, c : c + g] if a == 0 else state.W[:, a : a + g]
+                _open_group(group, c, a, quant, dtype, layer, (S1, LO1, HI1))
+            obs_update(state, Hs1, d1, a, b, nm, (S1, LO1, HI1))
+    mask = state.mask.bool()
+    return state.Q.masked_fill_(mask, 0), mask, state.E, state.losses
 
 
 def sparsegpt(
@@ -138,6 +169,7 @@ def _sweep(
     if act_order and (quant is None or pattern is not None):
         raise ValueError("act_order needs quantization and no N:M pattern (the pattern is in the original order)")
 
+    static, scaleT, zeroT, gidx = True, None, None, None
     if quant is not None:
         check_quant_fit(cols, quant, block_size)
         g = quant.group_cols(cols)
@@ -161,7 +193,7 @@ def _sweep(
     Hinv, damp_used, retries = shared_factor("sparsegpt", H, (damp_frac,),
                                              partial(inverse_hessian_cholesky, H, damp_frac))
     del H
-    fused = use_triton(kernels, W.device)
+    fused = runs_triton("obs_update", kernels, W.device)
 
     starts = list(range(0, cols, block_size))
     # per block, each copy's count of pruned weights
@@ -189,31 +221,21 @@ def _sweep(
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if fused:
-            from llmprune.kernels.obs_update import BlockState, obs_update
-
-            state = BlockState(W[:, i1:i2], mask1.t() if pattern is None else None)
-            nm = (pattern.n, pattern.m) if pattern is not None else None
-            if quant is None:
-                obs_update(state, Hinv1, d1, 0, count, nm)
+            try:
+                Qb, Mb, Eb, losses = _fused_block(W, i1, i2, Hinv1, d1, mask1, pattern, quant, static,
+                                                  (scaleT, zeroT), gidx, dtype)
+            except Exception as exc:  # compile or launch error: this block again, and the rest, in torch
+                fall_back("obs_update", kernels, W.device, exc)
+                fused = False
             else:
-                Hs1 = Hinv1 / d1.unsqueeze(1)
-                cols1 = gidx[i1:i2]
-                S1, Z1 = scaleT[cols1], zeroT[cols1]
-                LO1, HI1 = -Z1, quant.maxq - Z1
-                cuts = sorted({0, count} | ({i for i in range(count) if (i1 + i) % g == 0} if not static else set()))
-                for a, b in zip(cuts, cuts[1:], strict=False):
-                    c = i1 + a
-                    if not static and c % g == 0:  # as in the torch loop below
-                        group = W[:, c : c + g] if a == 0 else state.W[:, a : a + g]
-                        _open_group(group, c, a, quant, dtype, (scaleT, zeroT), (S1, LO1, HI1))
-                    obs_update(state, Hs1, d1, a, b, nm, (S1, LO1, HI1))
-            total_loss += state.losses[:, 0]
-            quant_loss += state.losses[:, 1]
-            mask1 = state.mask.bool()
-            W[:, i1:i2] = state.Q.masked_fill_(mask1, 0)
-            M[:, i1:i2] = mask1
-            W[:, i2:].addmm_(state.E, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (rows, cols) temporary
-            continue
+                ran("obs_update", "triton")
+                total_loss += losses[:, 0]
+                quant_loss += losses[:, 1]
+                W[:, i1:i2] = Qb
+                M[:, i1:i2] = Mb
+                W[:, i2:].addmm_(Eb, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (rows, cols) temporary
+                continue
+        ran("obs_update", "torch")
         if quant is None:
             # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
             scale1 = mask1 / d1.unsqueeze(1)
