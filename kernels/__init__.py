@@ -6,9 +6,11 @@ before the first import) runs the same kernels on CPU tensors, which is how the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,10 +25,30 @@ MODES = ("auto", "triton", "torch")
 
 log = logging.getLogger("llmprune.kernels")
 
+
+@dataclass(frozen=True)
+class Variant:
+    """One specialisation of a kernel as the code launches it, for the ahead-of-time compile (``aot.py``).
+    ``aligned``: the arguments the JIT sees as multiples of 16 in a typical launch (pointers from torch's
+    allocator, a block width of 128), compiled so, as the JIT would specialise them."""
+
+    label: str
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    options: dict[str, object] = field(default_factory=dict)
+    aligned: tuple[str, ...] = ()
+
 # this process's record of which implementation ran, per kernel: (kernel, "triton" | "torch") -> launches, and the
 # kernels that failed on the device with the error (each then runs its torch twin for the rest of the run)
 _ran: Counter[tuple[str, str]] = Counter()
 _failed: dict[str, str] = {}
+
+
+def launching_on(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device and its stream: make that ``t``'s device (a run on
+    ``cuda:1`` would otherwise hand device-1 pointers to a device-0 launch). Nothing to do on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def interpreting() -> bool:
@@ -93,7 +115,7 @@ def failures() -> dict[str, str]:
 def fall_back(kernel: str, mode: str, device: torch.device | str, exc: BaseException) -> None:
     """A Triton compile or launch error: forced (``--kernels triton``) it propagates; under ``auto`` the kernel
     is marked failed and one warning line names it and the error (the caller then runs the torch twin)."""
-    if mode == "triton":
+    if mode == "triton" or isinstance(exc, torch.OutOfMemoryError):  # out of memory is no kernel's fault
         raise exc
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     why = f"{type(exc).__name__}: {first}"[:300]

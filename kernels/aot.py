@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmprune.kernels import triton
+from llmprune.kernels import Variant, triton
 
 # sm_80 (A100), sm_90 (H100/H200); sm_100 (B200) where the installed Triton targets it
 ARCHS = (80, 90, 100)
@@ -35,7 +35,7 @@ class Compiled:
     seconds: float
 
 
-def variants() -> list[tuple[str, object, dict, dict, dict]]:
+def variants() -> list[Variant]:
     """Every specialisation the code launches, from each kernel module."""
     from llmprune.kernels import obs_update, pack24
 
@@ -70,7 +70,7 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(reg.group(1)) if reg else None), (int(stack.group(1)) if stack else None)
 
 
-def compile_one(label: str, kernel, signature: dict, constexprs: dict, options: dict, arch: int) -> Compiled:
+def compile_one(v: Variant, arch: int) -> Compiled:
     """Compile one specialisation for ``sm_<arch>``; Triton's own error (with the kernel's source line) if it
     does not compile. Needs ``TRITON_INTERPRET`` unset when the kernel was defined (the interpreter replaces
     the JIT function by a Python one)."""
@@ -78,21 +78,23 @@ def compile_one(label: str, kernel, signature: dict, constexprs: dict, options: 
     from triton.compiler import ASTSource
 
     t0 = time.perf_counter()
-    src = ASTSource(kernel, signature, constexprs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
+    names = v.kernel.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
+    src = ASTSource(v.kernel, v.signature, v.constexprs, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v.options))
     regs, stack = _resources(k.asm["cubin"])
-    return Compiled(label, arch, regs, stack, int(k.metadata.shared), int(k.metadata.num_warps),
+    return Compiled(v.label, arch, regs, stack, int(k.metadata.shared), int(k.metadata.num_warps),
                     time.perf_counter() - t0)
 
 
-def compile_all(archs: list[int] | None = None, which: list | None = None) -> list[Compiled]:
+def compile_all(archs: list[int] | None = None, which: list[Variant] | None = None) -> list[Compiled]:
     """Every variant (or those in ``which``) for every arch; raises on the first that fails, naming it and
     the arch."""
     out = []
     for arch in archs if archs is not None else supported_archs():
-        for label, kernel, sig, consts, opts in which if which is not None else variants():
+        for v in which if which is not None else variants():
             try:
-                out.append(compile_one(label, kernel, sig, consts, opts, arch))
+                out.append(compile_one(v, arch))
             except Exception as exc:
-                raise RuntimeError(f"{label} does not compile for sm_{arch}: {type(exc).__name__}: {exc}") from exc
+                raise RuntimeError(f"{v.label} does not compile for sm_{arch}: {type(exc).__name__}: {exc}") from exc
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.kernels import tl, triton
+from llmprune.kernels import Variant, launching_on, tl, triton
 
 BLOCK_ROWS = 16
 
@@ -144,11 +144,12 @@ def obs_update(
         S = LO = HI = d1  # unused
     n, m = nm if nm is not None else (0, 0)
     BB = triton.next_power_of_2(count)
-    _obs_update_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
-        state.W, H1, d1, state.mask, state.Q, state.E, S, LO, HI, state.losses,
-        rows, count, c0, c1,
-        NM_N=n, NM_M=m, QUANT=grid is not None, BR=BLOCK_ROWS, BB=BB, **launch_options(BB),
-    )
+    with launching_on(state.W):
+        _obs_update_kernel[(triton.cdiv(rows, BLOCK_ROWS),)](
+            state.W, H1, d1, state.mask, state.Q, state.E, S, LO, HI, state.losses,
+            rows, count, c0, c1,
+            NM_N=n, NM_M=m, QUANT=grid is not None, BR=BLOCK_ROWS, BB=BB, **launch_options(BB),
+        )
 
 
 def launch_options(BB: int) -> dict:
@@ -160,25 +161,29 @@ def launch_options(BB: int) -> dict:
 
 
 # The specialisations the solver launches: every N:M the recipes offer (none, 2:4, 4:8), pruning only and with
-# a grid, at the default block of 128 columns and the smaller last blocks and larger --block-size it may see.
+# a grid, at the default block of 128 columns, the smaller last blocks and the larger --block-size it may see.
 AOT_BLOCKS = (16, 64, 128, 256)
 AOT_PATTERNS = ((0, 0), (2, 4), (4, 8))
 
 
-def aot_variants() -> list[tuple[str, object, dict, dict, dict]]:
-    """(label, kernel, signature, constexprs, options) of each specialisation, for the ahead-of-time check."""
+def aot_variants() -> list[Variant]:
+    """Each specialisation the solver launches, for the ahead-of-time check."""
     if triton is None:
         return []
-    sig = {name: "*fp32" for name in _obs_update_kernel.arg_names}
+    names = _obs_update_kernel.arg_names
+    sig = {name: "*fp32" for name in names}
     sig |= {"MASK_ptr": "*i8", "rows": "i32", "B": "i32", "c0": "i32", "c1": "i32"}
     sig |= {name: "constexpr" for name in ("NM_N", "NM_M", "QUANT", "BR", "BB")}
+    aligned = tuple(n for n in names if n.endswith("_ptr")) + ("B",)
     out = []
     for BB in AOT_BLOCKS:
-        for n, m in AOT_PATTERNS if BB == 128 else ((0, 0),):
+        for n, m in AOT_PATTERNS:
+            if m > BB:
+                continue
             for quant in (False, True):
                 label = f"obs_update[{f'{n}:{m}' if m else 'mask'}, {'quant' if quant else 'prune'}, BB={BB}]"
                 consts = dict(NM_N=n, NM_M=m, QUANT=quant, BR=BLOCK_ROWS, BB=BB)
-                out.append((label, _obs_update_kernel, sig, consts, launch_options(BB)))
+                out.append(Variant(label, _obs_update_kernel, sig, consts, launch_options(BB), aligned))
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmprune.kernels import tl, triton
+from llmprune.kernels import Variant, launching_on, tl, triton
 
 BLOCK_ROWS = 16
 BLOCK_PAIRS = 32  # byte columns per program: 2 groups of 4 weights each
@@ -128,18 +128,19 @@ if triton is not None:
 AOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def aot_variants() -> list[tuple[str, object, dict, dict, dict]]:
-    """(label, kernel, signature, constexprs, options) of each specialisation, for the ahead-of-time check."""
+def aot_variants() -> list[Variant]:
+    """Each specialisation ``pack``/``unpack`` launch, for the ahead-of-time check."""
     if triton is None:
         return []
     out = []
     consts = {"BR": BLOCK_ROWS, "BP": BLOCK_PAIRS}
     ints = {"rows": "i32", "groups": "i32", "pairs": "i32", "BR": "constexpr", "BP": "constexpr"}
+    aligned = ("w_ptr", "v_ptr", "m_ptr")
     for name in AOT_DTYPES:
-        out.append((f"pack24[{name}]", _pack24_kernel, {"w_ptr": f"*{name}", "v_ptr": f"*{name}", "m_ptr": "*u8"}
-                    | ints, consts, {}))
-        out.append((f"unpack24[{name}]", _unpack24_kernel, {"v_ptr": f"*{name}", "m_ptr": "*u8",
-                                                            "w_ptr": f"*{name}"} | ints, consts, {}))
+        out.append(Variant(f"pack24[{name}]", _pack24_kernel,
+                           {"w_ptr": f"*{name}", "v_ptr": f"*{name}", "m_ptr": "*u8"} | ints, consts, {}, aligned))
+        out.append(Variant(f"unpack24[{name}]", _unpack24_kernel,
+                           {"v_ptr": f"*{name}", "m_ptr": "*u8", "w_ptr": f"*{name}"} | ints, consts, {}, aligned))
     return out
 
 
@@ -157,7 +158,8 @@ def pack24(W: Tensor) -> tuple[Tensor, Tensor]:
     values = torch.empty(rows, cols // 2, dtype=W.dtype, device=W.device)
     meta = torch.empty(rows, pairs, dtype=torch.uint8, device=W.device)
     if W.numel():
-        _pack24_kernel[_grid(rows, pairs)](W, values, meta, rows, groups, pairs, BR=BLOCK_ROWS, BP=BLOCK_PAIRS)
+        with launching_on(W):
+            _pack24_kernel[_grid(rows, pairs)](W, values, meta, rows, groups, pairs, BR=BLOCK_ROWS, BP=BLOCK_PAIRS)
     return values, meta
 
 
@@ -169,5 +171,7 @@ def unpack24(values: Tensor, meta: Tensor, cols: int) -> Tensor:
     pairs = meta.shape[1]
     out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
     if out.numel():
-        _unpack24_kernel[_grid(rows, pairs)](values, meta, out, rows, groups, pairs, BR=BLOCK_ROWS, BP=BLOCK_PAIRS)
+        with launching_on(out):
+            _unpack24_kernel[_grid(rows, pairs)](values, meta, out, rows, groups, pairs, BR=BLOCK_ROWS,
+                                                 BP=BLOCK_PAIRS)
     return out

@@ -537,30 +537,34 @@ def _model_dir(path: str | Path) -> Path:
 
 
 def pack(model: str | Path, out: str | Path, pattern: str = "2:4", *, skip_nonconforming: bool = False,
-         overwrite: bool = False, kernels: str = "auto", progress: Progress = True) -> dict:
+         overwrite: bool = False, kernels: str = "auto", device: str = "auto", progress: Progress = True) -> dict:
     """Store the 2:4 linears of a compressed checkpoint directory as kept values + 2-bit positions; return
-    the manifest (``pack.py`` documents the layout)."""
+    the manifest (``pack.py`` documents the layout). ``device``: where each layer is packed (auto: CUDA,
+    where the Triton kernels run, when available)."""
     from llmprune.pack import pack_checkpoint
 
     src = _model_dir(model)
-    check_kernels(kernels, "cpu")
+    dev = resolve_device(device)
+    check_kernels(kernels, dev)
     check_output_dir(Path(out), overwrite, src)
     with atomic_dir(Path(out)) as tmp:
-        manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels, progress=progress)
+        manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels, str(dev), progress=progress)
     return manifest
 
 
-def unpack(model: str | Path, out: str | Path, *, overwrite: bool = False, kernels: str = "auto") -> None:
+def unpack(model: str | Path, out: str | Path, *, overwrite: bool = False, kernels: str = "auto",
+           device: str = "auto") -> None:
     """Write a packed directory back as a dense Hugging Face model directory (exact)."""
     from llmprune.pack import unpack_checkpoint
 
     src = _model_dir(model)
     if not is_packed(src):
         raise UsageError(f"{model} is not a packed directory (no llmprune-pack.json): it is already dense")
-    check_kernels(kernels, "cpu")
+    dev = resolve_device(device)
+    check_kernels(kernels, dev)
     check_output_dir(Path(out), overwrite, src)
     with atomic_dir(Path(out)) as tmp:
-        unpack_checkpoint(src, tmp, kernels)
+        unpack_checkpoint(src, tmp, kernels, str(dev))
 
 
 def inspect(model: str | Path) -> dict:

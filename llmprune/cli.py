@@ -392,6 +392,8 @@ def build_sweep(config: str | None, flags: dict) -> tuple[Recipe, dict]:
 
 _kernels = click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default="auto",
                         show_default=True, help="Triton kernels (auto: on CUDA) or their torch twins.")
+_pack_device = click.option("--device", default="auto", show_default=True,
+                            help="Where layers are (un)packed: auto (CUDA when available), cpu, cuda, cuda:N.")
 
 
 @cli.command()
@@ -401,13 +403,15 @@ _kernels = click.option("--kernels", type=click.Choice(["auto", "triton", "torch
 @click.option("--skip-nonconforming", is_flag=True, help="Keep layers that do not hold 2:4 dense (and list them).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @_kernels
+@_pack_device
 @_log_file
-def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite: bool, kernels: str) -> None:
+def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite: bool, kernels: str,
+         device: str) -> None:
     """Store the 2:4 linears of MODEL (a compressed checkpoint directory) as kept values + 2-bit positions."""
     from llmprune import api
 
     manifest = api.pack(model, out, pattern, skip_nonconforming=skip_nonconforming, overwrite=overwrite,
-                        kernels=kernels)
+                        kernels=kernels, device=device)
     ratio = manifest["packed_bytes"] / manifest["dense_fp16_bytes"]
     click.echo(f"packed {len(manifest['layers'])} linears as 2:4: {manifest['packed_bytes']:,} bytes,"
                f" {ratio:.3f} of their dense fp16 size -> {out}")
@@ -420,12 +424,13 @@ def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dense model directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @_kernels
+@_pack_device
 @_log_file
-def unpack(model: str, out: str, overwrite: bool, kernels: str) -> None:
+def unpack(model: str, out: str, overwrite: bool, kernels: str, device: str) -> None:
     """Write a packed MODEL directory back as a dense Hugging Face model directory (exact)."""
     from llmprune import api
 
-    api.unpack(model, out, overwrite=overwrite, kernels=kernels)
+    api.unpack(model, out, overwrite=overwrite, kernels=kernels, device=device)
     click.echo(f"unpacked {model} -> {out}")
 
 

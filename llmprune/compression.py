@@ -26,7 +26,7 @@ from llmprune.data import (
     windows_hash,
     with_bos,
 )
-from llmprune.engine import BlockPass, Stream, default_device
+from llmprune.engine import BlockPass, Stream, bound, default_device
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.hessian import (
     HessianCollector,
@@ -81,7 +81,10 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available: use --device cpu")
-    return device
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered"
+                         f" from 0: use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return bound(device)
 
 
 def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn.Module]]:

@@ -42,13 +42,15 @@ def init(device_type: str | None = None) -> bool:
         return True
     cuda = (device_type or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_local_device())
     timeout = datetime.timedelta(seconds=float(os.environ.get("LLMPRUNE_DIST_TIMEOUT", "900")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     _STATE["cuda"] = cuda
     # block weights broadcast from rank 0 (lazy.BlockSource with read_on_main) travel on their own group: the
-    # prefetch thread sends block i+1 while the main thread all-reduces block i's Hessians
-    _STATE["read_group"] = dist.new_group()
+    # prefetch thread sends block i+1 while the main thread all-reduces block i's Hessians. A gloo group, on
+    # host tensors: two NCCL communicators driven from two threads share the device's default stream and can
+    # wait on each other in a different order on each rank (a hang); the block is on the host anyway
+    _STATE["read_group"] = dist.new_group(backend="gloo")
     log.info("torchrun: rank %d of %d (%s)", rank(), world(), "nccl" if cuda else "gloo")
     return True
 
@@ -78,8 +80,13 @@ def is_main() -> bool:
 def device() -> torch.device | None:
     """This rank's CUDA device under torchrun (LOCAL_RANK), else None (the recipe's choice stands)."""
     if active() and _STATE.get("cuda"):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", _local_device())
     return None
+
+
+def _local_device() -> int:
+    """LOCAL_RANK's GPU; modulo the visible count, for launchers that show each rank only its own GPU."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
 
 
 def shard(windows: Tensor) -> Tensor:
@@ -128,14 +135,14 @@ def broadcast_tensors(named: dict[str, Tensor] | None, src: int = 0) -> dict[str
 
     if not active():
         return named or {}
-    group = _STATE.get("read_group")
+    group = _STATE.get("read_group")  # gloo: host tensors, sent as their bytes (any dtype)
     box = [[(k, tuple(t.shape), t.dtype) for k, t in named.items()] if rank() == src else None]
-    dist.broadcast_object_list(box, src, group=group, device=device())
+    dist.broadcast_object_list(box, src, group=group)
     out = {}
     for key, shape, dtype in box[0]:
-        buf = _comm(named[key]) if rank() == src else torch.empty(shape, dtype=dtype, device=device() or "cpu")
-        dist.broadcast(buf, src, group=group)
-        out[key] = named[key] if rank() == src else buf.cpu()
+        buf = named[key].detach().cpu().contiguous() if rank() == src else torch.empty(shape, dtype=dtype)
+        dist.broadcast(buf.reshape(-1).view(torch.uint8), src, group=group)
+        out[key] = named[key] if rank() == src else buf
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune.arch import find_blocks
+from llmprune.errors import UsageError
 from llmprune.prefetch import BlockFetcher
 from llmprune.progress import Progress, track
 
@@ -81,7 +82,23 @@ class _StandIn(nn.Module):
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return bound(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def bound(device: torch.device | str) -> torch.device:
+    """``cuda`` with the current device's index: the current device is per thread, so a worker thread (the
+    sequential pass's batches) must be told which one, and Triton launches on the current device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cuda_free(device: torch.device) -> int:
+    """Bytes a new allocation on ``device`` can take: the driver's free memory plus what torch's caching
+    allocator holds reserved but unused (``mem_get_info`` alone counts that as taken)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _unwrap(out: object) -> Tensor:
@@ -100,8 +117,7 @@ def _fits(nbytes: int, device: torch.device) -> bool:
     """Keep activations (inputs and outputs of a block) on a CUDA device only if they use < 40% of free."""
     if device.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return 2 * nbytes < 0.4 * free
+    return 2 * nbytes < 0.4 * cuda_free(device)
 
 
 class _Abort(Exception):
@@ -180,7 +196,7 @@ class BlockPass:
         widest = max((max(m.weight.shape) for m in modules.values()), default=h.shape[-1])
         need = tokens * h.element_size() * (3 * h.shape[-1] + 2 * widest)
         if stream.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(stream.device)
+            free = cuda_free(stream.device)
         else:
             free = psutil.virtual_memory().available
         if need > free // 2:
@@ -264,18 +280,29 @@ class BlockPass:
                 raise w.error
 
 
+def _check_plain_weights(model: nn.Module) -> None:
+    """The engine moves blocks between host and device and records them on streams: weights held as tensor
+    subclasses (``llmprune.load(..., semi_structured=True)``'s 2:4 sparse weights) refuse ``record_stream``
+    and would come back from the host densified."""
+    for name, p in model.named_parameters():
+        if type(p.data) is not torch.Tensor:
+            raise UsageError(f"{name} is a {type(p.data).__name__}, which llmprune cannot stream block by block:"
+                             " evaluate or compress the directory itself, or load it without semi_structured")
+
+
 class Stream:
     """Streams ``batches`` (token ids, each (b, T)) through ``model`` block by block on ``device``."""
 
     def __init__(self, model: nn.Module, batches: list[Tensor], device: torch.device | str,
                  prefetch: bool | None = None, progress: Progress = True, captured: dict | None = None):
         self.model = model
+        _check_plain_weights(model)
         # block 0's inputs and the blocks' call arguments, shared by runs over the same batches (a sweep's
         # cells): filled by the first run's capture, read by the next instead of running the embeddings again
         self.captured = captured
         self.progress = progress  # a tqdm bar, nothing, or a callback fn(task, done, total) (progress.py)
         self.batches = batches
-        self.device = torch.device(device)
+        self.device = bound(device)
         # ready the next block (read, pinned, copied) while this one runs; default: on CUDA (prefetch.py)
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.path, self.blocks = find_blocks(model)

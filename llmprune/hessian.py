@@ -32,7 +32,13 @@ def on_tensor_cores(x: Tensor, hessian_dtype: str, dtype: torch.dtype) -> bool:
     floats is exact in fp32, so this equals the fp32 product up to summation order, at many times the fp32
     rate. ``fp32`` (and every CPU run) upcasts first.
     """
-    return hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and dtype == torch.float32
+    return (hessian_dtype == "auto" and x.is_cuda and x.dtype in LOW_PRECISION and dtype == torch.float32
+            and MM_OUT_DTYPE)
+
+
+# torch.mm(a, b, out_dtype=...) (a 16-bit product accumulated in fp32) exists from torch 2.8; older torch, which
+# pyproject allows, upcasts instead
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 def strips(cols: int) -> list[tuple[int, int]]:

@@ -89,9 +89,9 @@ def pack_layer(name: str, W: Tensor, params: QuantParams | None, kernels: str) -
     if not torch.equal(dequantize(c, scale, zero).to(W.dtype), values):
         raise UsageError(f"{name}: weights are not on their quantization grid; re-run `llmprune compress`")
     out[f"{name}.codes"] = pack_int32(c.to(torch.uint8), params.spec.wbits).cpu()
-    out[f"{name}.scale"] = params.scale.contiguous()
+    out[f"{name}.scale"] = params.scale.cpu().contiguous()
     if not params.spec.sym:
-        out[f"{name}.zero"] = params.zero.contiguous()
+        out[f"{name}.zero"] = params.zero.cpu().contiguous()
     return out
 
 
@@ -267,9 +267,9 @@ def _float_dtype(state: dict[str, Tensor]) -> torch.dtype:
     return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
 
 
-def unpack_checkpoint(src: Path, out: Path, kernels: str = "auto") -> None:
+def unpack_checkpoint(src: Path, out: Path, kernels: str = "auto", device: str = "cpu") -> None:
     """Write the packed ``src`` as a dense model directory (grids kept beside it, so it can be re-packed)."""
-    state, grids = unpacked_state(src, kernels)
+    state, grids = unpacked_state(src, kernels, device)
     out.mkdir(parents=True, exist_ok=True)
     write_shards(state, out)
     if grids:

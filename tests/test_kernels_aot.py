@@ -63,10 +63,10 @@ def test_a_kernel_that_does_not_compile_fails_the_check(tmp_path):
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
         import broken_kernel
-        from llmprune.kernels import aot
+        from llmprune.kernels import Variant, aot
 
-        variant = ("scale_kernel", broken_kernel.scale_kernel, {{"x_ptr": "*fp32", "n": "i32",
-                   "BLOCK": "constexpr"}}, {{"BLOCK": 64}}, {{}})
+        variant = Variant("scale_kernel", broken_kernel.scale_kernel, {{"x_ptr": "*fp32", "n": "i32",
+                          "BLOCK": "constexpr"}}, {{"BLOCK": 64}})
         try:
             aot.compile_all([90], [variant])
         except RuntimeError as exc:
