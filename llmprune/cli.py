@@ -208,7 +208,7 @@ def cli() -> None:
     structured shrinking, and the tools around them: perplexity, sweeps, 2:4 packing, inspection, speed."""
 
 
-@cli.command(short_help="Prune and/or quantize a model (SparseGPT, GPTQ, Wanda, ...) into a new model directory.",
+@cli.command(short_help="Prune and/or quantize a model (SparseGPT, GPTQ, Wanda, ADMM) into a new model directory.",
              epilog="""\b
 Examples:
   llmprune compress smollm2-135m --out sm-50 --calib shakespeare --nsamples 32 --seqlen 512

@@ -35,8 +35,11 @@ def test_help_of_every_command_imports_no_heavy_module():
 
 def test_recipe_admm_defaults_are_the_solvers():
     """The recipe reads admm's defaults from the solver's source (so it need not import it): the same values."""
+    import importlib
+
     from llmprune.recipe import Recipe
-    from llmprune.solvers import admm
+
+    admm = importlib.import_module("llmprune.solvers.admm")  # the module (the package exports the function)
 
     assert (Recipe.admm_iters, Recipe.admm_rho0, Recipe.admm_rho_growth, Recipe.admm_refit_iters) == \
         (admm.ITERS, admm.RHO0, admm.RHO_GROWTH, admm.REFIT_ITERS)
@@ -46,7 +49,7 @@ def test_group_help_says_what_each_command_does():
     out = CliRunner().invoke(cli, ["--help"], terminal_width=100).output
     commands = out.split("Commands:")[1]
     for name, cmd in cli.commands.items():
-        assert name in commands and cmd.short_help and "..." not in cmd.short_help, name
+        assert cmd.short_help and f"{name} {cmd.short_help}" in " ".join(commands.split()), name  # whole
     assert "SparseGPT" in out and "quantization" in out and "llmprune demo" in out
 
 
