@@ -266,12 +266,14 @@ def _spread_labels(ax, labels: list) -> None:
     """Move the N:M points' labels up until none overlaps another: several methods' 2:4 cells share one x and
     often have close perplexities, and their labels printed over each other. A moved label gets a thin line
     to its point."""
+    from matplotlib.text import Text
+
     renderer = ax.figure.canvas.get_renderer()
-    placed = []
+    placed = []  # the labels' text boxes (an Annotation's own extent also spans its line)
     for ann in sorted(labels, key=lambda a: a.xy[1]):  # from the lowest point up
         moved = False
         for _ in range(len(labels)):
-            box = ann.get_window_extent(renderer)
+            box = Text.get_window_extent(ann, renderer)
             hit = next((b for b in placed if box.overlaps(b)), None)
             if hit is None:
                 break
@@ -284,7 +286,7 @@ def _spread_labels(ax, labels: list) -> None:
             ann.arrowprops = dict(arrowstyle="-", lw=0.5, color=ann.get_color())
             ann._arrow_relpos = (0.0, 0.5)
             ann.arrow_patch = FancyArrowPatch((0, 0), (1, 1), **ann.arrowprops)
-        placed.append(ann.get_window_extent(renderer))
+        placed.append(Text.get_window_extent(ann, renderer))
 
 
 def figure(rows: list[dict], evals: list[str], title: str):

@@ -159,7 +159,9 @@ def test_close_n_m_points_get_labels_that_do_not_overlap():
     assert len(labels) == 4
     points = [ax.transData.transform(t.xy) for t in labels]
     assert sorted(abs(a[1] - b[1]) for a in points for b in points if a is not b)[0] < 5  # they would collide
-    boxes = [t.get_window_extent(renderer) for t in labels]
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text, not the line to its point
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     import matplotlib.pyplot as plt
 
