@@ -14,6 +14,7 @@ names as the CLI flags and YAML keys; a bad one raises ``UsageError`` with the m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -56,7 +57,7 @@ from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy
 from llmprune.loading import ModelRef, load_model, load_tokenizer, resolve, skeleton
 from llmprune.perplexity import evaluation_windows, perplexity
-from llmprune.progress import Progress
+from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
 from llmprune.version import __version__
 
@@ -122,6 +123,20 @@ class Report:
         if data is None:
             raise UsageError(f"{directory} holds no {REPORT}: pass a directory written by llmprune compress")
         return cls.from_dict(data)
+
+
+def _bars_follow_progress(fn):
+    """``progress=False`` (or a callback) also silences the bars transformers and datasets draw themselves
+    (loading and writing checkpoint shards, dataset preparation): nothing of ours or theirs on stderr."""
+    sig = signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        progress = sig.bind_partial(*args, **kwargs).arguments.get("progress", True)
+        with library_bars(progress):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def versions() -> dict[str, str]:
@@ -261,6 +276,7 @@ def _tokenizer_for(model: nn.Module, tokenizer, required: bool = True):
     raise UsageError("an in-memory model needs its tokenizer: pass tokenizer=... (the one it was loaded with)")
 
 
+@_bars_follow_progress
 def compress(
     model: str | Path | nn.Module,
     out: str | Path | None = None,
@@ -405,9 +421,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     if partial.finished:
         log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
     report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial,
-                            progress=progress)
-    if calib is not None:
-        report["calibration"] = calib
+                            progress=progress, calibration=calib)
     report["timings"]["load_s"] = round(load_s, 3)
     dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
     report.update(extra or {})
@@ -459,6 +473,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     return Report.from_dict(report)
 
 
+@_bars_follow_progress
 def evaluate(
     model: str | Path | nn.Module,
     dataset: str = "wikitext2",
@@ -536,6 +551,7 @@ def _model_dir(path: str | Path) -> Path:
     return p
 
 
+@_bars_follow_progress
 def pack(model: str | Path, out: str | Path, pattern: str = "2:4", *, skip_nonconforming: bool = False,
          overwrite: bool = False, kernels: str = "auto", device: str = "auto", progress: Progress = True) -> dict:
     """Store the 2:4 linears of a compressed checkpoint directory as kept values + 2-bit positions; return
@@ -574,6 +590,7 @@ def inspect(model: str | Path) -> dict:
     return inspect_dir(_model_dir(model))
 
 
+@_bars_follow_progress
 def sweep(
     model: str | Path | nn.Module,
     out: str | Path,
@@ -640,6 +657,7 @@ def sweep(
                             extra=after if task_names else None, extra_key=task_names or None, progress=progress)
 
 
+@_bars_follow_progress
 def shrink(
     model: str | Path | nn.Module,
     out: str | Path | None = None,

@@ -43,6 +43,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -53,6 +54,27 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def umask() -> int:
+    """The process's umask, read from /proc where it is there (setting it to read it races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give every file in ``directory`` the mode a new file gets (0666 less the umask): safetensors (so
+    transformers' ``save_pretrained``) writes its weights through a private temporary file, mode 0600, while
+    every other file of the output is written plainly."""
+    mode = 0o666 & ~umask()
+    for f in Path(directory).rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o777 != mode:
+            os.chmod(f, mode)
 
 
 def save_hf(model: nn.Module, tokenizer, directory: Path, report: dict, max_shard_size: str = "2GB",
@@ -184,13 +206,15 @@ def quant_spec_from_config(config: dict) -> QuantSpec | None:
 
 
 def weights_bytes(directory: Path) -> int:
-    """Bytes of the weight files a loader reads: those the index names (files still being replaced beside them,
-    e.g. a streamed run's per-block files before they are removed, do not count), else every *.safetensors
-    but the quantization grids kept beside dense weights (``GRIDS``, for ``pack`` later)."""
+    """Bytes of the weight files a loader reads: those the index names, else ``model.safetensors`` (files still
+    being replaced beside them, e.g. a streamed run's per-block files before they are removed, do not count),
+    else every *.safetensors but the quantization grids kept beside dense weights (``GRIDS``, for ``pack``)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = set(json.loads(index.read_text())["weight_map"].values())
         return sum((directory / f).stat().st_size for f in files)
+    if (directory / "model.safetensors").is_file():
+        return (directory / "model.safetensors").stat().st_size
     return sum(f.stat().st_size for f in directory.glob("*.safetensors") if f.name != GRIDS)
 
 
@@ -268,6 +292,71 @@ def write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: i
         weight_map.update(dict.fromkeys(shard, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """(a safetensors file's header, where its data starts)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def merge_files(directory: Path, sources: list[str], max_shard_bytes: int = 2 * 1024**3,
+                prefix: str = "model") -> list[str]:
+    """Concatenate safetensors files of ``directory`` into shards named as transformers names them (one
+    ``{prefix}.safetensors`` when everything fits in ``max_shard_bytes``, else numbered shards and their index);
+    return the shards' names. A streamed run writes one file per block, which would make a small model's
+    output dozens of files. Bytes are copied file to file (no tensor is read into memory); a shard made of one
+    file is a hard link to it. The sources stay (the caller removes them), so an interrupted merge can be redone.
+    """
+    directory = Path(directory)
+    heads = [_header(directory / s) for s in sources]
+    sizes = [(directory / s).stat().st_size - start for s, (_, start) in zip(sources, heads, strict=True)]
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, nbytes in enumerate(sizes):
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += nbytes
+    names = ([f"{prefix}.safetensors"] if len(groups) == 1 else
+             [f"{prefix}-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)])
+    weight_map: dict[str, str] = {}
+    for name, group in zip(names, groups, strict=True):
+        target = directory / name
+        target.unlink(missing_ok=True)
+        if len(group) == 1:
+            with contextlib.suppress(OSError):  # a file system without hard links: copied below
+                os.link(directory / sources[group[0]], target)
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        base = 0
+        for i in group:
+            head = heads[i][0]
+            for key, entry in sorted(((k, v) for k, v in head.items() if k != "__metadata__"),
+                                     key=lambda kv: kv[1]["data_offsets"][0]):
+                b, e = entry["data_offsets"]
+                header[key] = {**entry, "data_offsets": [base + b, base + e]}
+                weight_map[key] = name
+            base += sizes[i]
+        if target.exists():
+            continue
+        head_bytes = json.dumps(header, separators=(",", ":")).encode()
+        head_bytes += b" " * (-len(head_bytes) % 8)
+        with open(target, "wb") as out:
+            out.write(struct.pack("<Q", len(head_bytes)))
+            out.write(head_bytes)
+            for i in group:
+                with open(directory / sources[i], "rb") as src:
+                    src.seek(heads[i][1])
+                    shutil.copyfileobj(src, out, 16 << 20)
+    index = directory / f"{prefix}.safetensors.index.json"
+    index.unlink(missing_ok=True)
+    if len(names) > 1:
+        total = sum(sizes)
+        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                                    indent=2) + "\n")
+    return names
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:

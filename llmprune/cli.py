@@ -80,6 +80,9 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                      help="Fraction of each linear's weights zeroed (default 0.5, or 0 with --wbits; implied by"
                           " --pattern N:M)."),
         click.option("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4, 4:8."),
+        click.option("--wbits", type=int, default=None, help="Quantize kept weights to 2..8 bits (default: no)."),
+        click.option("--group-size", type=int, default=None,
+                     help="Input columns per quantization scale; -1 (default) = one per output channel."),
         click.option("--calib", default=None,
                      help="wikitext2 (default), ptb, c4, shakespeare (built in), hf:NAME[:CONFIG], or a"
                           " .txt/.jsonl/.json/.parquet file."),
@@ -107,9 +110,6 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                      help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate;"
                           " fp64: accumulate in fp64, so torchrun gives one process's output bit for bit."),
         click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),
-        click.option("--wbits", type=int, default=None, help="Quantize kept weights to 2..8 bits (default: no)."),
-        click.option("--group-size", type=int, default=None,
-                     help="Input columns per quantization scale; -1 (default) = one per output channel."),
         click.option("--sym/--asym", default=None, help="Symmetric grid (default) or asymmetric with zero points."),
         click.option("--quant-search", type=click.Choice(["minmax", "mse"]), default=None,
                      help="Grid range: minmax (default) or mse (shrink the range to minimise rounding error)."),
@@ -168,13 +168,52 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
     return f
 
 
-@click.group()
+# the options most runs set, listed first in every command's help, and the rarely used ones, listed last; the
+# rest follow in definition order
+COMMON = ("out", "method", "methods", "sparsity", "sparsities", "pattern", "mlp", "heads", "drop_blocks",
+          "shrink_method", "wbits", "grid_wbits", "group_size", "dataset", "calib", "evals", "nsamples", "seqlen",
+          "max_windows", "device", "dtype", "overwrite", "config")
+LATE = ("lazy", "reuse_errors", "kernels", "dist_read", "log_file")
+
+
+class _Command(click.Command):
+    """A command whose help lists the common options (``COMMON``) first and the rare ones (``LATE``) last; its
+    examples are the epilog."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        rank = {name: i for i, name in enumerate(COMMON)} | {name: 100 + i for i, name in enumerate(LATE)}
+        params = super().get_params(ctx)  # the help option last
+        return sorted(params, key=lambda p: 200 if "--help" in getattr(p, "opts", ()) else
+                      rank.get(p.name or "", len(COMMON)))
+
+
+class _Group(click.Group):
+    """Commands listed in the order they are defined (the workflow's), not alphabetically."""
+
+    command_class = _Command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+@click.group(cls=_Group, epilog="""\b
+Start with `llmprune demo` (offline, about 5 minutes on 2 CPU cores). Examples:
+  llmprune compress smollm2-135m --out sm-50 --calib shakespeare --nsamples 32 --seqlen 512
+  llmprune eval-ppl sm-50 --dataset shakespeare --seqlen 512
+  llmprune COMMAND --help      (each command's options and examples)""")
 @click.version_option(__version__, prog_name="llmprune")
 def cli() -> None:
-    """One-shot pruning of Hugging Face causal LMs: SparseGPT, Wanda, magnitude; unstructured or N:M."""
+    """One-shot compression of Hugging Face causal LMs, streamed one decoder block at a time: pruning (SparseGPT,
+    Wanda, magnitude, ADMM; unstructured or N:M such as 2:4), 2-8 bit quantization (GPTQ, round to nearest),
+    structured shrinking, and the tools around them: perplexity, sweeps, 2:4 packing, inspection, speed."""
 
 
-@cli.command()
+@cli.command(short_help="Prune and/or quantize a model (SparseGPT, GPTQ, Wanda, ADMM) into a new model directory.",
+             epilog="""\b
+Examples:
+  llmprune compress smollm2-135m --out sm-50 --calib shakespeare --nsamples 32 --seqlen 512
+  llmprune compress meta-llama/Llama-3.2-1B --out l1b-24 --pattern 2:4
+  llmprune compress ./my-model --out ./my-model-w4 --wbits 4 --group-size 128 --format compressed-tensors""")
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
@@ -222,7 +261,10 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
                    " (vllm-project/llm-compressor#1618): use --sym to load it there", err=True)
 
 
-@cli.command("eval-ppl")
+@cli.command("eval-ppl", short_help="Perplexity of a model on a dataset (SparseGPT protocol).", epilog="""\b
+Examples:
+  llmprune eval-ppl sm-50 --dataset shakespeare --seqlen 512
+  llmprune eval-ppl meta-llama/Llama-3.2-1B --dataset wikitext2 --max-windows 40 --json""")
 @click.argument("model")
 @click.option("--dataset", default="wikitext2", show_default=True,
               help="wikitext2, ptb, c4, shakespeare (built in, its held-out tail), hf:NAME[:CONFIG], or a"
@@ -232,11 +274,12 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
 @click.option("--text-field", default="text", show_default=True, help="The rows' text field.")
 @click.option("--bos/--no-bos", default=None, help="Start every window with BOS (default: when the tokenizer"
                                                     " adds one).")
-@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window (capped by context).")
 @click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto")
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              help="Compute dtype (default: the checkpoint's).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
 @_model_options
 @_dist_read
@@ -254,7 +297,12 @@ def eval_ppl(model: str, as_json: bool, **options) -> None:
                    f" {result['seconds']:.1f} s)")
 
 
-@cli.command()
+@cli.command(short_help="Compress with every method x sparsity and evaluate each: a table and a plot.",
+             epilog="""\b
+Examples:
+  llmprune sweep smollm2-135m --out sweep --methods sparsegpt,wanda --sparsities 0.5,0.7,2:4
+      --calib shakespeare --eval shakespeare --nsamples 32 --seqlen 512
+  llmprune sweep ./my-model --out sweep-w4 --methods sparsegpt --sparsities 0.5,2:4 --wbits none,4""")
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Sweep directory: results.csv/.json/.md, ppl_vs_sparsity.png, cells/ (resumable).")
@@ -293,7 +341,12 @@ def sweep(model: str, out: str, methods: str | None, sparsities: str | None, gri
                " ppl_vs_sparsity.png")
 
 
-@cli.command()
+@cli.command(short_help="Structured pruning: fewer MLP channels, heads or blocks; a smaller, faster model.",
+             epilog="""\b
+Examples:
+  llmprune shrink smollm2-135m --out sm-mlp25 --mlp 0.25 --calib shakespeare --nsamples 32 --seqlen 512
+  llmprune shrink ./my-model --out ./my-model-small --heads 0.25 --drop-blocks 2
+  llmprune bench-speed ./my-model ./my-model-small      (how much faster)""")
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
 @click.option("--mlp", type=float, default=0.0, show_default=True, help="Fraction of every block's MLP channels"
@@ -345,14 +398,18 @@ def shrink(model: str, out: str, mlp: float, heads: float, drop_blocks: int, shr
                f" ({1 - after / before:.1%} fewer) -> {out}")
 
 
-@cli.command("bench-speed")
+@cli.command("bench-speed", short_help="Prefill and decode tokens/s of models side by side.", epilog="""\b
+Examples:
+  llmprune bench-speed smollm2-135m sm-mlp25
+  llmprune bench-speed ./my-model ./my-model-small --tokens 2048 --batch 4 --device cuda""")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--tokens", type=int, default=512, show_default=True, help="Prefill tokens per sequence.")
-@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences per forward pass.")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens decoded per repeat.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats (medians).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              help="Compute dtype (default: the checkpoint's).")
 @_log_file
 def bench_speed(models: tuple[str, ...], tokens: int, batch: int, new_tokens: int, repeats: int, device: str,
                 dtype: str) -> None:
@@ -396,7 +453,12 @@ _pack_device = click.option("--device", default="auto", show_default=True,
                             help="Where layers are (un)packed: auto (CUDA when available), cpu, cuda, cuda:N.")
 
 
-@cli.command()
+@cli.command(short_help="Store a 2:4 checkpoint's linears as kept values + 2-bit positions (smaller files).",
+             epilog="""\b
+Examples:
+  llmprune compress smollm2-135m --out sm-24 --pattern 2:4 --calib shakespeare
+  llmprune pack sm-24 --pattern 2:4 --out sm-24-packed
+  llmprune inspect sm-24-packed""")
 @click.argument("model")
 @click.option("--pattern", required=True, help="2:4 (4:8 layers are stored as 2:4 where they also hold 2:4).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
@@ -419,7 +481,9 @@ def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite
         click.echo(f"kept dense (not 2:4): {', '.join(manifest['dense_layers'])}")
 
 
-@cli.command()
+@cli.command(short_help="Write a packed 2:4 directory back as a dense model directory (exact).", epilog="""\b
+Example:
+  llmprune unpack sm-24-packed --out sm-24-dense""")
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dense model directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
@@ -434,7 +498,10 @@ def unpack(model: str, out: str, overwrite: bool, kernels: str, device: str) -> 
     click.echo(f"unpacked {model} -> {out}")
 
 
-@cli.command()
+@cli.command(short_help="Per linear and in total: format, pattern, sparsity, bits, bytes on disk.", epilog="""\b
+Examples:
+  llmprune inspect sm-50
+  llmprune inspect sm-24-packed --json""")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable JSON line.")
 @_log_file
@@ -447,51 +514,79 @@ def inspect(model: str, as_json: bool) -> None:
     click.echo(json.dumps(info) if as_json else format_table(info))
 
 
-@cli.command()
-@click.option("--out", default="out/smollm2-135m-sparsegpt50", show_default=True, type=click.Path(file_okay=False))
-@click.option("--nsamples", type=int, default=32, show_default=True)
-@click.option("--seqlen", type=int, default=512, show_default=True)
-@click.option("--max-windows", type=int, default=32, show_default=True, help="Evaluation windows.")
-@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+DEMO_NAME = "smollm2-135m-sparsegpt50"
+
+
+def demo_out(out: str | None) -> Path:
+    """The demo's checkpoint directory: --out, else the user's cache (``$XDG_CACHE_HOME/llmprune/``, default
+    ``~/.cache/llmprune/``), never the current directory, which may be a source checkout."""
+    if out is not None:
+        return Path(out).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "llmprune" / DEMO_NAME
+
+
+@cli.command(short_help="Offline end to end: SmolLM2-135M pruned 50% by SparseGPT, dense vs pruned perplexity.",
+             epilog="""\b
+Examples:
+  llmprune demo
+  llmprune demo --overwrite                      (run it again, replacing the earlier checkpoint)
+  llmprune demo --nsamples 8 --max-windows 8     (quicker, noisier)""")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help=f"Where the pruned checkpoint goes (default: $XDG_CACHE_HOME/llmprune/{DEMO_NAME}, i.e."
+                   f" ~/.cache/llmprune/{DEMO_NAME}).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out (an earlier demo's checkpoint).")
+@click.option("--nsamples", type=int, default=32, show_default=True,
+              help="Calibration windows, cut from the Shakespeare text's training part.")
+@click.option("--seqlen", type=int, default=512, show_default=True,
+              help="Tokens per window, for calibration and evaluation.")
+@click.option("--max-windows", type=int, default=32, show_default=True,
+              help="Held-out evaluation windows, for both perplexities.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:N.")
 @_log_file
-def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool, device: str) -> None:
-    """Offline end to end: SmolLM2-135M pruned 50% by SparseGPT on Shakespeare, dense vs pruned perplexity."""
+def demo(out: str | None, nsamples: int, seqlen: int, max_windows: int, overwrite: bool, device: str) -> None:
+    """Offline end to end: load the built-in SmolLM2-135M, measure its perplexity on held-out Shakespeare, prune
+    it 50% by SparseGPT calibrated on the rest, save the checkpoint, and print both perplexities."""
     from llmprune import api
 
+    path = demo_out(out)
     recipe = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device=device)
-    api.check_output_dir(Path(out), overwrite, None)
+    api.check_output_dir(path, overwrite, None)  # before the model loads
+    click.echo(f"the pruned checkpoint goes to {path}")
     model, tok = api.load("smollm2-135m")
     click.echo("evaluating the dense model ...")
     evaluate = dict(tokenizer=tok, seqlen=seqlen, device=device, batch_size=8, max_windows=max_windows)
     before = api.evaluate(model, "shakespeare", **evaluate)
     click.echo("pruning (SparseGPT, 50% unstructured) ...")
-    report = api.compress(model, out, recipe, tokenizer=tok, overwrite=overwrite)
+    report = api.compress(model, path, recipe, tokenizer=tok, overwrite=overwrite)
     after = api.evaluate(model, "shakespeare", **evaluate)
     click.echo(f"{'model':<28}{'sparsity':>10}{'perplexity':>12}")
     click.echo(f"{'SmolLM2-135M dense':<28}{0:>10.2%}{before['ppl']:>12.3f}")
     click.echo(f"{'SmolLM2-135M SparseGPT':<28}{report.global_sparsity:>10.2%}{after['ppl']:>12.3f}")
     click.echo(f"(held-out Shakespeare, {after['windows']} x {after['seqlen']} tokens; "
-               f"pruning took {report.timings['prune_s']:.1f} s; checkpoint in {out})")
+               f"pruning took {report.timings['prune_s']:.1f} s; checkpoint in {path})")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input, never a traceback. The library's log
     (INFO and up) goes to stderr as ``llmprune: message``."""
-    from llmprune import distributed
-
-    launched = distributed.init() if distributed.env_world() > 1 else False  # under torchrun
+    distributed = None  # torch (under torchrun only): --help and bad flags answer without importing it
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from llmprune import distributed
+    launched = distributed.init() if distributed is not None else False  # under torchrun
+    main_rank = not launched or distributed.is_main()
     me = f"llmprune[rank {distributed.rank()}]" if launched else "llmprune"
     terminal = logging.StreamHandler()  # sys.stderr as it is now (tests capture it)
     terminal.setFormatter(logging.Formatter(f"{me}: %(message)s"))
     log.addHandler(terminal)
-    log.setLevel(logging.INFO if distributed.is_main() else logging.WARNING)
-    if not distributed.is_main():  # rank 0 prints the results and the progress bars; the others stay quiet
+    log.setLevel(logging.INFO if main_rank else logging.WARNING)
+    if not main_rank:  # rank 0 prints the results and the progress bars; the others stay quiet
         os.environ["TQDM_DISABLE"] = "1"
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
-        distributed.shutdown()  # torchrun: leave the group cleanly (gloo aborts a process that does not)
+        if distributed is not None:
+            distributed.shutdown()  # torchrun: leave the group cleanly (gloo aborts a process that does not)
     except (UsageError, CholeskyError) as exc:
         click.echo(f"{me}: error: {exc}", err=True)
         sys.exit(2)

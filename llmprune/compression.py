@@ -591,7 +591,7 @@ def _owl_trials(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict
 def compress_model(
     model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
     grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None, sink=None,
-    progress: Progress = True, captured: dict | None = None,
+    progress: Progress = True, captured: dict | None = None, calibration: dict | None = None,
 ) -> dict:
     """Prune (and quantize) ``model`` in place as the recipe says; return the run report.
 
@@ -600,7 +600,8 @@ def compress_model(
     ``sink``: a ``resume.PartialOutput`` that receives each finished block, and whose finished blocks are
     only propagated (read back compressed through the model's ``block_source``), not compressed again;
     ``progress``: a tqdm bar, nothing, or a callback (progress.py); ``captured``: block 0's inputs shared by
-    runs over the same windows (engine.Stream), e.g. a sweep's cells.
+    runs over the same windows (engine.Stream), e.g. a sweep's cells; ``calibration``: the description of the
+    ``windows`` passed in (``calibration_set``'s), for the log and the report.
     """
     t_start = time.perf_counter()
     kernels.reset()  # each run tries the Triton kernels again
@@ -614,8 +615,10 @@ def compress_model(
                  sum(map(len, linears.values())), len(linears))
     elif windows is None:
         windows, calib = calibration_set(tokenizer, model, recipe)
+    elif calibration is not None:
+        calib = calibration
     else:
-        calib = {"source": "given", "nsamples": windows.shape[0], "seqlen": windows.shape[1],
+        calib = {"source": "windows passed in", "nsamples": windows.shape[0], "seqlen": windows.shape[1],
                  "sha256": windows_hash(windows), "tokens": int(windows.numel())}
     t_calib = time.perf_counter()
     if calib is not None:

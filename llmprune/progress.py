@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar, Union
 
@@ -27,3 +28,29 @@ def track(items: Iterable[T], total: int, task: str, progress: Progress = True, 
         done += 1
         if callable(progress):
             progress(task, done, total)
+
+
+@contextlib.contextmanager
+def library_bars(progress: Progress) -> Iterator[None]:
+    """transformers', datasets' and the hub client's own tqdm bars (loading and writing shards, downloads,
+    dataset preparation) off while ``progress`` is not True, as ours are; as they were afterwards."""
+    if progress is True:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as hf_logging
+
+    was = (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled(),
+           not hub.are_progress_bars_disabled())
+    hf_logging.disable_progress_bar()  # the hub's too
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            hf_logging.enable_progress_bar()
+        if was[1]:
+            datasets.enable_progress_bars()
+        if was[2]:
+            hub.enable_progress_bars()

@@ -6,22 +6,21 @@ One name per concept: the CLI flag ``--block-size``, the YAML key ``block_size``
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from llmprune.errors import UsageError
 from llmprune.pattern import Pattern, n_pruned, parse_pattern
-from llmprune.quant import SEARCHES, QuantSpec
-from llmprune.solvers.admm import ITERS as ADMM_ITERS  # admm's defaults live with the solver
-from llmprune.solvers.admm import REFIT_ITERS as ADMM_REFIT_ITERS
-from llmprune.solvers.admm import RHO0 as ADMM_RHO0
-from llmprune.solvers.admm import RHO_GROWTH as ADMM_RHO_GROWTH
+
+if TYPE_CHECKING:
+    from llmprune.quant import QuantSpec
 
 __all__ = ["Pattern", "Recipe", "load_recipe", "n_pruned", "parse_pattern", "recipe_from_dict"]
 
@@ -29,6 +28,20 @@ METHODS = ("sparsegpt", "wanda", "magnitude", "rtn", "admm", "obc")
 ALLOCATIONS = ("uniform", "owl", "spdy")
 FORMATS = ("dense", "compressed-tensors")
 HESSIAN_DTYPES = ("auto", "fp32", "fp64")  # how H = 2/n Σ xxᵀ is formed and accumulated (hessian.py)
+
+
+def _solver_constants(module: str, *names: str) -> tuple:
+    """Module-level constants of ``llmprune/solvers/<module>.py``, read from its source: the solver owns its
+    defaults, and importing it would pull torch and Triton into every import of the recipe (``llmprune --help``
+    among them). tests/test_cli.py checks they equal the imported module's."""
+    tree = ast.parse((Path(__file__).parent / "solvers" / f"{module}.py").read_text(encoding="utf-8"))
+    found = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and t.id in names}
+    return tuple(found[n] for n in names)
+
+
+ADMM_ITERS, ADMM_RHO0, ADMM_RHO_GROWTH, ADMM_REFIT_ITERS = _solver_constants(
+    "admm", "ITERS", "RHO0", "RHO_GROWTH", "REFIT_ITERS")
 
 
 @dataclass(frozen=True)
@@ -177,6 +190,8 @@ class Recipe:
                 f"group_size {self.group_size} and block_size {self.block_size}: one must be a multiple of the other"
                 " (a group's grid is chosen inside one block): e.g. --group-size 128 --block-size 128"
             )
+        from llmprune.quant import SEARCHES  # torch, only once a recipe is made (not for --help)
+
         if self.quant_search not in SEARCHES:
             raise UsageError(f"unknown quant_search {self.quant_search!r}: choose {' or '.join(SEARCHES)}")
         if self.act_order and self.method not in ("sparsegpt", "admm", "obc"):
@@ -216,6 +231,8 @@ class Recipe:
     def quant(self) -> QuantSpec | None:
         if self.wbits is None:
             return None
+        from llmprune.quant import QuantSpec
+
         return QuantSpec(self.wbits, self.group_size, self.sym, self.quant_search)
 
     @property

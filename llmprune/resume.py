@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from llmprune.checkpoint import TensorReader, read_grids, save_tensors, write_grids
+from llmprune.checkpoint import TensorReader, follow_umask, merge_files, read_grids, save_tensors, write_grids
 from llmprune.errors import UsageError
 from llmprune.quant import QuantParams
 
@@ -146,9 +146,10 @@ class PartialOutput:
         self._write_journal()
 
     def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool, convert=None,
-                kept: list[int] | None = None) -> Path:
+                kept: list[int] | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
         """Complete the directory (``rest`` = tensors outside the blocks; ``write_meta(dir)`` writes config,
-        tokenizer, report, ...) and rename it to ``OUT``.
+        tokenizer, report, ...) and rename it to ``OUT``. The blocks' files and ``rest`` are merged into shards
+        of at most ``max_shard_bytes`` (checkpoint.merge_files: a small model is one ``model.safetensors``).
 
         ``convert(i, tensors, grids) -> tensors``, when given, rewrites each finished block's file for the
         output format (compressed-tensors packs its quantized linears; shrink renumbers the kept blocks), one
@@ -161,7 +162,6 @@ class PartialOutput:
             raise ValueError("publishing some blocks only needs a convert that renames them")
         with _disk_errors(self.dir):
             save_tensors(rest, self.dir / "model-rest.safetensors", metadata={"format": "pt"})
-            weight_map, total = {}, 0
             blocks = [f"{self.block_prefix(i)}.safetensors" for i in publish_blocks]
             if convert is not None:
                 converted = []
@@ -172,15 +172,9 @@ class PartialOutput:
                     converted.append(f"model-out-{i:05d}.safetensors")
                     save_tensors(tensors, self.dir / converted[-1], metadata={"format": "pt"})
                     del tensors
-                old, blocks = [f"{self.block_prefix(i)}.safetensors" for i in self.finished], converted
+                blocks = converted
             files = blocks + ["model-rest.safetensors"]
-            for fname in files:
-                reader = TensorReader(self.dir, prefix=fname.removesuffix(".safetensors"))
-                for k in reader.keys():
-                    weight_map[k] = fname
-                    total += reader.nbytes(k)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            merge_files(self.dir, files, max_shard_bytes)
             grids: dict[str, QuantParams] = {}
             for i in self.finished:
                 grids.update(self.grids(i))
@@ -190,9 +184,9 @@ class PartialOutput:
         (self.dir / JOURNAL).unlink()
         for i in self.finished:
             shutil.rmtree(self.dir / f"grids-{i:05d}", ignore_errors=True)
-        if convert is not None:
-            for fname in old:
-                (self.dir / fname).unlink()
+        for fname in {f"{self.block_prefix(i)}.safetensors" for i in self.finished} | set(files):
+            (self.dir / fname).unlink(missing_ok=True)
+        follow_umask(self.dir)
         if self.out.exists():
             if not overwrite and any(self.out.iterdir()):
                 raise UsageError(f"--out {self.out} appeared while compressing: the result stays in {self.dir}")

@@ -170,7 +170,8 @@ def run_sweep(
         for cell, recipe, key in track(todo, len(todo), "sweep", progress, unit="cell"):
             model.load_state_dict(pristine)
             t0 = time.perf_counter()
-            report = compress_model(model, tokenizer, recipe, windows, progress=False, captured=captured)
+            report = compress_model(model, tokenizer, recipe, windows, progress=False, captured=captured,
+                                    calibration=calib)
             seconds = time.perf_counter() - t0
             row = {"method": cell.method, "sparsity": cell.sparsity, "wbits": cell.wbits, "label": cell.label,
                    "global_sparsity": report["global_sparsity"], "ppl": evaluate_all(),
@@ -251,8 +252,47 @@ def write_outputs(out: Path, rows: list[dict], evals: list[str], title: str) -> 
 
 
 def plot(rows: list[dict], evals: list[str], title: str) -> bytes:
+    """ppl_vs_sparsity.png: ``figure``'s, as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, evals, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _spread_labels(ax, labels: list) -> None:
+    """Move the N:M points' labels up until none overlaps another: several methods' 2:4 cells share one x and
+    often have close perplexities, and their labels printed over each other. A moved label gets a thin line
+    to its point."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    placed = []  # the labels' text boxes (an Annotation's own extent also spans its line)
+    for ann in sorted(labels, key=lambda a: a.xy[1]):  # from the lowest point up
+        moved = False
+        for _ in range(len(labels)):
+            box = Text.get_window_extent(ann, renderer)
+            hit = next((b for b in placed if box.overlaps(b)), None)
+            if hit is None:
+                break
+            x, y = ann.xyann
+            ann.xyann = (x, y + (hit.y1 - box.y0 + 1) * 72 / ax.figure.dpi)  # pixels to points
+            moved = True
+        if moved:  # as Annotation.__init__ builds it for arrowprops={"arrowstyle": "-", ...}
+            from matplotlib.patches import FancyArrowPatch
+
+            ann.arrowprops = dict(arrowstyle="-", lw=0.5, color=ann.get_color())
+            ann._arrow_relpos = (0.0, 0.5)
+            ann.arrow_patch = FancyArrowPatch((0, 0), (1, 1), **ann.arrowprops)
+        placed.append(Text.get_window_extent(ann, renderer))
+
+
+def figure(rows: list[dict], evals: list[str], title: str):
     """One panel per evaluation set: perplexity (log axis) against sparsity, one line per method (and bits),
-    N:M cells as marked points, the dense perplexity as a reference line."""
+    N:M cells as marked points labelled in their method's colour (labels kept apart), the dense perplexity as
+    a reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +304,9 @@ def plot(rows: list[dict], evals: list[str], title: str) -> bytes:
     for r in rows:
         if r["method"] != "dense":
             groups.setdefault(r["method"] + (f" w{r['wbits']}" if r["wbits"] else ""), []).append(r)
+    labels: dict = {}
     for ax, e in zip(axes[0], evals, strict=True):
+        labels[ax] = []
         for k, (name, rs) in enumerate(sorted(groups.items())):
             color = f"C{k % 10}"
             line = sorted((float(r["sparsity"]), r["ppl"][e]) for r in rs if ":" not in r["sparsity"])
@@ -275,8 +317,9 @@ def plot(rows: list[dict], evals: list[str], title: str) -> bytes:
                     pat = parse_pattern(r["sparsity"])
                     ax.scatter([pat.sparsity], [r["ppl"][e]], marker="*", s=140, color=color, zorder=3,
                                label=f"{name} {r['sparsity']}")
-                    ax.annotate(r["sparsity"], (pat.sparsity, r["ppl"][e]), textcoords="offset points",
-                                xytext=(6, 4), fontsize=8)
+                    labels[ax].append(ax.annotate(r["sparsity"], (pat.sparsity, r["ppl"][e]),
+                                                  textcoords="offset points", xytext=(6, 4), fontsize=8,
+                                                  color=color))
         if dense is not None and math.isfinite(dense["ppl"][e]):
             ax.axhline(dense["ppl"][e], color="gray", linestyle="--", label=f"dense {dense['ppl'][e]:.2f}")
         ax.set_yscale("log")
@@ -286,7 +329,6 @@ def plot(rows: list[dict], evals: list[str], title: str) -> bytes:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    for ax, anns in labels.items():
+        _spread_labels(ax, anns)
+    return fig

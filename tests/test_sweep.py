@@ -142,3 +142,27 @@ def test_without_lm_eval_tasks_say_how_to_get_it(tiny_model_dir, text, tmp_path,
         llmprune.sweep(tiny_model_dir, tmp_path / "t", methods="magnitude", sparsities="0.5", evals=str(text),
                            calib=str(text), tasks="hellaswag", progress=False, **CALIB)
     assert not (tmp_path / "t").exists()
+
+
+def test_close_n_m_points_get_labels_that_do_not_overlap():
+    """Three methods' 2:4 cells within 2% of each other: their labels in the plot are kept apart."""
+    from llmprune.sweeps import figure
+
+    rows = [{"method": "dense", "sparsity": "0", "wbits": None, "ppl": {"wikitext2": 20.0}}]
+    for method, ppl in (("admm", 29.8), ("sparsegpt", 30.0), ("wanda", 30.3), ("magnitude", 60.0)):
+        rows.append({"method": method, "sparsity": "0.5", "wbits": None, "ppl": {"wikitext2": 0.8 * ppl}})
+        rows.append({"method": method, "sparsity": "2:4", "wbits": None, "ppl": {"wikitext2": ppl}})
+    fig = figure(rows, ["wikitext2"], "close values")
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if t.get_text() == "2:4"]
+    assert len(labels) == 4
+    points = [ax.transData.transform(t.xy) for t in labels]
+    assert sorted(abs(a[1] - b[1]) for a in points for b in points if a is not b)[0] < 5  # they would collide
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text, not the line to its point
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
