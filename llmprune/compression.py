@@ -70,6 +70,7 @@ class LayerReport:
     # the implementation of its sweep's column loop (kernels/obs_update.py): "triton" (the fused kernel),
     # "torch", or "torch+triton" (the kernel failed on the device mid-layer); None: the solver has no sweep
     kernel: str | None = None
+    error_seconds: float | None = None  # measuring rel_error (after the solve's ``seconds``)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,8 +190,11 @@ def solve_linear(
     seconds = time.perf_counter() - t0
     whole_h = H is not None and H.dim() == 2  # a diagonal alone (wanda) does not give the output error
     den = output_error(W, W.new_zeros(()), H) if whole_h else 0.0
-    num = output_error(W, res.weight, H) if whole_h else 0.0
+    # the sweep's own account where the weights are its fp32 result (a 16-bit model's are rounded after it)
+    exact = res.obs_loss is not None and res.weight.dtype == torch.float32
+    num = _sweep_error(W, H, res) if whole_h and exact else (output_error(W, res.weight, H) if whole_h else 0.0)
     err = num / den if den > 0 else None
+    error_seconds = time.perf_counter() - t0 - seconds
     q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
     zeros = int((res.weight == 0).sum())
     if res.quant is not None and grids is not None:
@@ -210,6 +214,7 @@ def solve_linear(
         damp_frac=res.damp_frac,
         retries=res.retries,
         seconds=round(seconds, 4),
+        error_seconds=round(error_seconds, 4),
         hessian_of=hessian_of,
         iterations=res.iterations,
         vs_sparsegpt=num / res.warm_error if res.warm_error and whole_h else None,
@@ -217,6 +222,16 @@ def solve_linear(
         tokens=tokens,
         kernel="+".join(kernels.summary(before).get("obs_update", {})) or None,
     )
+
+
+def _sweep_error(W: Tensor, H: Tensor, res) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ) of a SparseGPT sweep's result from its own OBS losses, which sum to the same trace
+    under the damped H it solved with: minus λ||W - Ŵ||², that is the undamped error, with no (rows x cols²)
+    product (dead inputs' columns count as the sweep saw them: zero on both sides)."""
+    dead = dead_inputs(H)
+    lam = res.damp_frac * float(torch.diagonal(H).float().masked_fill(dead, 1).mean())
+    D = prepare_weight(W, dead).sub_(res.weight.float())
+    return max(res.obs_loss - lam * float(D.square().sum()), 0.0)
 
 
 def needs_data(recipe: Recipe) -> bool:
@@ -446,17 +461,14 @@ def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
             res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
             out.append((s, res.weight, relative_error(W, res.weight, H)))
         return out
-    dead = dead_inputs(H)
-    mean_diag = float(torch.diagonal(H).float().masked_fill(dead, 1).mean())  # as the sweep's damping takes it
-    Wp = prepare_weight(W, dead)  # what the sweep solves: dead inputs' columns zeroed
+    Wp = prepare_weight(W, dead_inputs(H))  # what the sweep solves: dead inputs' columns zeroed
     den = output_error(Wp, Wp.new_zeros(()), H)
     per = max(1, LEVELS_BYTES // (W.numel() * 4))
     out = []
     for a in range(0, len(sparsities), per):
         chunk = sparsities[a : a + per]
         for s, r in zip(chunk, sparsegpt_levels(W, H, chunk, recipe.quant, **common_options(recipe)), strict=True):
-            lam = r.damp_frac * mean_diag  # the damping the sweep solved with
-            num = max(r.obs_loss - lam * float((Wp - r.weight.float()).square().sum()), 0.0)
+            num = _sweep_error(W, H, r)
             out.append((s, r.weight, num / den if den > 0 else 0.0))
     return out
 

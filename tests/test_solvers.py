@@ -260,3 +260,26 @@ def test_sparsegpt_levels_equal_one_sweep_per_sparsity_and_account_their_error(q
 
         _sweep(W, H, levels, Pattern(2, 4), None, block_size=128, damp_frac=0.01, act_order=False,
                kernels="auto", mask=None)
+
+
+@pytest.mark.parametrize("quant", [None, "w4g32"])
+def test_the_reported_error_from_the_sweeps_losses_equals_the_measured_one(quant):
+    """solve_linear takes a SparseGPT layer's output error from the sweep's OBS losses (no rows x cols² product):
+    the same number as measuring ||WX - ŴX||² / ||WX||² on the written weights."""
+    from torch import nn
+
+    from llmprune.compression import solve_linear
+    from llmprune.recipe import Recipe
+    from llmprune.solvers.result import relative_error
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(64, 400, generator=g)
+    X[3] = 0  # a dead input
+    H = 2 * X @ X.T / X.shape[1]
+    lin = nn.Linear(64, 48, bias=False)
+    lin.weight.data = torch.randn(48, 64, generator=g)
+    W = lin.weight.detach().clone()
+    rec = Recipe(sparsity=0.5, wbits=4 if quant else None, group_size=32 if quant else -1, calib="shakespeare")
+    report = solve_linear("layer", lin, H, rec, 0.5, None)
+    assert report.rel_error == pytest.approx(relative_error(W, lin.weight.detach(), H), rel=1e-5)
+    assert report.error_seconds is not None and report.error_seconds >= 0

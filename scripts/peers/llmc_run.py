@@ -1,0 +1,66 @@
+"""One llm-compressor run, for scripts/bench_peers.py: run by the python of the benchmark's own venv (where
+llm-compressor is installed; never llmprune's dependency). Loads a model directory, prunes it with the given
+windows (token ids saved by the parent, so both tools see the same calibration tokens), writes the result,
+and prints one JSON line with its phases.
+
+    VENV/bin/python scripts/peers/llmc_run.py --model DIR --windows W.pt --out DIR [--method sparsegpt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+t_start = time.perf_counter()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--windows", required=True, help="a .pt file holding a (n, seqlen) tensor of token ids")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "gptq-w4g128"])
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    args = ap.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_import = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    windows = torch.load(args.windows)
+    ds = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    t_load = time.perf_counter()
+    if args.method == "sparsegpt":
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+        recipe = SparseGPTModifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"],
+                                   ignore=["re:.*lm_head"])
+    elif args.method == "wanda":
+        from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+        recipe = WandaPruningModifier(sparsity=args.sparsity, targets=["Linear"], ignore=["re:.*lm_head"])
+    else:
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=windows.shape[0],
+            max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
+    t_solve = time.perf_counter()
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    t_save = time.perf_counter()
+    zeros = sum(int((m.weight == 0).sum()) for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    numel = sum(m.weight.numel() for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    print(json.dumps({"import_s": t_import - t_start, "load_s": t_load - t_import, "compress_s": t_solve - t_load,
+                      "save_s": t_save - t_solve, "sparsity": zeros / numel}))
+
+
+if __name__ == "__main__":
+    main()
