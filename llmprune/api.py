@@ -502,11 +502,12 @@ def evaluate(
         raise UsageError(f"--seqlen {seqlen} is too short: use at least 2 tokens")
     _check_dist_read(dist_read)
     dev = distributed.device() or resolve_device(device)
-    _, description = load_documents(dataset, split, text_field, "eval")  # unreachable data fails before the model
-    if isinstance(model, nn.Module):
+    # a missing model is named first (resolve reads no weights), then unreachable data fails before the load
+    mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)
+    _, description = load_documents(dataset, split, text_field, "eval")
+    if mref is None:
         m, tok = model, _tokenizer_for(model, tokenizer)
     else:
-        mref = resolve(str(model), revision, trust_remote_code)
         if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
             # blocks read from disk one at a time
             m, tok = load_lazy(Path(mref.location), dtype, trust_remote_code, read_on_main=dist_read == "rank0")
@@ -627,6 +628,7 @@ def sweep(
         cell.recipe(base)  # every cell's recipe is valid, before any data or model is read
     eval_names = sweeps._split(evals)
     task_names = sweeps._split(tasks)
+    mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)  # named first
     for name in eval_names:
         load_documents(name, None, "text", "eval")
     load_documents(base.calib, base.split, base.text_field)
@@ -635,10 +637,9 @@ def sweep(
         raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
     if task_names:
         sweeps.check_lm_eval()
-    if isinstance(model, nn.Module):
+    if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:
-        mref = resolve(str(model), revision, trust_remote_code)
         m, tok = _load_whole(mref, base.dtype)
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         name = mref.ref

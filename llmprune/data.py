@@ -29,6 +29,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from llmprune import hub
 from llmprune.errors import UsageError, quiet_hub_logging
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,13 @@ def _local_rows(path: Path) -> list:
         raise UsageError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
 
 
+ALTERNATIVES = (f"use '{BUILTIN}' (the built-in text), a local .txt/.jsonl/.json/.parquet file, or hf:NAME of a"
+                " dataset in the datasets cache or a local dataset folder")
+
+
 def _hub_docs(name: str, split: str) -> list[Doc]:
     quiet_hub_logging()
+    why = hub.offline()  # offline, datasets reads its cache and fails at once instead of retrying for ~25 s
     try:
         from datasets import load_dataset
 
@@ -126,16 +132,18 @@ def _hub_docs(name: str, split: str) -> list[Doc]:
         return list(texts) if split == "train" else [" ".join(texts[:1100])]
     except Exception as exc:  # offline, hub errors, missing scripts: all mean "cannot reach it"
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise UsageError(
-            f"dataset {name!r} cannot be reached ({first}): pass a local .txt/.jsonl file, or"
-            f" '{BUILTIN}' for the built-in text"
-        ) from None
+        if why is not None:  # the cause, not datasets' wording of it
+            raise UsageError(f"dataset {name!r} cannot be reached: {why} and it is not in the datasets cache;"
+                             f" {ALTERNATIVES}") from None
+        raise UsageError(f"dataset {name!r} cannot be reached ({first}): {ALTERNATIVES}") from None
 
 
 def _named_docs(spec: str, split: str, text_field: str) -> list[Doc]:
     """hf:NAME[:CONFIG], through datasets (offline from its cache when the hub cannot be reached)."""
     name, _, config = spec.removeprefix("hf:").partition(":")
     quiet_hub_logging()
+    if not Path(name).expanduser().is_dir():
+        hub.offline()  # a hub dataset: from the cache at once when there is no network
     try:
         from datasets import load_dataset
 

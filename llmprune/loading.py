@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmprune import hub
 from llmprune.arch import causal_lm_class
 from llmprune.checkpoint import is_packed
 from llmprune.errors import UsageError, quiet_hub_logging
@@ -68,6 +69,9 @@ def resolve(ref: str, revision: str | None = None, trust_remote_code: bool = Fal
     A hub id whose weights are safetensors resolves to its snapshot directory in the Hugging Face cache
     (found there, or downloaded into it), so it streams from disk like any local directory; other hub
     models are left to from_pretrained.
+
+    Offline (``hub.offline``), a hub id with no config in the cache is an error here, and so is, online, an id
+    the hub does not know: before any data is read, so a missing model is reported as one.
     """
     mref = _resolve(ref)
     mref.revision, mref.trust_remote_code = revision, trust_remote_code
@@ -75,6 +79,7 @@ def resolve(ref: str, revision: str | None = None, trust_remote_code: bool = Fal
         snapshot = hub_snapshot(ref, revision)
         if snapshot is not None:
             return ModelRef(ref, str(snapshot), None, "dir", None, trust_remote_code, hub=True)
+        _check_hub_model(ref, revision)
     return mref
 
 
@@ -85,15 +90,36 @@ SNAPSHOT_FILES = ["*.json", "model*.safetensors", "*.txt", "*.model", "*.tiktoke
 def hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     """The local snapshot of a hub model stored as safetensors, from the cache (or downloaded into it, which
     for a large model is the disk space the streamed run needs anyway); None when there is none."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    hub.offline()  # no network: the cache alone, at once (the hub client would retry for about 25 s)
     try:
         from huggingface_hub import snapshot_download
 
         quiet_hub_logging()
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=SNAPSHOT_FILES))
-    except Exception:  # not cached and offline, no such repo, no network: from_pretrained says why
+    except RepositoryNotFoundError as exc:
+        if isinstance(exc, GatedRepoError):  # from_pretrained says what to accept and how to log in
+            return None
+        raise UsageError(f"cannot load model {repo_id!r} (the Hugging Face hub has no such model, or it is private):"
+                         " check the id (log in with `hf auth login` for a private one), or pass a local directory"
+                         " / .gguf file") from None
+    except Exception:  # not cached and offline, no safetensors, no network: from_pretrained says why
         return None
     has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     return path if (path / "config.json").is_file() and has_weights else None
+
+
+def _check_hub_model(repo_id: str, revision: str | None) -> None:
+    """Offline, a hub id must at least have its config in the cache; else say so now, naming why."""
+    why = hub.offline()
+    if why is None:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        raise UsageError(f"cannot load model {repo_id!r}: {why} and it is not in the Hugging Face cache; check the"
+                         " id, connect and retry, or pass a local directory / .gguf file")
 
 
 def _resolve(ref: str) -> ModelRef:
@@ -184,6 +210,8 @@ def load_tokenizer(ref: str, **kwargs):
     from transformers import AutoTokenizer
 
     quiet_hub_logging()
+    if not Path(ref).is_dir():
+        hub.offline()  # a hub id: from the cache at once when there is no network
     try:
         return AutoTokenizer.from_pretrained(ref, **kwargs)
     except Exception:

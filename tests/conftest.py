@@ -5,10 +5,28 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# The user's caches, as the libraries would find them: the suite writes none of them (checked at the end). Here,
+# before the libraries that read these variables are imported (test modules import them at collection).
+_HOME = Path.home()
+_XDG = Path(os.environ.get("XDG_CACHE_HOME") or _HOME / ".cache")
+_HF = Path(os.environ.get("HF_HOME") or _XDG / "huggingface")
+USER_CACHES = {
+    "huggingface datasets": Path(os.environ.get("HF_DATASETS_CACHE") or _HF / "datasets"),
+    "huggingface hub": Path(os.environ.get("HF_HUB_CACHE") or _HF / "hub"),
+    "triton": Path(os.environ.get("TRITON_CACHE_DIR") or Path(os.environ.get("TRITON_HOME") or _HOME) / ".triton"),
+    "matplotlib": Path(os.environ.get("MPLCONFIGDIR") or _HOME / ".config" / "matplotlib"),
+    "torch": _XDG / "torch",
+}
+# what each cache variable is set to, under the session's folder (pytest_configure, below)
+CACHE_VARS = {"HF_HOME": "hf", "HF_HUB_CACHE": "hf/hub", "HF_DATASETS_CACHE": "hf/datasets", "HF_XET_CACHE": "hf/xet",
+              "HF_ASSETS_CACHE": "hf/assets", "TRITON_HOME": "triton", "TRITON_CACHE_DIR": "triton/.triton/cache",
+              "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "xdg-cache"}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -16,6 +34,67 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors through its interpreter
 
 VOCAB = 320
+
+
+_BEFORE = pytest.StashKey[dict]()
+_CACHES = pytest.StashKey[Path]()
+_STRAY = pytest.StashKey[list]()
+
+
+def snapshot(roots: dict[str, Path]) -> dict[str, tuple[int, int]]:
+    """Every file under the roots: path -> (size, mtime in ns)."""
+    files = {}
+    for root in roots.values():
+        if root.is_dir():
+            for dirpath, _, names in os.walk(root):
+                for name in names:
+                    p = os.path.join(dirpath, name)
+                    try:
+                        st = os.stat(p, follow_symlinks=False)
+                    except OSError:  # gone meanwhile
+                        continue
+                    files[p] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def stray_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """Files that appeared or changed between two snapshots."""
+    return sorted(p for p, stat in after.items() if before.get(p) != stat)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own tmpdir plugin has its factory
+def pytest_configure(config: pytest.Config) -> None:
+    """Point every cache the libraries write at a folder of pytest's temporary root, for this process and the
+    ones the tests start (datasets keeps an Arrow copy of each local dataset folder it loads, the Triton
+    interpreter and compiler their kernels, matplotlib its font list), and TMPDIR: removed with it when the
+    session passes."""
+    config.stash[_BEFORE] = snapshot(USER_CACHES)
+    base = config._tmp_path_factory.mktemp("caches", numbered=False)
+    for var, sub in CACHE_VARS.items():
+        os.environ[var] = str(base / sub)
+    # temporary files too (Triton's compiler leaves some, torchrun its logs): the child processes' and ours
+    tmp = base / "tmp"
+    tmp.mkdir()
+    os.environ["TMPDIR"] = tempfile.tempdir = str(tmp)
+    config.stash[_CACHES] = base
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the session if it wrote into the user's caches."""
+    if _BEFORE not in session.config.stash:
+        return
+    stray = stray_files(session.config.stash[_BEFORE], snapshot(USER_CACHES))
+    session.config.stash[_STRAY] = stray
+    if stray and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    stray = config.stash.get(_STRAY, [])
+    if stray:
+        terminalreporter.write_line(f"the test suite wrote {len(stray)} file(s) into the user's caches (or another"
+                                    " process did meanwhile), e.g.: " + ", ".join(stray[:5]), red=True)
+
 
 # family -> config kwargs of a tiny model; every prunable input width is a multiple of 8 (so 4:8 fits)
 TINY = {

@@ -210,8 +210,11 @@ def test_a_model_directory_without_a_tokenizer(tiny_model_dir, files, tmp_path, 
     assert exc.value.code == 2 and "--tokenizer" in err[-1]
 
 
-def test_revision_and_trust_remote_code_reach_transformers():
+def test_revision_and_trust_remote_code_reach_transformers(monkeypatch):
+    from llmprune import hub
     from llmprune.loading import resolve
+
+    monkeypatch.setattr(hub, "offline", lambda: None)  # as online: an uncached id is left to from_pretrained
 
     mref = resolve("someone/model", revision="v2", trust_remote_code=True)
     assert mref.kwargs == {"revision": "v2", "trust_remote_code": True}
