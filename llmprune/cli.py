@@ -115,10 +115,9 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                      help="Grid range: minmax (default) or mse (shrink the range to minimise rounding error)."),
         click.option("--act-order", is_flag=True, default=None,
                      help="GPTQ's column order by descending Hessian diagonal (sparsegpt; not with N:M)."),
-        click.option("--allocation", type=click.Choice(["uniform", "owl", "dp", "spdy"]), default=None,
+        click.option("--allocation", type=click.Choice(["uniform", "owl", "spdy"]), default=None,
                      help="Per-layer sparsity under the global target: uniform (default), owl, spdy (a dynamic"
-                          " program over layer errors, sensitivities searched on the calibration loss); dp was"
-                          " removed."),
+                          " program over layer errors, sensitivities searched on the calibration loss)."),
         click.option("--owl-m", type=float, default=None, help="OWL outlier threshold, x the mean score (default 5)."),
         click.option("--owl-lambda", type=OwlLambda(), default=None,
                      help="OWL: block sparsities within target ± lambda (default 0.08); auto: the lambda whose"

@@ -202,10 +202,6 @@ class Recipe:
             )
 
     def _check_allocation(self) -> None:
-        if self.allocation == "dp":
-            raise UsageError("--allocation dp was removed: its plain sum of layer errors lost to uniform (SmolLM2 70%:"
-                             " 117.96 vs 111.22 perplexity; 454.33 vs 356.21 calibrated on other text); use"
-                             " --allocation spdy, the same tables with sensitivities searched on the calibration loss")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r}: choose {', '.join(ALLOCATIONS)}")
         if self.allocation == "uniform":

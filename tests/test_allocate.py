@@ -77,8 +77,8 @@ def test_compress_with_allocation_keeps_the_global_target(allocation, monkeypatc
             compress_model(tiny_model("llama"), None, recipe.replace(sparsity=0.55), windows, reuse_errors=alloc)
 
 
-def test_dp_allocation_was_removed_with_a_pointer_to_spdy():
-    with pytest.raises(UsageError, match="use --allocation spdy"):
+def test_an_unknown_allocation_names_the_choices():
+    with pytest.raises(UsageError, match="choose uniform, owl, spdy"):
         Recipe(sparsity=0.6, allocation="dp")
 
 

@@ -156,7 +156,7 @@ BAD = {
                         "neither a number nor auto"),
     "owl lambda range": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "owl", "--owl-lambda", "0.7"],
                          "must be in (0, 0.5) or auto"),
-    "dp removed": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "dp"], "use --allocation spdy"),
+    "unknown allocation": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "dp"], "'dp' is not one of"),
     "reuse-errors without tables": (["compress", "{model}", "--out", "{tmp}/o", "--allocation", "spdy",
                                      "--reuse-errors", "{badcfg}"], "is not a readable run report"),
     "compressed-tensors of Conv1D": (["compress", "{gpt2}", "--out", "{tmp}/o", "--wbits", "4", "--format",
