@@ -81,8 +81,9 @@ def main() -> None:
     py = ensure_venv(Path(args.venv).expanduser()) if "llmc" not in skip else None
 
     import llmprune
-    from llmprune.data import evaluation_windows, windows_hash
+    from llmprune.data import windows_hash
     from llmprune.lazy import load_lazy
+    from llmprune.perplexity import evaluation_windows
     from llmprune.recipe import Recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
