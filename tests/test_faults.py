@@ -146,3 +146,80 @@ def test_the_stale_lock_of_a_killed_run_is_taken_over_and_the_run_resumes(sharde
     assert files(out) == files(reference) and not (out / ".lock").exists()
 
 
+
+# -- non-finite values, named where they start ----------------------------------------------------------------
+
+def _with_nan_in_q_proj(src: Path, dst: Path) -> None:
+    """A copy of ``src`` whose layer 0 q_proj holds one NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    shard = dst / json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-lazy",), ("--two-pass",), ("--method", "magnitude")])
+def test_a_nan_weight_is_named_and_nothing_is_written(sharded, tmp_path, capsys, extra):
+    _with_nan_in_q_proj(sharded / "model", tmp_path / "model")
+    assert run(args(sharded, tmp_path / "o", *extra, model=tmp_path / "model")) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "model.layers.0.self_attn.q_proj.weight holds 1 non-finite value (NaN or inf) of 4096" in line
+    assert "Hessian" not in line and "o_proj" not in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny float16 llama whose layer 0 MLP output passes float16's 65504 on any text (its weights do not)."""
+    from conftest import tiny_model
+
+    d = tmp_path_factory.mktemp("fp16") / "model"
+    model = tiny_model("llama").half()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(50)
+        model.model.layers[0].mlp.down_proj.weight.fill_(30000)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("extra", [("--sequential",), ("--two-pass",), ("--no-lazy",)])
+def test_float16_activations_that_overflow_are_named_with_the_dtype_to_use(overflowing, sharded, tmp_path, capsys,
+                                                                          extra):
+    argv = args(sharded, tmp_path / "o", "--method", "wanda", *extra, model=overflowing)
+    assert run(argv) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "the output of model.layers.0 holds non-finite activations" in line and "in float16" in line
+    assert "float16 overflow is the likely cause" in line and "--dtype bfloat16 or --dtype float32" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert run([*argv, "--dtype", "float32"]) == 0  # the advice works
+    capsys.readouterr()
+    from safetensors.torch import load_file
+
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(tmp_path / "o" / "model.safetensors").values())
+
+
+def test_a_solve_that_leaves_float16_is_named(overflowing, sharded, tmp_path, capsys):
+    """SparseGPT's updates to weights already near float16's limit overflow it: named, never written as inf."""
+    assert run(args(sharded, tmp_path / "o", model=overflowing)) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith("llmprune: error: model.layers.0.mlp.down_proj: its sparsegpt solve gave")
+    assert "float16 overflow is the likely cause" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_hessian_with_non_finite_entries_is_named_before_cholesky():
+    from llmprune.errors import NonFiniteError
+    from llmprune.solvers.hinv import inverse_hessian_cholesky
+
+    X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X
+    H[2, 3] = float("inf")
+    with pytest.raises(NonFiniteError, match="its Hessian holds 1 non-finite entries"):
+        inverse_hessian_cholesky(H, 0.01)
