@@ -26,13 +26,13 @@ from torch import Tensor
 from llmprune.checkpoint import TensorReader, follow_umask, merge_files, read_grids, save_tensors, write_grids
 from llmprune.errors import UsageError
 from llmprune.quant import QuantParams
+from llmprune.signals import deferred, note_progress
 
 JOURNAL = "journal.json"
 LOCK = ".lock"
 VERSION = 1
 
 log = logging.getLogger(__name__)
-
 
 def partial_dir(out: Path) -> Path:
     out = Path(out).expanduser().resolve()
@@ -181,9 +181,10 @@ class PartialOutput:
     def close(self, failed: bool = False) -> None:
         """Unlock (idempotent). ``failed`` before any block (or allocation) was done: the directory goes too,
         so a failed run leaves nothing behind."""
+        journal = getattr(self, "journal", {})
+        note_progress(len((self.journal_on_disk() if self.readonly else journal).get("blocks", {})), self.total)
         if self.lock is None:
             return
-        journal = getattr(self, "journal", {})
         if failed and journal and not journal["blocks"] and not journal.get("allocation"):
             shutil.rmtree(self.dir, ignore_errors=True)
         self.lock.release()
@@ -245,7 +246,7 @@ class PartialOutput:
             return
         name = f"{self.block_prefix(i)}.safetensors"
         tmp = self.dir / f".{name}.tmp"
-        with _disk_errors(self.dir):
+        with deferred(), _disk_errors(self.dir):  # a signal meanwhile: this block is finished first
             try:
                 save_tensors(tensors, tmp, metadata={"format": "pt"})
                 _replace_atomically(tmp, self.dir / name)
@@ -255,8 +256,8 @@ class PartialOutput:
                 gdir = self.dir / f"grids-{i:05d}"
                 gdir.mkdir(exist_ok=True)
                 write_grids(gdir, grids)
-        self.journal["blocks"][str(i)] = {"file": name, "layers": layers}
-        self._write_journal()
+            self.journal["blocks"][str(i)] = {"file": name, "layers": layers}
+            self._write_journal()
 
     def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool, convert=None,
                 kept: list[int] | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
@@ -294,6 +295,11 @@ class PartialOutput:
             if grids and convert is None:  # dense output keeps them, so it can be packed later
                 write_grids(self.dir, grids)
             write_meta(self.dir)
+        with deferred():  # from here no journal: the directory is renamed to OUT before a signal ends the run
+            self._finish_publish(files, overwrite)
+        return self.out
+
+    def _finish_publish(self, files: list[str], overwrite: bool) -> None:
         (self.dir / JOURNAL).unlink()
         for i in self.finished:
             shutil.rmtree(self.dir / f"grids-{i:05d}", ignore_errors=True)
@@ -310,4 +316,3 @@ class PartialOutput:
             self.lock.release()
             self.lock = None
         os.replace(self.dir, self.out)
-        return self.out

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmprune.cli import main
 from llmprune.data import builtin_text_path
@@ -223,3 +226,137 @@ def test_a_hessian_with_non_finite_entries_is_named_before_cholesky():
     H[2, 3] = float("inf")
     with pytest.raises(NonFiniteError, match="its Hessian holds 1 non-finite entries"):
         inverse_hessian_cholesky(H, 0.01)
+
+
+# -- signals ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_run_with_one_line_and_the_rerun_resumes_byte_identical(sharded, reference, tmp_path,
+                                                                                    sig, code):
+    out, partial = tmp_path / "o", tmp_path / "o.partial"
+    proc = _spawn(args(sharded, out))
+    _wait_for_blocks(proc, partial / "journal.json", 1)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == code
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    journal = json.loads((partial / "journal.json").read_text())
+    done = len(journal["blocks"])
+    assert err.rstrip().endswith(f"llmprune: interrupted after block {done} of 6; re-run the same command to"
+                                 " resume"), err[-500:]
+    assert sorted(journal["blocks"]) == [str(i) for i in range(done)]  # the journal: finished blocks, in order
+    assert all((partial / b["file"]).is_file() for b in journal["blocks"].values())
+    assert not [p.name for p in partial.iterdir() if p.name.startswith(".")]  # no temp files, the lock released
+    again = subprocess.run([sys.executable, "-m", "llmprune", *args(sharded, out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-800:]
+    assert f"{done} blocks already done" in again.stderr and "taking over" not in again.stderr
+    assert files(out) == files(reference)
+
+
+def test_a_signal_inside_a_journal_write_waits_for_it(tmp_path):
+    """The block being journaled when the signal comes is finished first, then the run stops."""
+    from llmprune import signals
+    from llmprune.resume import PartialOutput
+
+    partial = PartialOutput(tmp_path / "o", {"a": 1})
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.installed():
+        real = partial._write_journal
+
+        def write_after_a_signal() -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives between the block's file and its journal entry
+            real()
+
+        partial._write_journal = write_after_a_signal
+        with pytest.raises(signals.Interrupted) as exc:
+            partial.finish_block(0, {"w": torch.ones(2)}, [], {})
+    assert exc.value.exit_code == 143
+    assert list(json.loads((partial.dir / "journal.json").read_text())["blocks"]) == ["0"]
+    partial.close()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are the CLI run's only
+
+
+# -- hostile input, fuzzed --------------------------------------------------------------------------------------
+
+NO_MODEL = "/nonexistent-llmprune/model"  # every run fails at the model at the latest: no heavy work
+FUZZED = ("compress", "shrink", "sweep", "eval-ppl", "pack", "unpack", "inspect", "bench-speed")
+NOT_FUZZED = {"--log-file", "--out", "--config"}  # files the run would write; --config: the YAML test below
+
+
+def _value(param) -> st.SearchStrategy[str]:
+    import click
+
+    junk = st.one_of(st.integers(-(10**12), 10**12).map(str), st.floats().map(repr),
+                     st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=8),
+                     st.sampled_from(["", "0", "-1", "1e400", "nan", "inf", "2:4", "0:0", "4:2", "auto", "cuda:7",
+                                      "[", "(?", "none", "none,4", "a,,b"]))
+    if isinstance(param.type, click.Choice):
+        return st.one_of(st.sampled_from(list(param.type.choices)), junk)
+    return junk
+
+
+@st.composite
+def _argv(draw) -> list[str]:
+    from llmprune.cli import cli
+
+    name = draw(st.sampled_from(FUZZED))
+    command = cli.commands[name]
+    options = [p for p in command.params if p.param_type_name == "option" and p.opts[0] not in NOT_FUZZED]
+    argv = [name, NO_MODEL]
+    if any(p.opts[0] == "--out" for p in command.params):
+        argv += ["--out", "/nonexistent-llmprune/out"]
+    for p in draw(st.lists(st.sampled_from(options), max_size=6, unique_by=lambda p: p.opts[0])):
+        argv += [draw(st.sampled_from(p.opts))] if p.is_flag else [p.opts[0], draw(_value(p))]
+    return argv
+
+
+def _run_quietly(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code, err.getvalue()
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_argv())
+def test_fuzzed_options_give_one_line_or_success(argv):
+    code, err = _run_quietly(argv)
+    assert code == 2, (argv, err)  # the model does not exist: never a success, never a crash
+    one_line_error(err)
+
+
+_RECIPE_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(), st.text(max_size=6),
+              st.sampled_from(["sparsegpt", "wanda", "2:4", "auto", "fp64", "owl", "spdy", "dense"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=2)),
+    max_leaves=4)
+
+
+@st.composite
+def _recipe_yaml(draw) -> str:
+    import dataclasses
+
+    from llmprune.recipe import Recipe
+
+    keys = [f.name for f in dataclasses.fields(Recipe)]
+    recipe = draw(st.dictionaries(st.one_of(st.sampled_from(keys), st.text(max_size=6)), _RECIPE_VALUES,
+                                  max_size=5))
+    form = draw(st.sampled_from(["mapping", "top-level value", "broken"]))
+    if form == "top-level value":
+        return yaml.safe_dump(draw(_RECIPE_VALUES))
+    text = yaml.safe_dump(recipe)
+    return text if form == "mapping" else text[: draw(st.integers(0, len(text)))] + draw(st.sampled_from(
+        [":", "- [", "{", "\t", "&a *b", "!!python/object:os.system", "\x00"]))
+
+
+@settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_recipe_yaml(), st.sampled_from(["compress", "shrink", "sweep"]))
+def test_fuzzed_yaml_recipes_give_one_line(tmp_path_factory, text, command):
+    path = tmp_path_factory.mktemp("yaml") / "recipe.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    code, err = _run_quietly([command, NO_MODEL, "--out", "/nonexistent-llmprune/out", "--config", str(path)])
+    assert code == 2, (text, err)
+    one_line_error(err)
