@@ -292,6 +292,10 @@ def _value(param) -> st.SearchStrategy[str]:
                                       "[", "(?", "none", "none,4", "a,,b"]))
     if isinstance(param.type, click.Choice):
         return st.one_of(st.sampled_from(list(param.type.choices)), junk)
+    if isinstance(param.type, click.types.IntParamType):  # mostly well-typed: the recipe's checks are the target
+        return st.one_of(st.integers(-2, 16).map(str), st.integers(-(10**12), 10**12).map(str), junk)
+    if isinstance(param.type, click.types.FloatParamType):
+        return st.one_of(st.floats(-2, 2).map(repr), st.floats().map(repr), junk)
     return junk
 
 
