@@ -364,3 +364,23 @@ def test_fuzzed_yaml_recipes_give_one_line(tmp_path_factory, text, command):
     code, err = _run_quietly([command, NO_MODEL, "--out", "/nonexistent-llmprune/out", "--config", str(path)])
     assert code == 2, (text, err)
     one_line_error(err)
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"num_hidden_layers": 10**9}, "describes at least 3.48e+13 parameters"),
+    ({"hidden_size": 0}, "gives hidden_size 0, not a positive size"),
+    ({"vocab_size": 10**12}, "describes at least 6.4e+13 parameters"),
+    ({"num_attention_heads": -4}, "gives num_attention_heads -4, not a positive size"),
+])
+def test_a_config_with_absurd_sizes_is_refused_before_any_work(sharded, tmp_path, capsys, change, said):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sharded / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | change))
+    t0 = time.perf_counter()
+    assert run(args(sharded, tmp_path / "o", model=model)) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert said in line and "the config is damaged" in line and time.perf_counter() - t0 < 30
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
