@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from llmprune import distributed
+from llmprune.arch import find_blocks
 from llmprune.checkpoint import (
     REPORT,
     atomic_dir,
@@ -393,19 +394,51 @@ def _load_whole(mref: ModelRef, dtype: str):
     return model, tokenizer
 
 
-def _open_partial(out: Path, spec: dict):
-    """OUT.partial/ for this run's spec (resumed when a run with the same spec stopped): under torchrun rank 0
-    makes (or checks) it and the others, once it exists, only read it."""
+_OPENED: list = []  # the PartialOutputs open in this process, innermost last (_releases_partials closes them)
+
+
+def _open_partial(out: Path, spec: dict, total: int | None = None):
+    """OUT.partial/ for this run's spec (resumed when a run with the same spec stopped), locked for this run:
+    under torchrun rank 0 makes (or checks) and locks it for every rank, and the others, once it exists, only
+    read it; rank 0's refusal (another writer, another spec) is every rank's. ``total``: the model's blocks."""
     from llmprune.resume import PartialOutput
 
+    error = None
     if distributed.is_main():
-        partial = PartialOutput(out, spec)
-    distributed.barrier()
+        try:
+            partial = PartialOutput(out, spec)
+        except UsageError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)  # also: the others wait until rank 0 has made it
+    if error is not None:
+        raise UsageError(error)
     if not distributed.is_main():
         partial = PartialOutput(out, spec, readonly=True)
+    partial.total = total
+    _OPENED.append(partial)
     return partial
 
 
+def _releases_partials(fn):
+    """The OUT.partial/ directories ``fn`` opens are unlocked when it returns or raises; one it leaves without
+    a finished block (it failed, or was interrupted, before one) is removed: nothing written."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mark = len(_OPENED)
+        failed = True
+        try:
+            result = fn(*args, **kwargs)
+            failed = False
+            return result
+        finally:
+            while len(_OPENED) > mark:
+                _OPENED.pop().close(failed=failed)
+
+    return wrapper
+
+
+@_releases_partials
 def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float,
                    progress: Progress, tokenizer=None, dist_read: str = "all", extra: dict | None = None) -> Report:
     """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
@@ -417,7 +450,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
     spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"] if calib else None, "model": str(path),
             "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
-    partial = _open_partial(out, spec)
+    partial = _open_partial(out, spec, len(find_blocks(model)[1]))
     if partial.finished:
         log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
     report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial,
@@ -653,9 +686,18 @@ def sweep(
     def after(cell, compressed: nn.Module) -> dict:
         return sweeps.zero_shot(compressed, tok, task_names) if task_names else {}
 
-    return sweeps.run_sweep(m, tok, base, cells, eval_names, out_path, model_name=name, eval_seqlen=eval_seqlen,
-                            max_windows=max_windows, save=save if keep_checkpoints else None,
-                            extra=after if task_names else None, extra_key=task_names or None, progress=progress)
+    from llmprune.resume import OutputLock
+
+    lock = OutputLock(out_path, f"sweep --out {out_path}")  # one writer of its cells, tables and checkpoints
+    if distributed.is_main():
+        lock.acquire()
+    try:
+        return sweeps.run_sweep(m, tok, base, cells, eval_names, out_path, model_name=name,
+                                eval_seqlen=eval_seqlen, max_windows=max_windows,
+                                save=save if keep_checkpoints else None, extra=after if task_names else None,
+                                extra_key=task_names or None, progress=progress)
+    finally:
+        lock.release()
 
 
 @_bars_follow_progress
@@ -734,6 +776,7 @@ def shrink(
     return report
 
 
+@_releases_partials
 def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, t0: float, progress: Progress,
                  tokenizer) -> dict:
     """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written to OUT.partial/
@@ -759,7 +802,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
         report = read_report(target)
         log.info("resuming: %s is already shrunk, quantizing it", target)
     else:
-        partial = _open_partial(target, key)
+        partial = _open_partial(target, key, len(find_blocks(model)[1]))
         done = {i: partial.layers(i)[0] for i in partial.finished}
         if done:
             log.info("resuming %s: %d blocks already done", partial.dir, len(done))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from llmprune import signals
 from llmprune.errors import CholeskyError, UsageError
 from llmprune.recipe import HESSIAN_DTYPES, METHODS, Recipe, load_recipe, recipe_from_dict
 from llmprune.version import __version__
@@ -583,9 +584,13 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["TQDM_DISABLE"] = "1"
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
-        cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
+        with signals.installed():  # SIGINT, SIGTERM: the block in flight dropped, a line saying where it stopped
+            cli.main(args=argv, prog_name="llmprune", standalone_mode=False)
         if distributed is not None:
             distributed.shutdown()  # torchrun: leave the group cleanly (gloo aborts a process that does not)
+    except signals.Interrupted as exc:
+        click.echo(f"{me}: {signals.interrupted_line()}", err=True)
+        sys.exit(exc.exit_code)
     except (UsageError, CholeskyError) as exc:
         click.echo(f"{me}: error: {exc}", err=True)
         sys.exit(2)

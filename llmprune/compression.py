@@ -27,7 +27,7 @@ from llmprune.data import (
     with_bos,
 )
 from llmprune.engine import BlockPass, Stream, bound, default_device
-from llmprune.errors import CholeskyError, UsageError
+from llmprune.errors import CholeskyError, NonFiniteError, UsageError, overflow_hint
 from llmprune.hessian import (
     HessianCollector,
     accumulator_dtype,
@@ -173,6 +173,10 @@ def solve_linear(
     method = method or recipe.method
     W = get_weight(mod)
     H = H.to(W.device) if H is not None else None
+    if H is not None and not bool(torch.isfinite(H).all()):  # the inputs overflowed inside the block
+        bad = int((~torch.isfinite(H)).sum())
+        raise NonFiniteError(f"{full}: its inputs on the calibration data are not finite ({bad} NaN or inf entries"
+                             f" in its Hessian, of {H.numel()}): {overflow_hint(W.dtype)}")
     t0 = time.perf_counter()
     before = kernels.launches()
     try:
@@ -185,6 +189,12 @@ def solve_linear(
                                            mask=res.mask)
     except CholeskyError as exc:
         raise CholeskyError(f"{full}: {exc}") from None
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{full}: {exc}") from None
+    if not bool(torch.isfinite(res.weight).all()):  # never a NaN in an output
+        bad = int((~torch.isfinite(res.weight)).sum())
+        raise NonFiniteError(f"{full}: its {method} solve gave {bad} non-finite weights from finite ones, in"
+                             f" {str(res.weight.dtype).removeprefix('torch.')}: {overflow_hint(res.weight.dtype)}")
     if W.device.type == "cuda":
         torch.cuda.synchronize(W.device)
     seconds = time.perf_counter() - t0
@@ -692,13 +702,21 @@ def compress_model(
         if grids is not None:
             grids.update(block_grids)
         if sink is not None:
-            tensors = source.checkpoint_tensors(i, block)  # in the input's own layout and keys
-            sink.finish_block(i, tensors, [asdict(r) for r in reports], block_grids)
+            to_write[i] = ([asdict(r) for r in reports], block_grids)
 
+    to_write: dict[int, tuple[list[dict], dict]] = {}
+
+    def write_block(i: int, block: nn.Module) -> None:
+        """Journal block ``i`` once its outputs are known finite (the engine checked them)."""
+        if i in to_write:
+            reports, block_grids = to_write.pop(i)
+            sink.finish_block(i, source.checkpoint_tensors(i, block), reports, block_grids)  # the input's layout
+
+    after = write_block if sink is not None else None
     if data_free:  # each block's weights on the device, nothing run through it
-        stream.visit(on_block, desc=recipe.label)
+        stream.visit(on_block, desc=recipe.label, after_block=after)
     else:
-        stream.run(on_block, desc=recipe.label)
+        stream.run(on_block, desc=recipe.label, after_block=after)
     t_done = time.perf_counter()
     if keep is not None:  # the new expert count, for the saved config (every MoE layer kept as many)
         setattr(model.config, keep[0], keep[2])

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune.arch import find_blocks
-from llmprune.errors import UsageError
+from llmprune.errors import NonFiniteError, UsageError, overflow_hint
 from llmprune.prefetch import BlockFetcher
 from llmprune.progress import Progress, track
 
@@ -290,6 +290,29 @@ def _check_plain_weights(model: nn.Module) -> None:
                              " evaluate or compress the directory itself, or load it without semi_structured")
 
 
+def check_finite_weights(module: nn.Module, prefix: str = "") -> None:
+    """A NaN or inf among the input's weights, named before it spreads (one isfinite per tensor): past the
+    first block it would surface as a wrong layer's indefinite Hessian."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            full = f"{prefix}.{name}" if prefix else name
+            raise NonFiniteError(f"{full} holds {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) of"
+                                 f" {p.numel()} in the input model: the checkpoint is damaged; re-download or"
+                                 " re-convert it")
+
+
+def check_finite_activations(where: str, hidden: list[Tensor]) -> None:
+    """NaN or inf in ``where``'s activations (one isfinite per batch), named with whether the dtype overflowed."""
+    if all(bool(torch.isfinite(h).all()) for h in hidden):
+        return
+    nan = sum(int(torch.isnan(h).sum()) for h in hidden)
+    inf = sum(int(torch.isinf(h).sum()) for h in hidden)
+    total = sum(h.numel() for h in hidden)
+    raise NonFiniteError(f"{where} holds non-finite activations ({nan} NaN, {inf} inf of {total} values, in"
+                         f" {str(hidden[0].dtype).removeprefix('torch.')}): {overflow_hint(hidden[0].dtype)}")
+
+
 class Stream:
     """Streams ``batches`` (token ids, each (b, T)) through ``model`` block by block on ``device``."""
 
@@ -333,6 +356,7 @@ class Stream:
             source.load_rest(self.model)
         with self._stand_ins():
             self.model.to(self.device)
+            check_finite_weights(self.model)  # embeddings, final norm, head: the blocks stand in empty
         try:
             yield
         finally:
@@ -363,6 +387,7 @@ class Stream:
                     self.store = self.device if _fits(total, self.device) else torch.device("cpu")
                 self.hidden.append(h.to(self.store))
             tape.calls = []
+        check_finite_activations(f"the input of {self.path}.0 (the embeddings' output)", self.hidden)
 
     def forward_block(self, i: int, block: nn.Module, keep: bool) -> list[Tensor]:
         """Run block ``i`` over every batch; return the outputs (on the store device) if ``keep``."""
@@ -377,9 +402,11 @@ class Stream:
 
     @torch.no_grad()
     def run(self, on_block: Callable[[int, nn.Module, BlockPass], None] | None = None,
-            desc: str = "blocks") -> list[Tensor]:
+            desc: str = "blocks", after_block: Callable[[int, nn.Module], None] | None = None) -> list[Tensor]:
         """Capture, then per block: to device, ``on_block(i, block, block_pass)``, propagate (unless the block
-        pass already did), back to CPU (with ``prefetch``, the next block is readied meanwhile).
+        pass already did), check its outputs are finite, ``after_block(i, block)`` (e.g. write it: a block
+        whose outputs overflowed is not kept), back to CPU (with ``prefetch``, the next block is readied
+        meanwhile).
 
         Returns the hidden states after the last block (before the final norm), one tensor per batch.
         """
@@ -396,6 +423,7 @@ class Stream:
         try:
             for i in track(range(len(self.blocks)), len(self.blocks), desc, self.progress):
                 block = fetcher.get(i)
+                check_finite_weights(block, f"{self.path}.{i}")
                 block_pass = BlockPass(self, i, block)
                 if on_block is not None:
                     on_block(i, block, block_pass)
@@ -403,20 +431,29 @@ class Stream:
                     self.hidden = block_pass.outputs
                 else:
                     self.hidden = self.forward_block(i, block, keep=True)
+                check_finite_activations(f"the output of {self.path}.{i}", self.hidden)
+                if after_block is not None:
+                    after_block(i, block)
                 fetcher.put_back(i)
         finally:
             fetcher.close()
         return self.hidden
 
     @torch.no_grad()
-    def visit(self, on_block: Callable[[int, nn.Module, None], None], desc: str = "blocks") -> None:
+    def visit(self, on_block: Callable[[int, nn.Module, None], None], desc: str = "blocks",
+              after_block: Callable[[int, nn.Module], None] | None = None) -> None:
         """Each block on the device in turn, for work that needs no data (magnitude, rtn): no capture, no
-        forward. ``on_block(i, block, None)``; lazily loaded blocks are read and put back as in ``run``."""
+        forward. ``on_block(i, block, None)``, then ``after_block(i, block)``; lazily loaded blocks are read
+        and put back as in ``run``."""
         source = getattr(self.model, "block_source", None)
         fetcher = BlockFetcher(self.blocks, source, self.device, ahead=self.prefetch)
         try:
             for i in track(range(len(self.blocks)), len(self.blocks), desc, self.progress):
-                on_block(i, fetcher.get(i), None)
+                block = fetcher.get(i)
+                check_finite_weights(block, f"{self.path}.{i}")
+                on_block(i, block, None)
+                if after_block is not None:
+                    after_block(i, block)
                 fetcher.put_back(i)
         finally:
             fetcher.close()

@@ -171,12 +171,38 @@ def _one_line_errors(mref: ModelRef) -> Iterator[None]:
         raise UsageError(f"cannot load model {mref.ref!r} ({first}): {hint}") from None
 
 
+SIZES = ("num_hidden_layers", "hidden_size", "vocab_size", "intermediate_size", "num_attention_heads")
+MAX_PARAMS = 10**13  # ten trillion parameters: past any model there is, a damaged config
+
+
+def check_config_sizes(config, mref: ModelRef) -> None:
+    """A config whose sizes are not positive, or describe a model far larger than its weight files (10⁹ layers,
+    a vocabulary of 10¹²), refused before the modules are built: building them would take hours or all memory."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sizes = {k: getattr(text, k, None) for k in SIZES}
+    for key, value in sizes.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{mref.ref}: its config.json gives {key} {value!r}, not a positive size: the config is"
+                             " damaged; restore it from the model's source")
+    layers, hidden = sizes["num_hidden_layers"] or 1, sizes["hidden_size"] or 1
+    params = layers * hidden * (4 * hidden + 3 * (sizes["intermediate_size"] or 4 * hidden)) + \
+        (sizes["vocab_size"] or 1) * hidden  # a lower bound: no experts, no biases, one embedding
+    local = mref.local_path
+    stored = sum(f.stat().st_size for f in local.glob("*.safetensors")) if local and local.is_dir() else 0
+    if params > MAX_PARAMS or (stored and params / 8 > 4 * stored):  # even at one bit per weight, it does not fit
+        raise UsageError(f"{mref.ref}: its config.json describes at least {params:.3g} parameters"
+                         f" ({', '.join(f'{k} {v}' for k, v in sizes.items() if v is not None)})"
+                         + (f", far more than its {stored / 2**20:.3g} MiB of weights hold" if stored else "")
+                         + ": the config is damaged; restore it from the model's source")
+
+
 def skeleton(mref: ModelRef) -> nn.Module:
     """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
     from transformers import AutoConfig
 
     with _one_line_errors(mref):
         config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+        check_config_sizes(config, mref)
         with torch.device("meta"):
             return causal_lm_class(config).from_config(config, trust_remote_code=mref.trust_remote_code)
 

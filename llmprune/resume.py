@@ -13,8 +13,11 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +26,13 @@ from torch import Tensor
 from llmprune.checkpoint import TensorReader, follow_umask, merge_files, read_grids, save_tensors, write_grids
 from llmprune.errors import UsageError
 from llmprune.quant import QuantParams
+from llmprune.signals import deferred, note_progress
 
 JOURNAL = "journal.json"
+LOCK = ".lock"
 VERSION = 1
 
+log = logging.getLogger(__name__)
 
 def partial_dir(out: Path) -> Path:
     out = Path(out).expanduser().resolve()
@@ -54,6 +60,83 @@ def _replace_atomically(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class OutputLock:
+    """One writer per output: ``DIR/.lock`` names the writer (pid, host) and is held under ``flock`` for as
+    long as the run is. A second run on the same output is refused; a lock whose holder is gone (an flock
+    nobody holds, naming a dead pid on this host) is taken over with a warning. A holder on another host cannot
+    be checked from here: its lock stands until it is deleted."""
+
+    def __init__(self, directory: Path, what: str):
+        self.path = Path(directory) / LOCK
+        self.what = what  # the output as the user named it, for the messages
+        self._fd: int | None = None
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        try:
+            data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _refuse(self, fd: int, holder: dict) -> UsageError:
+        os.close(fd)
+        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+               if holder else "a process that has not written its name yet")
+        return UsageError(f"{self.what} is being written by another run ({who}): wait for it or stop it; if it is"
+                          f" gone, delete {self.path}")
+
+    def acquire(self) -> None:
+        import fcntl
+
+        host, pid = socket.gethostname(), os.getpid()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._refuse(fd, self._holder(fd)) from None
+            except OSError:  # a filesystem without flock: the pid and host below decide alone
+                pass
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder released it (unlinked) while we waited for it: lock the new one
+        holder = self._holder(fd)
+        if holder and (holder.get("pid"), holder.get("host")) != (pid, host):
+            if holder.get("host") != host or _pid_alive(int(holder.get("pid", 0))):
+                raise self._refuse(fd, holder)
+            log.warning("%s: taking over the lock of a run that is gone (pid %s on %s, since %s)", self.what,
+                        holder.get("pid"), host, holder.get("since", "?"))
+        me = json.dumps({"pid": pid, "host": host, "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlink, then unlock (a run that opened the old file meanwhile sees it gone and locks a new one)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
 class PartialOutput:
     """``OUT.partial/``: per-block safetensors files (dense, the model dtype), their grids, and the journal."""
 
@@ -63,25 +146,56 @@ class PartialOutput:
         self.dir = partial_dir(self.out)
         self.hash = spec_hash(spec)
         self.readonly = readonly
+        self.lock: OutputLock | None = None
+        self.total: int | None = None  # blocks in the model, for the message of an interrupted run
         path = self.dir / JOURNAL
-        if self.dir.exists():
-            try:
-                journal = json.loads(path.read_text())
-            except (OSError, ValueError):
-                raise UsageError(f"{self.dir} exists without a readable journal: delete it to start over") from None
-            if journal.get("spec_hash") != self.hash:
-                old = journal.get("spec", {})
-                changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-                raise UsageError(f"{self.dir} holds an unfinished run with a different spec ({', '.join(changed)}"
-                                 " differ): re-run that exact command to resume it, or delete the directory")
-            self.journal = journal
-        else:
-            if readonly:
-                raise RuntimeError(f"{self.dir} was not created by rank 0 before the other ranks opened it")
-            self.dir.mkdir(parents=True)
-            self.journal = {"version": VERSION, "spec_hash": self.hash, "spec": spec, "blocks": {},
-                            "allocation": None}
-            self._write_journal()
+        if readonly and not self.dir.exists():
+            raise RuntimeError(f"{self.dir} was not created by rank 0 before the other ranks opened it")
+        if not readonly:  # the lock first: no other run reads or writes the journal meanwhile
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.lock = OutputLock(self.dir, f"--out {self.out}")
+            self.lock.acquire()
+        try:
+            # a directory holding no more than the lock: a run stopped before its journal was written
+            if path.exists() or readonly or any(p.name != LOCK for p in self.dir.iterdir()):
+                try:
+                    journal = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    raise UsageError(f"{self.dir} exists without a readable journal: delete it to start over"
+                                     ) from None
+                if journal.get("spec_hash") != self.hash:
+                    old = journal.get("spec", {})
+                    changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+                    raise UsageError(f"{self.dir} holds an unfinished run with a different spec"
+                                     f" ({', '.join(changed)} differ): re-run that exact command to resume it, or"
+                                     " delete the directory")
+                self.journal = journal
+            else:
+                self.journal = {"version": VERSION, "spec_hash": self.hash, "spec": spec, "blocks": {},
+                                "allocation": None}
+                self._write_journal()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, failed: bool = False) -> None:
+        """Unlock (idempotent). ``failed`` before any block (or allocation) was done: the directory goes too,
+        so a failed run leaves nothing behind."""
+        journal = getattr(self, "journal", {})
+        note_progress(len((self.journal_on_disk() if self.readonly else journal).get("blocks", {})), self.total)
+        if self.lock is None:
+            return
+        if failed and journal and not journal["blocks"] and not journal.get("allocation"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.lock.release()
+        self.lock = None
+
+    def journal_on_disk(self) -> dict:
+        """The journal as the disk holds it now (a torchrun rank other than 0 reads rank 0's progress)."""
+        try:
+            return json.loads((self.dir / JOURNAL).read_text())
+        except (OSError, ValueError):
+            return {}
 
     # -- journal -----------------------------------------------------------------------------------------
     def _write_journal(self) -> None:
@@ -132,7 +246,7 @@ class PartialOutput:
             return
         name = f"{self.block_prefix(i)}.safetensors"
         tmp = self.dir / f".{name}.tmp"
-        with _disk_errors(self.dir):
+        with deferred(), _disk_errors(self.dir):  # a signal meanwhile: this block is finished first
             try:
                 save_tensors(tensors, tmp, metadata={"format": "pt"})
                 _replace_atomically(tmp, self.dir / name)
@@ -142,8 +256,8 @@ class PartialOutput:
                 gdir = self.dir / f"grids-{i:05d}"
                 gdir.mkdir(exist_ok=True)
                 write_grids(gdir, grids)
-        self.journal["blocks"][str(i)] = {"file": name, "layers": layers}
-        self._write_journal()
+            self.journal["blocks"][str(i)] = {"file": name, "layers": layers}
+            self._write_journal()
 
     def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool, convert=None,
                 kept: list[int] | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
@@ -181,6 +295,11 @@ class PartialOutput:
             if grids and convert is None:  # dense output keeps them, so it can be packed later
                 write_grids(self.dir, grids)
             write_meta(self.dir)
+        with deferred():  # from here no journal: the directory is renamed to OUT before a signal ends the run
+            self._finish_publish(files, overwrite)
+        return self.out
+
+    def _finish_publish(self, files: list[str], overwrite: bool) -> None:
         (self.dir / JOURNAL).unlink()
         for i in self.finished:
             shutil.rmtree(self.dir / f"grids-{i:05d}", ignore_errors=True)
@@ -193,5 +312,7 @@ class PartialOutput:
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             os.replace(self.out, old)
             shutil.rmtree(old, ignore_errors=True)
+        if self.lock is not None:  # not part of the output; the run is complete
+            self.lock.release()
+            self.lock = None
         os.replace(self.dir, self.out)
-        return self.out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmprune.errors import CholeskyError
+from llmprune.errors import CholeskyError, NonFiniteError
 
 
 def dead_inputs(H: Tensor) -> Tensor:
@@ -60,6 +60,10 @@ def inverse_hessian_cholesky(H: Tensor, damp_frac: float, retries: int = 3) -> t
     Returns (U, damp_frac used, retries needed). Never falls back to an identity Hessian: that would be
     magnitude pruning wearing SparseGPT's name.
     """
+    if not bool(torch.isfinite(H).all()):  # no damping makes it definite: say why instead
+        bad = int((~torch.isfinite(H)).sum())
+        raise NonFiniteError(f"its Hessian holds {bad} non-finite entries (NaN or inf) of {H.numel()}: its"
+                             " calibration inputs were not finite")
     diag = torch.diag(H).float()
     diag[diag == 0] = 1
     mean_diag = diag.mean()

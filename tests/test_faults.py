@@ -1,0 +1,386 @@
+"""Faults a long run meets: a second writer on the same output, non-finite values, signals, hostile input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmprune.cli import main
+from llmprune.data import builtin_text_path
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny 6-block llama saved as several shards, its tokenizer, and a calibration file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tmp_path_factory.mktemp("faults")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(d / "model", max_shard_size="200KB")
+    tiny_tokenizer.save_pretrained(d / "model")
+    (d / "calib.txt").write_text(builtin_text_path().read_text()[:60_000])
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(sharded, tmp_path_factory) -> Path:
+    """A lone, uninterrupted run of ``args``."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert run(args(sharded, out)) == 0
+    return out
+
+
+def args(d: Path, out: Path, *extra, model: Path | None = None) -> list[str]:
+    return ["compress", str(model or d / "model"), "--out", str(out), "--calib", str(d / "calib.txt"),
+            "--nsamples", "8", "--seqlen", "64", "--device", "cpu", *extra]
+
+
+def run(argv) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    """Every weight file, the index and the config, byte for byte (the report holds timings)."""
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())
+            if f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json", "config.json")}
+
+
+def _spawn(argv: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen([sys.executable, "-m", "llmprune", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_blocks(proc: subprocess.Popen, journal: Path, k: int) -> int:
+    """Poll until the journal lists k finished blocks; return how many it listed then."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            done = len(json.loads(journal.read_text())["blocks"])
+        except (OSError, ValueError):
+            done = 0
+        if done >= k:
+            return done
+        if proc.poll() is not None:
+            pytest.fail(f"finished before block {k}: {proc.stderr.read()[-500:]}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("timed out")
+
+
+def one_line_error(err: str) -> str:
+    """The one error line that ends stderr (after the log and progress lines), with no traceback."""
+    assert "Traceback" not in err and err.count("llmprune: error: ") == 1, err
+    line = err[err.index("llmprune: error: "):].strip()
+    assert "\n" not in line, err
+    return line
+
+
+# -- one writer per output -------------------------------------------------------------------------------------
+
+def test_a_second_run_on_the_same_output_is_refused_and_the_first_finishes_intact(sharded, reference, tmp_path,
+                                                                                   capsys):
+    out = tmp_path / "o"
+    first = _spawn(args(sharded, out))
+    partial = tmp_path / "o.partial"
+    _wait_for_blocks(first, partial / "journal.json", 1)
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run: alive, holding its lock
+    try:
+        before = {p.name: p.read_bytes() for p in partial.iterdir()}
+        assert run(args(sharded, out)) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"pid {first.pid} on {socket.gethostname()}" in line and "being written by another run" in line
+        assert {p.name: p.read_bytes() for p in partial.iterdir()} == before  # the second wrote nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-800:]
+    assert files(out) == files(reference)
+    assert not partial.exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("holder", ["live pid", "other host"])
+def test_a_lock_naming_a_live_run_or_another_host_is_respected(sharded, tmp_path, capsys, holder):
+    """A lock without its flock (a file system without flock, another host's run) decides by its pid and host."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        partial = tmp_path / "o.partial"
+        partial.mkdir()
+        host = socket.gethostname() if holder == "live pid" else "elsewhere.example"
+        pid = sleeper.pid if holder == "live pid" else 1 << 22
+        (partial / ".lock").write_text(json.dumps({"pid": pid, "host": host, "since": "then"}))
+        assert run(args(sharded, tmp_path / "o")) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"pid {pid} on {host}" in line and str(partial / ".lock") in line
+        assert sorted(p.name for p in partial.iterdir()) == [".lock"] and not (tmp_path / "o").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_the_stale_lock_of_a_killed_run_is_taken_over_and_the_run_resumes(sharded, reference, tmp_path):
+    out = tmp_path / "o"
+    first = _spawn(args(sharded, out))
+    done = _wait_for_blocks(first, tmp_path / "o.partial" / "journal.json", 2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    lock = json.loads((tmp_path / "o.partial" / ".lock").read_text())
+    assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()  # left behind, naming a dead pid
+    proc = subprocess.run([sys.executable, "-m", "llmprune", *args(sharded, out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert f"taking over the lock of a run that is gone (pid {first.pid}" in proc.stderr
+    assert f"{done} blocks already done" in proc.stderr
+    assert files(out) == files(reference) and not (out / ".lock").exists()
+
+
+
+# -- non-finite values, named where they start ----------------------------------------------------------------
+
+def _with_nan_in_q_proj(src: Path, dst: Path) -> None:
+    """A copy of ``src`` whose layer 0 q_proj holds one NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    shard = dst / json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"][key]
+    tensors = load_file(shard)
+    tensors[key][3, 5] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-lazy",), ("--two-pass",), ("--method", "magnitude")])
+def test_a_nan_weight_is_named_and_nothing_is_written(sharded, tmp_path, capsys, extra):
+    _with_nan_in_q_proj(sharded / "model", tmp_path / "model")
+    assert run(args(sharded, tmp_path / "o", *extra, model=tmp_path / "model")) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "model.layers.0.self_attn.q_proj.weight holds 1 non-finite value (NaN or inf) of 4096" in line
+    assert "Hessian" not in line and "o_proj" not in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny float16 llama whose layer 0 MLP output passes float16's 65504 on any text (its weights do not)."""
+    from conftest import tiny_model
+
+    d = tmp_path_factory.mktemp("fp16") / "model"
+    model = tiny_model("llama").half()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(50)
+        model.model.layers[0].mlp.down_proj.weight.fill_(30000)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("extra", [("--sequential",), ("--two-pass",), ("--no-lazy",)])
+def test_float16_activations_that_overflow_are_named_with_the_dtype_to_use(overflowing, sharded, tmp_path, capsys,
+                                                                          extra):
+    argv = args(sharded, tmp_path / "o", "--method", "wanda", *extra, model=overflowing)
+    assert run(argv) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "the output of model.layers.0 holds non-finite activations" in line and "in float16" in line
+    assert "float16 overflow is the likely cause" in line and "--dtype bfloat16 or --dtype float32" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert run([*argv, "--dtype", "float32"]) == 0  # the advice works
+    capsys.readouterr()
+    from safetensors.torch import load_file
+
+    assert all(bool(torch.isfinite(t).all()) for t in load_file(tmp_path / "o" / "model.safetensors").values())
+
+
+def test_a_solve_that_leaves_float16_is_named(overflowing, sharded, tmp_path, capsys):
+    """SparseGPT's updates to weights already near float16's limit overflow it: named, never written as inf."""
+    assert run(args(sharded, tmp_path / "o", model=overflowing)) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line.startswith("llmprune: error: model.layers.0.mlp.down_proj: its sparsegpt solve gave")
+    assert "float16 overflow is the likely cause" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_hessian_with_non_finite_entries_is_named_before_cholesky():
+    from llmprune.errors import NonFiniteError
+    from llmprune.solvers.hinv import inverse_hessian_cholesky
+
+    X = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X
+    H[2, 3] = float("inf")
+    with pytest.raises(NonFiniteError, match="its Hessian holds 1 non-finite entries"):
+        inverse_hessian_cholesky(H, 0.01)
+
+
+# -- signals ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_run_with_one_line_and_the_rerun_resumes_byte_identical(sharded, reference, tmp_path,
+                                                                                    sig, code):
+    out, partial = tmp_path / "o", tmp_path / "o.partial"
+    proc = _spawn(args(sharded, out))
+    _wait_for_blocks(proc, partial / "journal.json", 1)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == code
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    journal = json.loads((partial / "journal.json").read_text())
+    done = len(journal["blocks"])
+    assert err.rstrip().endswith(f"llmprune: interrupted after block {done} of 6; re-run the same command to"
+                                 " resume"), err[-500:]
+    assert sorted(journal["blocks"]) == [str(i) for i in range(done)]  # the journal: finished blocks, in order
+    assert all((partial / b["file"]).is_file() for b in journal["blocks"].values())
+    assert not [p.name for p in partial.iterdir() if p.name.startswith(".")]  # no temp files, the lock released
+    again = subprocess.run([sys.executable, "-m", "llmprune", *args(sharded, out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-800:]
+    assert f"{done} blocks already done" in again.stderr and "taking over" not in again.stderr
+    assert files(out) == files(reference)
+
+
+def test_a_signal_inside_a_journal_write_waits_for_it(tmp_path):
+    """The block being journaled when the signal comes is finished first, then the run stops."""
+    from llmprune import signals
+    from llmprune.resume import PartialOutput
+
+    partial = PartialOutput(tmp_path / "o", {"a": 1})
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.installed():
+        real = partial._write_journal
+
+        def write_after_a_signal() -> None:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives between the block's file and its journal entry
+            real()
+
+        partial._write_journal = write_after_a_signal
+        with pytest.raises(signals.Interrupted) as exc:
+            partial.finish_block(0, {"w": torch.ones(2)}, [], {})
+    assert exc.value.exit_code == 143
+    assert list(json.loads((partial.dir / "journal.json").read_text())["blocks"]) == ["0"]
+    partial.close()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are the CLI run's only
+
+
+# -- hostile input, fuzzed --------------------------------------------------------------------------------------
+
+NO_MODEL = "/nonexistent-llmprune/model"  # every run fails at the model at the latest: no heavy work
+FUZZED = ("compress", "shrink", "sweep", "eval-ppl", "pack", "unpack", "inspect", "bench-speed")
+NOT_FUZZED = {"--log-file", "--out", "--config"}  # files the run would write; --config: the YAML test below
+
+
+def _value(param) -> st.SearchStrategy[str]:
+    import click
+
+    junk = st.one_of(st.integers(-(10**12), 10**12).map(str), st.floats().map(repr),
+                     st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=8),
+                     st.sampled_from(["", "0", "-1", "1e400", "nan", "inf", "2:4", "0:0", "4:2", "auto", "cuda:7",
+                                      "[", "(?", "none", "none,4", "a,,b"]))
+    if isinstance(param.type, click.Choice):
+        return st.one_of(st.sampled_from(list(param.type.choices)), junk)
+    if isinstance(param.type, click.types.IntParamType):  # mostly well-typed: the recipe's checks are the target
+        return st.one_of(st.integers(-2, 16).map(str), st.integers(-(10**12), 10**12).map(str), junk)
+    if isinstance(param.type, click.types.FloatParamType):
+        return st.one_of(st.floats(-2, 2).map(repr), st.floats().map(repr), junk)
+    return junk
+
+
+@st.composite
+def _argv(draw) -> list[str]:
+    from llmprune.cli import cli
+
+    name = draw(st.sampled_from(FUZZED))
+    command = cli.commands[name]
+    options = [p for p in command.params if p.param_type_name == "option" and p.opts[0] not in NOT_FUZZED]
+    argv = [name, NO_MODEL]
+    if any(p.opts[0] == "--out" for p in command.params):
+        argv += ["--out", "/nonexistent-llmprune/out"]
+    for p in draw(st.lists(st.sampled_from(options), max_size=6, unique_by=lambda p: p.opts[0])):
+        argv += [draw(st.sampled_from(p.opts))] if p.is_flag else [p.opts[0], draw(_value(p))]
+    return argv
+
+
+def _run_quietly(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code, err.getvalue()
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_argv())
+def test_fuzzed_options_give_one_line_or_success(argv):
+    code, err = _run_quietly(argv)
+    assert code == 2, (argv, err)  # the model does not exist: never a success, never a crash
+    one_line_error(err)
+
+
+_RECIPE_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(), st.text(max_size=6),
+              st.sampled_from(["sparsegpt", "wanda", "2:4", "auto", "fp64", "owl", "spdy", "dense"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=2)),
+    max_leaves=4)
+
+
+@st.composite
+def _recipe_yaml(draw) -> str:
+    import dataclasses
+
+    from llmprune.recipe import Recipe
+
+    keys = [f.name for f in dataclasses.fields(Recipe)]
+    recipe = draw(st.dictionaries(st.one_of(st.sampled_from(keys), st.text(max_size=6)), _RECIPE_VALUES,
+                                  max_size=5))
+    form = draw(st.sampled_from(["mapping", "top-level value", "broken"]))
+    if form == "top-level value":
+        return yaml.safe_dump(draw(_RECIPE_VALUES))
+    text = yaml.safe_dump(recipe)
+    return text if form == "mapping" else text[: draw(st.integers(0, len(text)))] + draw(st.sampled_from(
+        [":", "- [", "{", "\t", "&a *b", "!!python/object:os.system", "\x00"]))
+
+
+@settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_recipe_yaml(), st.sampled_from(["compress", "shrink", "sweep"]))
+def test_fuzzed_yaml_recipes_give_one_line(tmp_path_factory, text, command):
+    path = tmp_path_factory.mktemp("yaml") / "recipe.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    code, err = _run_quietly([command, NO_MODEL, "--out", "/nonexistent-llmprune/out", "--config", str(path)])
+    assert code == 2, (text, err)
+    one_line_error(err)
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"num_hidden_layers": 10**9}, "describes at least 3.48e+13 parameters"),
+    ({"hidden_size": 0}, "gives hidden_size 0, not a positive size"),
+    ({"vocab_size": 10**12}, "describes at least 6.4e+13 parameters"),
+    ({"num_attention_heads": -4}, "gives num_attention_heads -4, not a positive size"),
+])
+def test_a_config_with_absurd_sizes_is_refused_before_any_work(sharded, tmp_path, capsys, change, said):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sharded / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | change))
+    t0 = time.perf_counter()
+    assert run(args(sharded, tmp_path / "o", model=model)) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert said in line and "the config is damaged" in line and time.perf_counter() - t0 < 30
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
