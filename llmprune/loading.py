@@ -145,18 +145,41 @@ def _one_line_errors(mref: ModelRef) -> Iterator[None]:
         raise UsageError(f"cannot load model {mref.ref!r} ({first}): {hint}") from None
 
 
-def skeleton(mref: ModelRef) -> nn.Module:
-    """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
+def is_gguf(mref: ModelRef) -> bool:
+    return mref.kind in ("gguf", "builtin")
+
+
+def model_config(mref: ModelRef):
+    """The model's config; a GGUF file's from its one parse per run (ggufio)."""
     from transformers import AutoConfig
 
+    if is_gguf(mref):
+        from llmprune.ggufio import config_of
+
+        return config_of(Path(mref.location) / mref.gguf_file)
+    return AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+
+
+def working_dtype(dtype: str, stored: torch.dtype, fp32_to_bf16: bool) -> torch.dtype:
+    """``--dtype`` as a torch dtype. ``auto``: the checkpoint's dtype, except that a command that writes a
+    model (``fp32_to_bf16``) turns float32 (fp32 checkpoints, GGUF files dequantized) into bfloat16, so its
+    output is 16-bit like every published checkpoint, not twice their size."""
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    return torch.bfloat16 if fp32_to_bf16 and stored == torch.float32 else stored
+
+
+def skeleton(mref: ModelRef) -> nn.Module:
+    """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
     with _one_line_errors(mref):
-        config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+        config = model_config(mref)
         with torch.device("meta"):
             return causal_lm_class(config).from_config(config, trust_remote_code=mref.trust_remote_code)
 
 
-def load_model(ref: str | ModelRef, dtype: str = "auto"):
+def load_model(ref: str | ModelRef, dtype: str = "auto", fp32_to_bf16: bool = False, progress: bool = True):
     """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError.
+    ``fp32_to_bf16``: ``dtype`` auto loads float32 weights as bfloat16 (``working_dtype``).
 
     Packed 2:4 directories are read by ``pack.load`` (``llmprune.load`` picks the reader)."""
     from transformers import AutoConfig
@@ -164,15 +187,52 @@ def load_model(ref: str | ModelRef, dtype: str = "auto"):
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
     if mref.kind == "dir" and is_packed(Path(mref.location)):  # transformers would leave its linears random
         raise UsageError(f"{mref.ref} is a packed 2:4 directory: read it with llmprune.load (or unpack it)")
+    if is_gguf(mref):
+        return _load_gguf(mref, dtype, fp32_to_bf16, progress)
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
         config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
         model = causal_lm_class(config).from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
     tokenizer = load_tokenizer(mref.location, **mref.kwargs)
-    if mref.gguf_file:
-        _drop_gguf_quantizer(model)
-        if torch_dtype == "auto":
-            model.to(torch.float32)
+    if torch_dtype == "auto" and fp32_to_bf16:
+        stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        model.to(working_dtype(dtype, stored, True))
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, mref
+
+
+def _load_gguf(mref: ModelRef, dtype: str, fp32_to_bf16: bool, progress: bool):
+    """A GGUF file read once: config and tokenizer from its one parse, tensors dequantized one at a time into
+    the model (a progress bar per tensor); architectures whose tensors do not map one to one (MoE expert
+    stacking) go through transformers' loader, on the same parse."""
+    from llmprune import ggufio
+    from llmprune.progress import track
+
+    path = Path(mref.location) / mref.gguf_file
+    torch_dtype = working_dtype(dtype, torch.float32, fp32_to_bf16)  # GGUF tensors dequantize to float32
+    with _one_line_errors(mref):
+        config = ggufio.config_of(path)
+        if ggufio.streamable(path):
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = causal_lm_class(config).from_config(config, dtype=torch_dtype)
+            from llmprune.lazy import _set_tensor
+
+            tensors = ggufio.GgufTensors(path, model)
+            tensors.check()
+            for key in track(tensors.keys(), len(tensors.keys()), f"loading {path.name}", progress, unit="tensor"):
+                _set_tensor(model, key, tensors.get(key).to(torch_dtype))
+            model.tie_weights()
+            left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+            if left:
+                raise UsageError(f"{left[0]} is missing from {path}: the GGUF file does not hold this model")
+        else:
+            with ggufio.parsed_once():
+                model = causal_lm_class(config).from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
+            _drop_gguf_quantizer(model)
+    tokenizer = ggufio.tokenizer_of(path)
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, mref
