@@ -404,7 +404,7 @@ def _load_whole(mref: ModelRef, dtype: str, writes: bool = False):
 
         model, tokenizer = load_packed(mref.location, dtype=dtype)
         if writes and dtype == "auto" and model.dtype == torch.float32:
-            model.to(torch.bfloat16)
+            model, tokenizer = load_packed(mref.location, dtype="bfloat16")
         return model, tokenizer
     model, tokenizer, _ = load_model(mref, dtype, fp32_to_bf16=writes)
     return model, tokenizer

@@ -163,12 +163,35 @@ def config_of(path: str | Path):
 
 
 def tokenizer_of(path: str | Path):
-    """The tokenizer a GGUF file carries, or None."""
-    from llmprune.loading import load_tokenizer
+    """The tokenizer a GGUF file carries, or None (then a run that needs data says to pass ``--tokenizer``)."""
+    from transformers import AutoTokenizer
 
     p = Path(path)
     with parsed_once():
-        return load_tokenizer(str(p.parent), gguf_file=p.name)
+        try:
+            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        except Exception:
+            return None
+
+
+def fill(model: nn.Module, tensors: GgufTensors, dtype: torch.dtype, progress: bool = True) -> None:
+    """Read every tensor of ``tensors`` into ``model`` (built on the meta device), one at a time, in ``dtype``
+    (a progress bar per tensor); the output embedding tied again. A parameter left on meta is an error."""
+    from llmprune.progress import track
+
+    keys = tensors.keys()
+    for key in track(keys, len(keys), f"loading {tensors.file.path.name}", progress, unit="tensor"):
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        value = tensors.get(key).to(dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[leaf] = value
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise UsageError(f"{left[0]} is missing from {tensors.file.path}: the GGUF file does not hold this model")
 
 
 class GgufTensors:

@@ -192,11 +192,11 @@ def load_model(ref: str | ModelRef, dtype: str = "auto", fp32_to_bf16: bool = Fa
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
         config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if torch_dtype == "auto" and fp32_to_bf16 and stored in (torch.float32, "float32"):
+            torch_dtype = torch.bfloat16  # as from_pretrained casts: rotary tables stay float32
         model = causal_lm_class(config).from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
     tokenizer = load_tokenizer(mref.location, **mref.kwargs)
-    if torch_dtype == "auto" and fp32_to_bf16:
-        stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        model.to(working_dtype(dtype, stored, True))
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, mref
@@ -207,7 +207,6 @@ def _load_gguf(mref: ModelRef, dtype: str, fp32_to_bf16: bool, progress: bool):
     the model (a progress bar per tensor); architectures whose tensors do not map one to one (MoE expert
     stacking) go through transformers' loader, on the same parse."""
     from llmprune import ggufio
-    from llmprune.progress import track
 
     path = Path(mref.location) / mref.gguf_file
     torch_dtype = working_dtype(dtype, torch.float32, fp32_to_bf16)  # GGUF tensors dequantize to float32
@@ -218,16 +217,9 @@ def _load_gguf(mref: ModelRef, dtype: str, fp32_to_bf16: bool, progress: bool):
 
             with init_empty_weights(include_buffers=False):
                 model = causal_lm_class(config).from_config(config, dtype=torch_dtype)
-            from llmprune.lazy import _set_tensor
-
             tensors = ggufio.GgufTensors(path, model)
             tensors.check()
-            for key in track(tensors.keys(), len(tensors.keys()), f"loading {path.name}", progress, unit="tensor"):
-                _set_tensor(model, key, tensors.get(key).to(torch_dtype))
-            model.tie_weights()
-            left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-            if left:
-                raise UsageError(f"{left[0]} is missing from {path}: the GGUF file does not hold this model")
+            ggufio.fill(model, tensors, torch_dtype, progress)
         else:
             with ggufio.parsed_once():
                 model = causal_lm_class(config).from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
