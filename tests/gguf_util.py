@@ -45,7 +45,7 @@ def write_llama_gguf(model: nn.Module, path: Path, qtype: str = "F32") -> Path:
         elif kind == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, arr.astype(np.float16))
         else:
-            w.add_tensor(name, gguf.quants.quantize(arr, kind), raw_shape=arr.shape, raw_dtype=kind)
+            w.add_tensor(name, gguf.quants.quantize(arr, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
