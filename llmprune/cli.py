@@ -457,7 +457,7 @@ def demo(out: str, nsamples: int, seqlen: int, max_windows: int, overwrite: bool
 
     recipe = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device=device)
     api.check_output_dir(Path(out), overwrite, None)
-    model, tok = api.load("smollm2-135m")
+    model, tok = api.load("smollm2-135m", dtype="bfloat16")  # as compress writes a GGUF (half of fp32's size)
     click.echo("evaluating the dense model ...")
     evaluate = dict(tokenizer=tok, seqlen=seqlen, device=device, batch_size=8, max_windows=max_windows)
     before = api.evaluate(model, "shakespeare", **evaluate)
