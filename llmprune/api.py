@@ -55,8 +55,8 @@ from llmprune.compression import (
 )
 from llmprune.data import load_documents
 from llmprune.errors import UsageError
-from llmprune.lazy import can_load_lazily, load_lazy
-from llmprune.loading import ModelRef, load_model, load_tokenizer, resolve, skeleton
+from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
+from llmprune.loading import ModelRef, is_gguf, load_model, load_tokenizer, resolve, skeleton
 from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
@@ -233,7 +233,9 @@ def _describe(report: dict, model: nn.Module, source: str, kind: str, **extra: A
 
 
 def _dense_checkpoint_info(directory: Path, dtype: torch.dtype) -> dict:
-    return {"format": "dense", "bits_per_weight": 8 * dtype.itemsize,
+    """Size figures of a dense checkpoint: bits per weight of its linears as stored (pruned zeros take their
+    full width in a dense file), as ``inspect`` and ``pack`` count them (dense fp16 = 16)."""
+    return {"format": "dense", "dtype": str(dtype).removeprefix("torch."), "bits_per_weight": 8 * dtype.itemsize,
             "bytes": weights_bytes(directory)}
 
 
@@ -246,6 +248,7 @@ def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_s
         if recipe["format"] == "compressed-tensors":
             report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids,
                                                            act_order=recipe["act_order"])
+            report["checkpoint"]["dtype"] = str(dtype).removeprefix("torch.")  # of its scales and dense tensors
         else:
             save_hf(model, tokenizer, tmp, report, grids=grids)
             report["checkpoint"] = _dense_checkpoint_info(tmp, dtype)
@@ -315,11 +318,11 @@ def compress(
         source = getattr(model, "name_or_path", "") or "in-memory"
         kind, load_s = "memory", 0.0
     else:
-        if lazy and out_path is not None and mref.kind == "dir" and can_load_lazily(Path(mref.location)):
+        if lazy and out_path is not None and streams(mref):
             return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer, dist_read)
         if lazy and out_path is not None:
             _say_not_streamed(mref, rec)
-        model, loaded_tok = _load_whole(mref, rec.dtype)
+        model, loaded_tok = _load_whole(mref, rec.dtype, writes=True)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
         source, kind, load_s = mref.ref, mref.origin, time.perf_counter() - t0
     grids: dict = {}
@@ -363,10 +366,35 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
     return mref, out_path, tokenizer
 
 
+def streams(mref: ModelRef) -> bool:
+    """Whether the model is read block by block from disk: a plain safetensors directory, or a GGUF file whose
+    tensors map one to one onto the model's (ggufio)."""
+    if mref.kind == "dir":
+        return can_load_lazily(Path(mref.location))
+    if is_gguf(mref):
+        from llmprune.ggufio import streamable
+
+        return streamable(Path(mref.location) / mref.gguf_file)
+    return False
+
+
+def _open_lazy(mref: ModelRef, dtype: str, read_on_main: bool = False, writes: bool = True):
+    """(model streamed from disk, its tokenizer, the source's identity for the resume spec)."""
+    path = Path(mref.location)
+    if is_gguf(mref):
+        file = path / mref.gguf_file
+        model, tok = load_lazy_gguf(file, dtype, read_on_main=read_on_main, fp32_to_bf16=writes)
+        st = file.stat()
+        ident = hashlib.sha256(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+        return model, tok, {"model": str(file), "config": ident}
+    model, tok = load_lazy(path, dtype, mref.trust_remote_code, read_on_main=read_on_main, fp32_to_bf16=writes)
+    return model, tok, {"model": str(path), "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
+
+
 def _say_not_streamed(mref: ModelRef, rec: Recipe) -> None:
     """Warn, with the host memory it will take, that this run loads the whole model instead of streaming."""
     if mref.kind == "gguf" or mref.kind == "builtin":
-        why = "a .gguf file is dequantized whole on load"
+        why = "its GGUF architecture stores tensors transformers regroups (e.g. stacked experts) on load"
     elif mref.kind == "hub":
         why = "its hub weights are not safetensors, or not in the Hugging Face cache and not downloadable"
     elif is_packed(Path(mref.location)):
@@ -376,7 +404,8 @@ def _say_not_streamed(mref: ModelRef, rec: Recipe) -> None:
     try:
         shape = skeleton(mref)
         dt = getattr(shape.config, "dtype", None) or getattr(shape.config, "torch_dtype", None)
-        size = dt.itemsize if isinstance(dt, torch.dtype) and mref.kind not in ("gguf", "builtin") else 4
+        size = dt.itemsize if isinstance(dt, torch.dtype) and not is_gguf(mref) else 4
+        size = 2 if rec.dtype in ("auto", "bfloat16", "float16") and size == 4 else size  # fp32 read as bf16
         nbytes = sum(p.numel() for p in shape.parameters()) * size
         need = f"about {nbytes / 2**30:.1f} GiB of host memory"
     except UsageError:
@@ -384,13 +413,17 @@ def _say_not_streamed(mref: ModelRef, rec: Recipe) -> None:
     log.warning("%s is loaded whole, not streamed from disk (%s): %s", mref.ref, why, need)
 
 
-def _load_whole(mref: ModelRef, dtype: str):
-    """(model, tokenizer) loaded whole into host memory; packed 2:4 directories unpacked."""
+def _load_whole(mref: ModelRef, dtype: str, writes: bool = False):
+    """(model, tokenizer) loaded whole into host memory; packed 2:4 directories unpacked. ``writes``: for a
+    command that writes the model, so float32 weights load as bfloat16 unless ``dtype`` says otherwise."""
     if mref.kind == "dir" and is_packed(Path(mref.location)):
         from llmprune.pack import load as load_packed
 
-        return load_packed(mref.location, dtype=dtype)
-    model, tokenizer, _ = load_model(mref, dtype)
+        model, tokenizer = load_packed(mref.location, dtype=dtype)
+        if writes and dtype == "auto" and model.dtype == torch.float32:
+            model, tokenizer = load_packed(mref.location, dtype="bfloat16")
+        return model, tokenizer
+    model, tokenizer, _ = load_model(mref, dtype, fp32_to_bf16=writes)
     return model, tokenizer
 
 
@@ -443,13 +476,12 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
                    progress: Progress, tokenizer=None, dist_read: str = "all", extra: dict | None = None) -> Report:
     """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
     publish it as ``out``. ``extra``: entries added to the report (a streamed shrink's, before ``--wbits``)."""
-    path = Path(mref.location)
-    model, loaded_tok = load_lazy(path, recipe.dtype, mref.trust_remote_code, read_on_main=dist_read == "rank0")
+    model, loaded_tok, ident = _open_lazy(mref, recipe.dtype, read_on_main=dist_read == "rank0")
     tokenizer = tokenizer if tokenizer is not None else loaded_tok
     load_s = time.perf_counter() - t0
     windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
-    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"] if calib else None, "model": str(path),
-            "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(), "llmprune": __version__}
+    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"] if calib else None, **ident,
+            "llmprune": __version__}
     partial = _open_partial(out, spec, len(find_blocks(model)[1]))
     if partial.finished:
         log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
@@ -490,7 +522,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
             cfg = json.loads((directory / "config.json").read_text())
             cfg["quantization_config"] = compressed_tensors_config(spec_of[0], recipe.act_order, ignore)
             (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            report["checkpoint"] = {"format": "compressed-tensors",
+            report["checkpoint"] = {"format": "compressed-tensors", "dtype": str(dtype).removeprefix("torch."),
                                     "bits_per_weight": 8 * sizes["packed_bytes"] / sizes["numel"],
                                     "bytes": weights_bytes(directory)}
         else:
@@ -541,9 +573,8 @@ def evaluate(
     if mref is None:
         m, tok = model, _tokenizer_for(model, tokenizer)
     else:
-        if mref.kind == "dir" and can_load_lazily(Path(mref.location)):
-            # blocks read from disk one at a time
-            m, tok = load_lazy(Path(mref.location), dtype, trust_remote_code, read_on_main=dist_read == "rank0")
+        if streams(mref):  # blocks read from disk one at a time
+            m, tok, _ = _open_lazy(mref, dtype, read_on_main=dist_read == "rank0", writes=False)
         else:
             m, tok = _load_whole(mref, dtype)
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
@@ -673,7 +704,7 @@ def sweep(
     if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:
-        m, tok = _load_whole(mref, base.dtype)
+        m, tok = _load_whole(mref, base.dtype, writes=True)  # the dtype compress would write
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         name = mref.ref
     out_path.mkdir(parents=True, exist_ok=True)
@@ -753,15 +784,14 @@ def shrink(
 
     mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
                                                check)
-    if lazy and out_path is not None and mref is not None and mref.kind == "dir" \
-            and can_load_lazily(Path(mref.location)):
+    if lazy and out_path is not None and mref is not None and streams(mref):
         return _shrink_lazy(mref, out_path, rec, spec, overwrite, t0, progress, tokenizer)
     if mref is None:
         m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
     else:
         if lazy and out_path is not None:
             _say_not_streamed(mref, rec)
-        m, loaded = _load_whole(mref, rec.dtype)
+        m, loaded = _load_whole(mref, rec.dtype, writes=out_path is not None)
         tok = tokenizer if tokenizer is not None else loaded
         source, kind = mref.ref, mref.origin
     report = shrink_model(m, tok, rec, spec, progress=progress)
@@ -787,14 +817,13 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
     from llmprune.resume import spec_hash
     from llmprune.structured import shrink_model
 
-    path = Path(mref.location)
-    model, loaded_tok = load_lazy(path, rec.dtype, mref.trust_remote_code)
+    model, loaded_tok, ident = _open_lazy(mref, rec.dtype)
     tok = tokenizer if tokenizer is not None else loaded_tok
     src = model.block_source
     main = distributed.is_main()
     windows, calib = calibration_set(tok, model, rec)
     key = {"shrink": dataclasses.asdict(spec), "recipe": rec.to_dict(), "calibration": calib["sha256"],
-           "model": str(path), "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+           **ident,
            "llmprune": __version__}
     target = out if rec.wbits is None else out.parent / f".{out.name}.shrunk"
     stamp = target / ".shrink-spec"  # --wbits: the shrunk stage finished for this very spec

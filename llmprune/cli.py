@@ -105,7 +105,7 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                      help="Hessian damping as a fraction of its mean diagonal (default 0.01)."),
         click.option("--device", default=None, help="auto (default: cuda if available), cpu, cuda, cuda:N."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
-                     help="Compute and output dtype (default: the checkpoint's)."),
+                     help="Compute and output dtype (default: the checkpoint's; bfloat16 for float32 ones and .gguf)."),
         click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default 8)."),
         click.option("--hessian-dtype", type=click.Choice(list(HESSIAN_DTYPES)), default=None,
                      help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate;"
@@ -240,7 +240,8 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
     ckpt = report.checkpoint
     click.echo(
         f"compressed {len(report.layers)} linears ({recipe.label}): {report.global_sparsity:.2%} sparsity,"
-        f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']}, in {report.timings['total_s']:.1f} s"
+        f" {ckpt['bits_per_weight']:.2f} bits/weight as {ckpt['format']} {ckpt.get('dtype', '?')} (dense fp16: 16),"
+        f" in {report.timings['total_s']:.1f} s"
         f" -> {out}"
     )
     alloc = report.allocation or {}
@@ -476,7 +477,7 @@ def pack(model: str, pattern: str, out: str, skip_nonconforming: bool, overwrite
                         kernels=kernels, device=device)
     ratio = manifest["packed_bytes"] / manifest["dense_fp16_bytes"]
     click.echo(f"packed {len(manifest['layers'])} linears as 2:4: {manifest['packed_bytes']:,} bytes,"
-               f" {ratio:.3f} of their dense fp16 size -> {out}")
+               f" {16 * ratio:.2f} bits/weight, {ratio:.3f} of their dense fp16 size -> {out}")
     if manifest["dense_layers"]:
         click.echo(f"kept dense (not 2:4): {', '.join(manifest['dense_layers'])}")
 
@@ -553,7 +554,7 @@ def demo(out: str | None, nsamples: int, seqlen: int, max_windows: int, overwrit
     recipe = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device=device)
     api.check_output_dir(path, overwrite, None)  # before the model loads
     click.echo(f"the pruned checkpoint goes to {path}")
-    model, tok = api.load("smollm2-135m")
+    model, tok = api.load("smollm2-135m", dtype="bfloat16")  # as compress writes a GGUF (half of fp32's size)
     click.echo("evaluating the dense model ...")
     evaluate = dict(tokenizer=tok, seqlen=seqlen, device=device, batch_size=8, max_windows=max_windows)
     before = api.evaluate(model, "shakespeare", **evaluate)

@@ -25,7 +25,7 @@ from llmprune.arch import causal_lm_class, find_blocks
 from llmprune.checkpoint import TensorReader
 from llmprune.errors import UsageError
 from llmprune.keymap import KeyMap
-from llmprune.loading import DTYPES, load_tokenizer
+from llmprune.loading import DTYPES, load_tokenizer, working_dtype
 
 
 def can_load_lazily(directory: Path) -> bool:
@@ -158,10 +158,11 @@ class BlockSource:
         _to_meta(model, {name: t for name, t in model.state_dict().items() if not name.startswith(inside)})
 
 
-def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = False, read_on_main: bool = False):
+def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = False, read_on_main: bool = False,
+              fp32_to_bf16: bool = False):
     """(model with every parameter on the meta device and ``model.block_source`` set, tokenizer).
-    ``read_on_main``: under torchrun, rank 0 reads the blocks and broadcasts them (``BlockSource``)."""
-    from accelerate import init_empty_weights
+    ``read_on_main``: under torchrun, rank 0 reads the blocks and broadcasts them (``BlockSource``).
+    ``fp32_to_bf16``: ``dtype`` auto reads float32 weights as bfloat16 (``loading.working_dtype``)."""
     from transformers import AutoConfig
 
     directory = Path(directory)
@@ -169,11 +170,40 @@ def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = Fa
     reader = TensorReader(directory)
     reader.check()
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    torch_dtype = DTYPES.get(dtype) or _stored_dtype(config, reader)
+    torch_dtype = working_dtype(dtype, _stored_dtype(config, reader), fp32_to_bf16)
+    model = _meta_model(config, torch_dtype, trust_remote_code)
+    _attach(model, reader, torch_dtype, read_on_main, directory)
+    return model, load_tokenizer(str(directory))
+
+
+def load_lazy_gguf(path: Path, dtype: str = "auto", read_on_main: bool = False, fp32_to_bf16: bool = False):
+    """``load_lazy`` for a .gguf file: its blocks read and dequantized one at a time (ggufio.GgufTensors), the
+    file's metadata parsed once."""
+    from llmprune import ggufio
+
+    path = Path(path)
+    hostmem.map_large_allocations()
+    config = ggufio.config_of(path)
+    torch_dtype = working_dtype(dtype, torch.float32, fp32_to_bf16)  # GGUF tensors dequantize to float32
+    model = _meta_model(config, torch_dtype, False)
+    reader = ggufio.GgufTensors(path, model)
+    reader.check()
+    _attach(model, reader, torch_dtype, read_on_main, path)
+    return model, ggufio.tokenizer_of(path)
+
+
+def _meta_model(config, torch_dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from accelerate import init_empty_weights
+
     with init_empty_weights(include_buffers=False):
         model = causal_lm_class(config).from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.config.use_cache = False
+    return model
+
+
+def _attach(model: nn.Module, reader, torch_dtype: torch.dtype, read_on_main: bool, where: Path) -> None:
+    """Set ``model.block_source``, every key it will need checked up front (not at block 57)."""
     path, blocks = find_blocks(model)
     inside = f"{path}."
     tied = _tied_keys(model)  # the output embedding, tied to the input embedding: stored once
@@ -181,13 +211,12 @@ def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = Fa
     keymap = KeyMap(model, reader.keys())
     for name in rest:
         if name not in keymap:
-            raise UsageError(f"{name} is missing from {directory}: the checkpoint does not match its config")
+            raise UsageError(f"{name} is missing from {where}: the checkpoint does not match its config")
     model.block_source = BlockSource(reader, path, torch_dtype, rest, keymap, read_on_main)
-    for i, block in enumerate(blocks):  # check the keys up front, not at block 57
+    for i, block in enumerate(blocks):
         missing = model.block_source.missing(i, block)
         if missing:
-            raise UsageError(f"{missing[0]} is missing from {directory}: the checkpoint does not match its config")
-    return model, load_tokenizer(str(directory))
+            raise UsageError(f"{missing[0]} is missing from {where}: the checkpoint does not match its config")
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

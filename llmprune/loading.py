@@ -196,19 +196,42 @@ def check_config_sizes(config, mref: ModelRef) -> None:
                          + ": the config is damaged; restore it from the model's source")
 
 
-def skeleton(mref: ModelRef) -> nn.Module:
-    """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
+def is_gguf(mref: ModelRef) -> bool:
+    return mref.kind in ("gguf", "builtin")
+
+
+def model_config(mref: ModelRef):
+    """The model's config; a GGUF file's from its one parse per run (ggufio)."""
     from transformers import AutoConfig
 
+    if is_gguf(mref):
+        from llmprune.ggufio import config_of
+
+        return config_of(Path(mref.location) / mref.gguf_file)
+    return AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+
+
+def working_dtype(dtype: str, stored: torch.dtype, fp32_to_bf16: bool) -> torch.dtype:
+    """``--dtype`` as a torch dtype. ``auto``: the checkpoint's dtype, except that a command that writes a
+    model (``fp32_to_bf16``) turns float32 (fp32 checkpoints, GGUF files dequantized) into bfloat16, so its
+    output is 16-bit like every published checkpoint, not twice their size."""
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    return torch.bfloat16 if fp32_to_bf16 and stored == torch.float32 else stored
+
+
+def skeleton(mref: ModelRef) -> nn.Module:
+    """The model's modules on the meta device, no weights read: for checks that must come before a long load."""
     with _one_line_errors(mref):
-        config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+        config = model_config(mref)
         check_config_sizes(config, mref)
         with torch.device("meta"):
             return causal_lm_class(config).from_config(config, trust_remote_code=mref.trust_remote_code)
 
 
-def load_model(ref: str | ModelRef, dtype: str = "auto"):
+def load_model(ref: str | ModelRef, dtype: str = "auto", fp32_to_bf16: bool = False, progress: bool = True):
     """(model on CPU in eval mode, tokenizer, ModelRef). A bad reference is a one-line UsageError.
+    ``fp32_to_bf16``: ``dtype`` auto loads float32 weights as bfloat16 (``working_dtype``).
 
     Packed 2:4 directories are read by ``pack.load`` (``llmprune.load`` picks the reader)."""
     from transformers import AutoConfig
@@ -216,15 +239,44 @@ def load_model(ref: str | ModelRef, dtype: str = "auto"):
     mref = ref if isinstance(ref, ModelRef) else resolve(ref)
     if mref.kind == "dir" and is_packed(Path(mref.location)):  # transformers would leave its linears random
         raise UsageError(f"{mref.ref} is a packed 2:4 directory: read it with llmprune.load (or unpack it)")
+    if is_gguf(mref):
+        return _load_gguf(mref, dtype, fp32_to_bf16, progress)
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
         config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if torch_dtype == "auto" and fp32_to_bf16 and stored in (torch.float32, "float32"):
+            torch_dtype = torch.bfloat16  # as from_pretrained casts: rotary tables stay float32
         model = causal_lm_class(config).from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
     tokenizer = load_tokenizer(mref.location, **mref.kwargs)
-    if mref.gguf_file:
-        _drop_gguf_quantizer(model)
-        if torch_dtype == "auto":
-            model.to(torch.float32)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, mref
+
+
+def _load_gguf(mref: ModelRef, dtype: str, fp32_to_bf16: bool, progress: bool):
+    """A GGUF file read once: config and tokenizer from its one parse, tensors dequantized one at a time into
+    the model (a progress bar per tensor); architectures whose tensors do not map one to one (MoE expert
+    stacking) go through transformers' loader, on the same parse."""
+    from llmprune import ggufio
+
+    path = Path(mref.location) / mref.gguf_file
+    torch_dtype = working_dtype(dtype, torch.float32, fp32_to_bf16)  # GGUF tensors dequantize to float32
+    with _one_line_errors(mref):
+        config = ggufio.config_of(path)
+        if ggufio.streamable(path):
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = causal_lm_class(config).from_config(config, dtype=torch_dtype)
+            tensors = ggufio.GgufTensors(path, model)
+            tensors.check()
+            ggufio.fill(model, tensors, torch_dtype, progress)
+        else:
+            with ggufio.parsed_once():
+                model = causal_lm_class(config).from_pretrained(mref.location, dtype=torch_dtype, **mref.kwargs)
+            _drop_gguf_quantizer(model)
+    tokenizer = ggufio.tokenizer_of(path)
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, mref

@@ -70,7 +70,7 @@ class Recipe:
     block_size: int = 128  # columns solved together before the lazy trailing update
     damp_frac: float = 0.01  # damping added to the Hessian's diagonal, as a fraction of its mean
     device: str = "auto"  # auto = cuda when available, else cpu
-    dtype: str = "auto"  # auto = the checkpoint's dtype
+    dtype: str = "auto"  # auto = the checkpoint's dtype; bfloat16 for float32 checkpoints and GGUF files
     batch_size: int = 8  # calibration windows per forward pass through a block
     # auto: X·Xᵀ from fp16/bf16 activations on CUDA tensor cores with fp32 accumulation; fp32: upcast first
     hessian_dtype: str = "auto"

@@ -142,23 +142,26 @@ def run_sweep(
     eval_spec = {n: {"sha": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16], **i}
                  for n, (w, i) in eval_sets.items()}
     store = CellStore(out)
+    # bits per weight of the linears as a cell's checkpoint stores them: wbits, else the model dtype's
+    dtype_bits = 8 * next(p.dtype.itemsize for p in model.parameters() if p.is_floating_point())
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     captured: dict = {}
 
     def evaluate_all() -> dict[str, float]:
         return {n: perplexity(model, w, device, eval_batch_size, progress=False) for n, (w, _) in eval_sets.items()}
 
-    dense_key = _key("dense", model_name, eval_spec, extra_key)
+    dense_key = _key("dense", model_name, eval_spec, extra_key, dtype_bits)
     dense = store.get(dense_key)
     if dense is None:
-        dense = {"method": "dense", "sparsity": "0", "wbits": None, "label": "dense", "global_sparsity": 0.0,
+        dense = {"method": "dense", "sparsity": "0", "wbits": None, "bits": dtype_bits, "label": "dense",
+                 "global_sparsity": 0.0,
                  "ppl": evaluate_all(), "compress_s": 0.0, "peak_mib": round(_peak_mib(device), 1),
                  "scores": extra(None, model) if extra else {}}
         store.put(dense_key, dense)
     rows = [dense]
     todo = []
     for cell, recipe in zip(cells, recipes, strict=True):
-        key = _key(model_name, recipe.to_dict(), calib["sha256"], eval_spec, extra_key)
+        key = _key(model_name, recipe.to_dict(), calib["sha256"], eval_spec, extra_key, dtype_bits)
         row = store.get(key)
         if row is None:
             todo.append((cell, recipe, key))
@@ -174,6 +177,7 @@ def run_sweep(
                                     calibration=calib)
             seconds = time.perf_counter() - t0
             row = {"method": cell.method, "sparsity": cell.sparsity, "wbits": cell.wbits, "label": cell.label,
+                   "bits": cell.wbits or dtype_bits,
                    "global_sparsity": report["global_sparsity"], "ppl": evaluate_all(),
                    "compress_s": round(seconds, 3), "peak_mib": round(_peak_mib(device), 1),
                    "scores": extra(cell, model) if extra else {},
@@ -226,7 +230,8 @@ def zero_shot(model: nn.Module, tokenizer, tasks: list[str], batch_size: int = 8
 def table_rows(rows: list[dict], evals: list[str], tasks: list[str]) -> list[list[str]]:
     out = []
     for r in rows:
-        out.append([r["method"], r["sparsity"], str(r["wbits"] or 16), *(f"{r['ppl'][e]:.3f}" for e in evals),
+        bits = r.get("bits") or r["wbits"] or 16  # rows stored before "bits" was kept: a 16-bit model's
+        out.append([r["method"], r["sparsity"], str(bits), *(f"{r['ppl'][e]:.3f}" for e in evals),
                     *(f"{r.get('scores', {}).get(t, float('nan')):.4f}" for t in tasks),
                     f"{r['global_sparsity']:.4f}", f"{r['compress_s']:.1f}", f"{r['peak_mib']:.0f}"])
     return out

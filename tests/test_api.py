@@ -4,6 +4,7 @@ example runs; the package's import graph has no cycles and its arrows point down
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 from pathlib import Path
@@ -68,8 +69,9 @@ def test_api_equals_cli_to_a_directory_and_in_place(tiny_model_dir, tiny_tokeniz
     assert report.to_dict() == json.loads((tmp_path / "api" / "llmprune.json").read_text())
     same_run(report.to_dict(), want_report)
 
-    # an in-memory model, compressed in place, no directory written
-    model, tok = llmprune.load(tiny_model_dir)
+    # an in-memory model, compressed in place, no directory written (in the dtype a directory's fp32 weights are
+    # compressed and written in: bfloat16)
+    model, tok = llmprune.load(tiny_model_dir, dtype="bfloat16")
     report = llmprune.compress(model, tokenizer=tok, calib=str(calib), pattern="2:4", **SMALL)
     assert report.module is model and report.checkpoint is None
     assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
@@ -77,7 +79,7 @@ def test_api_equals_cli_to_a_directory_and_in_place(tiny_model_dir, tiny_tokeniz
     assert report.model["kind"] == "memory"
 
     # an in-memory model to a directory; a Recipe object with an option on top
-    model, tok = llmprune.load(tiny_model_dir)
+    model, tok = llmprune.load(tiny_model_dir, dtype="bfloat16")
     recipe = llmprune.Recipe(calib=str(calib), pattern="2:4", nsamples=4, seqlen=32)
     report = llmprune.compress(model, tmp_path / "mem", recipe, tokenizer=tok, device="cpu")
     got = weights(tmp_path / "mem")
@@ -172,7 +174,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 def test_builtin_model_api_equals_cli(smollm2, tmp_path):
     """The built-in model through the CLI to a directory and through the API in place: one result. (The
     README example compresses it through the API to a directory.) Blocks 3.. are skipped to save time."""
-    model, tok, pristine = smollm2
+    model, tok, _ = smollm2
     skip = r"layers\.([3-9]|[12][0-9])\."
     flags = ["--method", "sparsegpt", "--calib", "shakespeare", "--nsamples", 2, "--seqlen", 32, "--device", "cpu",
              "--skip", skip]
@@ -183,13 +185,15 @@ def test_builtin_model_api_equals_cli(smollm2, tmp_path):
     opts = dict(method="sparsegpt", calib="shakespeare", nsamples=2, seqlen=32, device="cpu", skip=[skip],
                 progress=False)
     want_w = weights(tmp_path / "cli")
-    try:
-        report = llmprune.compress(model, tokenizer=tok, **opts)
-        same_run(report.to_dict(), want)
-        state = model.state_dict()
-        assert all(torch.equal(want_w[k], state[k]) for k in want_w)
-    finally:
-        model.load_state_dict(pristine)
+    assert want["model"]["dtype"] == want["checkpoint"]["dtype"] == "bfloat16"  # the GGUF is written 16-bit
+    assert want["checkpoint"]["bits_per_weight"] == 16
+    model = copy.deepcopy(model)  # in memory, in the dtype the CLI compressed it in (rotary tables stay fp32)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    report = llmprune.compress(model, tokenizer=tok, **opts)
+    same_run(report.to_dict(), want)
+    state = model.state_dict()
+    assert all(torch.equal(want_w[k], state[k]) for k in want_w)
 
 
 # --- layering ---------------------------------------------------------------------------------------------

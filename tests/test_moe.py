@@ -19,7 +19,8 @@ from llmprune.recipe import Recipe
 from llmprune.targets import block_targets, on_device
 
 FAMILIES = list(TINY_MOE)
-OPTS = dict(nsamples=8, seqlen=32, device="cpu", calib="shakespeare", progress=False)
+# float32 outputs: the tests compare them with in-memory fp32 models and transformers loads of them
+OPTS = dict(nsamples=8, seqlen=32, device="cpu", calib="shakespeare", progress=False, dtype="float32")
 
 
 def windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
@@ -263,7 +264,7 @@ def test_shrink_drops_experts_with_the_cli_and_refuses_mlp_on_moe(moe_dirs, tmp_
 
     with pytest.raises(SystemExit) as exc:
         main(["shrink", str(moe_dirs["qwen2_moe"]), "--out", str(tmp_path / "s"), "--drop-experts", "0.5",
-              "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32", "--device", "cpu"])
+              "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--dtype", "float32"])
     assert exc.value.code in (0, None)
     assert "experts 4 -> 2 per MoE layer" in capsys.readouterr().out
     data = json.loads((tmp_path / "s" / "llmprune.json").read_text())

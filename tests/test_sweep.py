@@ -32,7 +32,10 @@ def test_each_cell_equals_a_separate_compress_and_eval(tiny_model_dir, text, tmp
     rows = run_sweep(tiny_model_dir, tmp_path / "s", text)
     assert [r["label"] for r in rows] == ["dense", "sparsegpt 0.5", "sparsegpt 2:4", "magnitude 0.5",
                                           "magnitude 2:4"]
-    dense = llmprune.evaluate(tiny_model_dir, str(text), seqlen=32, max_windows=4, device="cpu", progress=False)
+    # the sweep computes in the dtype compress writes (bf16 for this fp32 model), its table says so
+    assert [r["bits"] for r in rows] == [16] * 5
+    dense = llmprune.evaluate(tiny_model_dir, str(text), seqlen=32, max_windows=4, device="cpu", progress=False,
+                              dtype="bfloat16")
     assert rows[0]["ppl"][str(text)] == dense["ppl"]
     for row, (method, extra) in zip(rows[1:], [("sparsegpt", {"sparsity": 0.5}), ("sparsegpt", {"pattern": "2:4"}),
                                                ("magnitude", {"sparsity": 0.5}), ("magnitude", {"pattern": "2:4"})],

@@ -103,10 +103,11 @@ CASES = {
 }
 
 
+# every run here writes float32 (--dtype float32): the tolerances compare fp32 outputs across ranks
 @pytest.mark.parametrize("case", list(CASES))
 def test_torchrun_output_equals_the_single_process_output(case, model_dir, tmp_path):
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
-            "--device", "cpu", *CASES[case]]
+            "--dtype", "float32", "--device", "cpu", *CASES[case]]
     r1, r2, two = both(base, tmp_path)
     assert [x["tokens"] for x in r1["layers"]] == [x["tokens"] for x in r2["layers"]]  # every rank's tokens
     if "--wbits" in CASES[case]:
@@ -132,7 +133,7 @@ def test_with_fp64_hessians_torchrun_gives_the_single_process_output_bit_for_bit
     """--hessian-dtype fp64 makes the Hessians independent of how the windows are split over the ranks, so
     even GPTQ's chaotic rounding lands on the same codes: every tensor equal, not merely close."""
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
-            "--device", "cpu", "--hessian-dtype", "fp64", *EXACT[case]]
+            "--dtype", "float32", "--device", "cpu", "--hessian-dtype", "fp64", *EXACT[case]]
     r1, r2, _ = both(base, tmp_path)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert wa.keys() == wb.keys()
@@ -144,7 +145,7 @@ def test_with_fp64_hessians_torchrun_gives_the_single_process_output_bit_for_bit
 @pytest.mark.parametrize("dist_read", ["all", "rank0"])
 def test_with_rank0_reading_only_rank0_opens_the_shards_and_the_output_is_the_same(dist_read, model_dir, tmp_path):
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
-            "--device", "cpu", "--dist-read", dist_read]
+            "--dtype", "float32", "--device", "cpu", "--dist-read", dist_read]
     counts = tmp_path / "reads"
     both(base, tmp_path, counts)
     reads = [int((counts / f"rank{r}.txt").read_text()) for r in (0, 1)]
@@ -159,7 +160,8 @@ def test_shrink_under_torchrun_gives_the_single_process_model(method, model_dir,
     writes (streamed from disk; obs-w4: then quantized, streamed too): with fp64 Hessians the same model bit
     for bit."""
     base = ["shrink", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
-            "--device", "cpu", "--mlp", "0.34", "--heads", "0.5", "--drop-blocks", "1", "--align", "16",
+            "--dtype", "float32", "--device", "cpu", "--mlp", "0.34", "--heads", "0.5", "--drop-blocks", "1",
+            "--align", "16",
             "--method", method.removesuffix("-w4"), "--hessian-dtype", "fp64",
             *(["--wbits", "4", "--group-size", "16"] if method.endswith("-w4") else [])]
     counts = tmp_path / "counts"
@@ -181,7 +183,7 @@ def test_drop_experts_under_torchrun_scores_every_ranks_tokens(tmp_path, tiny_to
     tiny_model("mixtral").save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     base = ["compress", str(d), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32", "--device", "cpu",
-            "--sparsity", "0", "--drop-experts", "0.5"]
+            "--dtype", "float32", "--sparsity", "0", "--drop-experts", "0.5"]
     r1, r2, _ = both(base, tmp_path)
     e1, e2 = r1["experts"], r2["experts"]
     for path, info in e1["dropped"].items():
@@ -200,7 +202,7 @@ def test_eval_ppl_under_torchrun_equals_the_single_process(model_dir):
 
 def test_a_killed_rank_stops_every_rank_and_the_rerun_resumes(model_dir, tmp_path):
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
-            "--device", "cpu", "--out", str(tmp_path / "out")]
+            "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out")]
     died = torchrun(base, script=[str(HERE / "torchrun_faulty.py")], LLMPRUNE_TEST_DIE_AFTER="1")
     assert died.returncode != 0
     assert "rank" in died.stderr and not (tmp_path / "out").exists()
