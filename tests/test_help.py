@@ -94,7 +94,7 @@ def test_demo_refuses_an_earlier_checkpoint_without_overwrite(tmp_path, monkeypa
     (earlier / "llmprune.json").write_text("{}")
     loads = []
 
-    def load(name):
+    def load(name, **kwargs):
         loads.append(name)
         raise api.UsageError("stop here: the model would load now")
 
