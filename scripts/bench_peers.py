@@ -130,14 +130,18 @@ def main() -> None:
             return {"wall": wall, "load": r["import_s"] + r["load_s"], "compress": r["compress_s"],
                     "write": r["save_s"], "sparsity": r["sparsity"]}
 
-        def eval_runs() -> None:
-            wall, stdout = timed([sys.executable, "-m", "llmprune", "eval-ppl", str(model_dir), "--dataset",
-                                  "shakespeare", "--seqlen", str(args.seqlen), "--max-windows",
-                                  str(args.eval_windows), "--device", "cpu", "--dtype", args.dtype], env)
-            rows.setdefault("llmprune eval-ppl", []).append({"wall": wall, "out": stdout.strip()[-80:]})
-            wall, stdout = timed([sys.executable, "-c", LOOP, str(model_dir), str(work / "eval.pt")], env)
-            ppl, _ = stdout.split()
-            rows.setdefault("transformers loop", []).append({"wall": wall, "ppl": float(ppl)})
+        def eval_runs(r: int) -> None:
+            """eval-ppl (the directory's own dtype, as it evaluates) and the loop, in alternating order."""
+            for which in (("llmprune", "loop") if r % 2 == 0 else ("loop", "llmprune")):
+                if which == "llmprune":
+                    wall, stdout = timed([sys.executable, "-m", "llmprune", "eval-ppl", str(model_dir), "--dataset",
+                                          "shakespeare", "--seqlen", str(args.seqlen), "--max-windows",
+                                          str(args.eval_windows), "--device", "cpu"], env)
+                    ppl = float(stdout.split("perplexity ")[1].split()[0])
+                    rows.setdefault("llmprune eval-ppl", []).append({"wall": wall, "ppl": ppl})
+                else:
+                    wall, stdout = timed([sys.executable, "-c", LOOP, str(model_dir), str(work / "eval.pt")], env)
+                    rows.setdefault("transformers loop", []).append({"wall": wall, "ppl": float(stdout.split()[0])})
 
         for r in range(args.rounds):
             order = ["llmprune", "llmc"] if r % 2 == 0 else ["llmc", "llmprune"]
@@ -153,7 +157,7 @@ def main() -> None:
                 rows.setdefault("llmprune admm", []).append(llmprune_run("admm"))
             if "eval" not in skip:
                 print(f"round {r + 1}: eval-ppl and the transformers loop", flush=True)
-                eval_runs()
+                eval_runs(r)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -163,12 +167,11 @@ def main() -> None:
     lines = [f"# bench_peers: smollm2-135m, SparseGPT 50%, {args.nsamples} x {args.seqlen} calibration tokens"
              f" (sha256 {calib['sha256'][:12]}), llmprune --dtype {args.dtype}, {args.rounds} alternated rounds,"
              f" torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads",
-             "", "| run | wall s (median) | phases (median s) | sparsity |", "| --- | --- | --- | --- |"]
+             "", "| run | wall s (median) | phases (median s) | sparsity / perplexity |", "| --- | --- | --- | --- |"]
     for name, runs in rows.items():
-        keys = [k for k in runs[0] if k not in ("wall", "sparsity", "out", "ppl")]
+        keys = [k for k in runs[0] if k not in ("wall", "sparsity", "ppl")]
         phases = ", ".join(f"{k} {med(name, k):.1f}" for k in keys)
-        extra = f"{runs[0]['sparsity']:.4f}" if "sparsity" in runs[0] else (
-            f"ppl {runs[0]['ppl']:.3f}" if "ppl" in runs[0] else runs[0].get("out", ""))
+        extra = f"{runs[0]['sparsity']:.4f}" if "sparsity" in runs[0] else f"ppl {runs[0]['ppl']:.3f}"
         lines.append(f"| {name} | {med(name, 'wall'):.1f} | {phases} | {extra} |")
     lines.append("")
     if "llm-compressor sparsegpt" in rows:
