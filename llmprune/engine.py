@@ -459,12 +459,13 @@ class Stream:
             fetcher.close()
 
     @torch.no_grad()
-    def logits(self, b: int) -> Tensor:
-        """Logits of batch ``b`` from the streamed final hidden states, through the model's own head."""
-        self.tape.inject = self.hidden[b].to(self.device)
+    def logits(self, b: int, rows: slice = slice(None)) -> Tensor:
+        """Logits of batch ``b`` (its windows ``rows``) from the streamed final hidden states, through the
+        model's own head."""
+        self.tape.inject = self.hidden[b][rows].to(self.device)
         try:
             with self._stand_ins():
-                out = self.model(input_ids=self.batches[b].to(self.device), use_cache=False)
+                out = self.model(input_ids=self.batches[b][rows].to(self.device), use_cache=False)
         finally:
             self.tape.inject = None
         return out.logits

@@ -42,12 +42,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
     nlls = []
     with stream.non_block_modules_on_device(), torch.no_grad():
         for b, ids in enumerate(batches):
-            logits = stream.logits(b).float()  # (b, seqlen, vocab)
-            ids = ids.to(logits.device)
-            # window by window: the batch's shifted logits and their log-softmax would be two more copies of
-            # the batch's logits (0.8 GB each for 8 x 512 tokens of a 49k vocabulary)
-            nlls.append(torch.stack([F.cross_entropy(logits[i, :-1], ids[i, 1:], reduction="none").mean()
-                                     for i in range(ids.shape[0])]).cpu())
+            # window by window through the head: a batch's fp32 logits, their shifted copy and log-softmax would
+            # each be 0.8 GB for 8 x 512 tokens of a 49k vocabulary (the demo's peak)
+            for i in range(ids.shape[0]):
+                logits = stream.logits(b, slice(i, i + 1))[0].float()  # (seqlen, vocab)
+                target = ids[i, 1:].to(logits.device)
+                nlls.append(F.cross_entropy(logits[:-1], target, reduction="none").mean().reshape(1).cpu())
     per_window = torch.cat(nlls).double()
     total, count = distributed.all_sum([float(per_window.sum()), float(per_window.numel())])
     return math.exp(total / count)
