@@ -179,3 +179,23 @@ def smollm2():
 
     model, tokenizer, _ = load_model("smollm2-135m")
     return model, tokenizer, copy.deepcopy(model.state_dict())
+
+
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny 6-block llama saved as several shards (with an index), its tokenizer and a calibration file
+    (read-only use: tests that modify it copy it first)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmprune.data import builtin_text_path
+
+    d = tmp_path_factory.mktemp("sharded")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(d / "model", max_shard_size="200KB")
+    tiny_tokenizer.save_pretrained(d / "model")
+    (d / "calib.txt").write_text(builtin_text_path().read_text()[:60_000])
+    assert (d / "model" / "model.safetensors.index.json").is_file()
+    return d

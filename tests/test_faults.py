@@ -16,25 +16,9 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_resume import _spawn, _wait_for_blocks, args, files, run  # the same streamed runs
 
 from llmprune.cli import main
-from llmprune.data import builtin_text_path
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny 6-block llama saved as several shards, its tokenizer, and a calibration file."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    d = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=64, intermediate_size=96,
-                                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=128)
-    AutoModelForCausalLM.from_config(config).save_pretrained(d / "model", max_shard_size="200KB")
-    tiny_tokenizer.save_pretrained(d / "model")
-    (d / "calib.txt").write_text(builtin_text_path().read_text()[:60_000])
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -43,46 +27,6 @@ def reference(sharded, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "out"
     assert run(args(sharded, out)) == 0
     return out
-
-
-def args(d: Path, out: Path, *extra, model: Path | None = None) -> list[str]:
-    return ["compress", str(model or d / "model"), "--out", str(out), "--calib", str(d / "calib.txt"),
-            "--nsamples", "8", "--seqlen", "64", "--device", "cpu", *extra]
-
-
-def run(argv) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    return exc.value.code
-
-
-def files(directory: Path) -> dict[str, bytes]:
-    """Every weight file, the index and the config, byte for byte (the report holds timings)."""
-    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())
-            if f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json", "config.json")}
-
-
-def _spawn(argv: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    return subprocess.Popen([sys.executable, "-m", "llmprune", *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_blocks(proc: subprocess.Popen, journal: Path, k: int) -> int:
-    """Poll until the journal lists k finished blocks; return how many it listed then."""
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            done = len(json.loads(journal.read_text())["blocks"])
-        except (OSError, ValueError):
-            done = 0
-        if done >= k:
-            return done
-        if proc.poll() is not None:
-            pytest.fail(f"finished before block {k}: {proc.stderr.read()[-500:]}")
-        time.sleep(0.005)
-    proc.kill()
-    pytest.fail("timed out")
 
 
 def one_line_error(err: str) -> str:

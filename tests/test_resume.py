@@ -15,29 +15,12 @@ import pytest
 import torch
 
 from llmprune.cli import main
-from llmprune.data import builtin_text_path
 
 
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny 6-block llama saved as several shards (with an index), plus a calibration file."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    d = tmp_path_factory.mktemp("sharded")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=320, hidden_size=64, intermediate_size=96,
-                                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=128)
-    AutoModelForCausalLM.from_config(config).save_pretrained(d / "model", max_shard_size="200KB")
-    tiny_tokenizer.save_pretrained(d / "model")
-    (d / "calib.txt").write_text(builtin_text_path().read_text()[:60_000])
-    assert (d / "model" / "model.safetensors.index.json").is_file()
-    return d
-
-
-def args(d: Path, out: Path, *extra) -> list[str]:
-    return ["compress", str(d / "model"), "--out", str(out), "--calib", str(d / "calib.txt"), "--nsamples", "8",
-            "--seqlen", "64", "--device", "cpu", *extra]
+def args(d: Path, out: Path, *extra, model: Path | None = None) -> list[str]:
+    """A streamed compress of the ``sharded`` fixture's model (or ``model``) into ``out`` (test_faults uses it)."""
+    return ["compress", str(model or d / "model"), "--out", str(out), "--calib", str(d / "calib.txt"),
+            "--nsamples", "8", "--seqlen", "64", "--device", "cpu", *extra]
 
 
 def run(argv, capsys=None) -> int:
@@ -92,11 +75,11 @@ def test_eval_ppl_streams_from_disk_with_the_same_result(sharded, capsys):
 def _spawn(argv: list[str]) -> subprocess.Popen:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     return subprocess.Popen([sys.executable, "-m", "llmprune", *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, text=True)
 
 
-def _kill_after(proc: subprocess.Popen, journal: Path, k: int) -> int:
-    """SIGKILL ``proc`` as soon as the journal lists k finished blocks; return how many it listed then."""
+def _wait_for_blocks(proc: subprocess.Popen, journal: Path, k: int) -> int:
+    """Poll until the journal lists k finished blocks; return how many it listed then."""
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -104,14 +87,20 @@ def _kill_after(proc: subprocess.Popen, journal: Path, k: int) -> int:
         except (OSError, ValueError):
             done = 0
         if done >= k:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
             return done
         if proc.poll() is not None:
-            pytest.fail(f"finished before block {k}: {proc.stderr.read().decode()[-500:]}")
+            pytest.fail(f"finished before block {k}: {proc.stderr.read()[-500:]}")
         time.sleep(0.005)
     proc.kill()
     pytest.fail("timed out")
+
+
+def _kill_after(proc: subprocess.Popen, journal: Path, k: int) -> int:
+    """SIGKILL ``proc`` as soon as the journal lists k finished blocks; return how many it listed then."""
+    done = _wait_for_blocks(proc, journal, k)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return done
 
 
 def test_sigkill_then_resume_is_byte_identical(sharded, tmp_path):
