@@ -202,7 +202,8 @@ def solve_linear(
     den = output_error(W, W.new_zeros(()), H) if whole_h else 0.0
     # the sweep's own account where the weights are its fp32 result (a 16-bit model's are rounded after it)
     exact = res.obs_loss is not None and res.weight.dtype == torch.float32
-    num = _sweep_error(W, H, res) if whole_h and exact else (output_error(W, res.weight, H) if whole_h else 0.0)
+    num = _sweep_error(*_swept(W, H), res) if whole_h and exact else (
+        output_error(W, res.weight, H) if whole_h else 0.0)
     err = num / den if den > 0 else None
     error_seconds = time.perf_counter() - t0 - seconds
     q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
@@ -234,14 +235,19 @@ def solve_linear(
     )
 
 
-def _sweep_error(W: Tensor, H: Tensor, res) -> float:
+def _swept(W: Tensor, H: Tensor) -> tuple[Tensor, float]:
+    """What the sweep solved, for ``_sweep_error``: W with dead inputs' columns zeroed, and the mean diagonal its
+    damping was taken from (dead inputs' H_ii as 1)."""
+    dead = dead_inputs(H)
+    return prepare_weight(W, dead), float(torch.diagonal(H).float().masked_fill(dead, 1).mean())
+
+
+def _sweep_error(Wp: Tensor, mean_diag: float, res) -> float:
     """tr((W - Ŵ) H (W - Ŵ)ᵀ) of a SparseGPT sweep's result from its own OBS losses, which sum to the same trace
     under the damped H it solved with: minus λ||W - Ŵ||², that is the undamped error, with no (rows x cols²)
-    product (dead inputs' columns count as the sweep saw them: zero on both sides)."""
-    dead = dead_inputs(H)
-    lam = res.damp_frac * float(torch.diagonal(H).float().masked_fill(dead, 1).mean())
-    D = prepare_weight(W, dead).sub_(res.weight.float())
-    return max(res.obs_loss - lam * float(D.square().sum()), 0.0)
+    product (dead inputs' columns count as the sweep saw them: zero on both sides). ``Wp, mean_diag``: ``_swept``."""
+    lam = res.damp_frac * mean_diag
+    return max(res.obs_loss - lam * float((Wp - res.weight.float()).square().sum()), 0.0)
 
 
 def needs_data(recipe: Recipe) -> bool:
@@ -471,14 +477,14 @@ def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
             res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
             out.append((s, res.weight, relative_error(W, res.weight, H)))
         return out
-    Wp = prepare_weight(W, dead_inputs(H))  # what the sweep solves: dead inputs' columns zeroed
+    Wp, mean_diag = _swept(W, H)  # once for every level
     den = output_error(Wp, Wp.new_zeros(()), H)
     per = max(1, LEVELS_BYTES // (W.numel() * 4))
     out = []
     for a in range(0, len(sparsities), per):
         chunk = sparsities[a : a + per]
         for s, r in zip(chunk, sparsegpt_levels(W, H, chunk, recipe.quant, **common_options(recipe)), strict=True):
-            num = _sweep_error(W, H, r)
+            num = _sweep_error(Wp, mean_diag, r)
             out.append((s, r.weight, num / den if den > 0 else 0.0))
     return out
 
