@@ -14,7 +14,8 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton imports: the interpreter replaces the JIT functions
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="llmprune-aot-"))  # compile for real
+_CACHE = tempfile.TemporaryDirectory(prefix="llmprune-aot-")  # compile for real (no cached kernels), leave nothing
+os.environ.setdefault("TRITON_CACHE_DIR", _CACHE.name)
 
 
 def main() -> int:
