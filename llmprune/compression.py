@@ -39,6 +39,7 @@ from llmprune.loading import context_length
 from llmprune.progress import Progress, track
 from llmprune.quant import QuantParams
 from llmprune.recipe import Recipe
+from llmprune.reconstruct import ReconstructSpec, module_outputs, reconstruct_block, split_first_group, trainables
 from llmprune.solvers import SOLVERS
 from llmprune.solvers.hinv import dead_inputs, prepare_weight
 from llmprune.solvers.refit import refit_result
@@ -253,7 +254,7 @@ def _sweep_error(Wp: Tensor, mean_diag: float, res) -> float:
 def needs_data(recipe: Recipe) -> bool:
     """Whether the run needs calibration data: magnitude and rtn alone do not (no windows, no forwards)."""
     return not (recipe.method in ("magnitude", "rtn") and not recipe.refit and recipe.allocation == "uniform"
-                and not recipe.drop_experts)
+                and not recipe.drop_experts and not recipe.reconstruct)
 
 
 def diagonal_only(recipe: Recipe) -> bool:
@@ -616,6 +617,100 @@ def _owl_trials(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict
     return out
 
 
+def solve_any(recipe: Recipe) -> bool:
+    """Whether the recipe changes any linear (else it only drops experts)."""
+    return recipe.target_sparsity > 0 or recipe.quant is not None or recipe.nm is not None
+
+
+def _reconstruction_targets(block: nn.Module, chosen: dict[str, nn.Module], block_pass: BlockPass,
+                            spec: ReconstructSpec) -> dict:
+    """What the block is trained toward, computed by the dense block before any linear is solved: its outputs
+    on the dense stream (target dense, while carried; then they are also the dense stream's next inputs) or
+    on this stream; with sublayer granularity also the first group's module outputs (the attention's)."""
+    dense = spec.target == "dense" and block_pass.dense_inputs is not None
+    hidden = block_pass.dense_inputs if dense else block_pass.inputs
+    first = split_first_group(block, list(chosen))[0] if spec.granularity == "sublayer" else None
+    store = block_pass.stream.store
+    outs: list[Tensor] = []
+    mids: list[Tensor] = []
+    for b, h in enumerate(hidden):
+        if first is None:
+            outs.append(block_pass.run_batch(b, h).to(store))
+        else:
+            mid = module_outputs(block.get_submodule(first),
+                                 lambda b=b, h=h: outs.append(block_pass.run_batch(b, h).to(store)))
+            mids.append(mid.to(store))
+    if dense:
+        block_pass.dense_outputs = outs
+    return {"targets": outs, "mids": mids or None, "on": "dense" if dense else "compressed"}
+
+
+def _reconstruct(prefix: str, block: nn.Module, lin: dict[str, nn.Module], block_pass: BlockPass,
+                 spec: ReconstructSpec, targets: dict, reports: list[LayerReport],
+                 block_grids: dict[str, QuantParams], masked: bool) -> dict:
+    """Train the block's compressed linears toward ``targets`` (reconstruct.py); its outputs become the next
+    block's inputs. The layer reports' zero counts are taken again from what the block now holds."""
+    solved = {r.name.removeprefix(prefix + ".") for r in reports}
+    params = trainables({n: m for n, m in lin.items() if n in solved},
+                        {k.removeprefix(prefix + "."): v for k, v in block_grids.items()}, masked, block, spec.norms)
+    stream = block_pass.stream
+    if stream.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(stream.device)
+    before = block_pass.outputs if block_pass.outputs is not None else block_pass.forward()
+    kept = [*block_pass.inputs, *targets["targets"], *(targets["mids"] or []), *before,
+            *(block_pass.dense_inputs or [])]
+    outs, entry = reconstruct_block(block, block_pass.run_batch, len(block_pass.inputs), targets["targets"],
+                                    before, params, spec, targets["mids"], reduce=distributed.all_sum,
+                                    reduce_grads=distributed.mean_)
+    block_pass.outputs = outs
+    entry.update(target=targets["on"], granularity=spec.granularity,
+                 kept_bytes=sum(t.numel() * t.element_size() for t in {id(t): t for t in kept}.values()),
+                 peak_device_bytes=torch.cuda.max_memory_allocated(stream.device)
+                 if stream.device.type == "cuda" else None)
+    for r in reports:
+        W = get_weight(lin[r.name.removeprefix(prefix + ".")])
+        r.zeros = int((W == 0).sum())
+        r.sparsity = r.zeros / W.numel()
+    log.info("%s: reconstruction %s, block loss %.4g -> %.4g in %d steps (%.1f s)", prefix,
+             "reverted" if entry["reverted"] else "kept", entry["loss_before"], entry["trained_loss"],
+             entry["steps"], entry["seconds"])
+    return entry
+
+
+def _dense_outputs_of_original(i: int, block: nn.Module, block_pass: BlockPass, source) -> list[Tensor] | None:
+    """A resumed run's dense stream through block ``i`` as the input checkpoint holds it (the block on the
+    device is the finished, compressed one); None (the dense stream ends, the report says so) if it cannot."""
+    from torch.func import functional_call
+
+    if source is None:
+        return None
+    try:
+        dense = {k: v.to(block_pass.stream.device) for k, v in source.original_tensors(i, block).items()}
+        return block_pass.forward(block_pass.dense_inputs,
+                                  lambda *a, **k: functional_call(block, dense, a, k))
+    except (RuntimeError, ValueError) as exc:  # e.g. fewer experts in the finished block (--drop-experts)
+        log.warning("block %d: the dense stream cannot be rebuilt on resume (%s): later blocks reconstruct"
+                    " toward the dense block on the compressed stream", i, str(exc).splitlines()[0])
+        return None
+
+
+def _reconstruction_summary(spec: ReconstructSpec, rebuilt: dict[str, dict], stream: Stream, n_blocks: int
+                            ) -> dict:
+    """The report's reconstruction entry: the spec, each block's entry, and what did not happen."""
+    kept = [e for e in rebuilt.values() if not e["reverted"]]
+    return {
+        "spec": asdict(spec),
+        "blocks": rebuilt,
+        "reconstructed": len(kept),
+        "reverted": [p for p, e in rebuilt.items() if e["reverted"]],
+        "not_reconstructed": n_blocks - len(rebuilt),
+        "dense_stream_dropped": stream.dense_dropped,
+        "loss_before_mean": sum(e["loss_before"] for e in rebuilt.values()) / len(rebuilt) if rebuilt else None,
+        "loss_after_mean": sum(e["loss_after"] for e in rebuilt.values()) / len(rebuilt) if rebuilt else None,
+        "note": "layers[].rel_error is each linear's error as solved, before the block was reconstructed",
+    }
+
+
 def compress_model(
     model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
     grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None, sink=None,
@@ -664,8 +759,10 @@ def compress_model(
     if distributed.active() and not data_free and windows.shape[0] < distributed.world():
         raise UsageError(f"{windows.shape[0]} calibration windows cannot be shared by {distributed.world()} torchrun"
                          f" processes: raise --nsamples to at least {distributed.world()} or launch fewer")
+    rspec = recipe.reconstruction if solve_any(recipe) else None
     stream = Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
-                    captured=captured)
+                    captured=captured, carry_dense=rspec is not None and rspec.target == "dense")
+    rebuilt: dict[str, dict] = {}  # block prefix -> its reconstruction entry
     source = getattr(model, "block_source", None)
     if sink is not None:
         if source is None:
@@ -678,23 +775,33 @@ def compress_model(
     two_pass: dict[str, str] = {}  # blocks a sequential run had to compress in two passes, and why
     kept_peak = [0]
     dropped: dict[str, dict] = {}  # --drop-experts: experts path -> dropped indices and REAP scores
-    solve = recipe.target_sparsity > 0 or recipe.quant is not None or recipe.nm is not None
+    solve = solve_any(recipe)
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass | None) -> None:  # None: no data needed
         if sink is not None and sink.done(i):
             layers.extend(LayerReport(**r) for r in sink.layers(i))
             if grids is not None:
                 grids.update(sink.grids(i))
+            if rspec is not None:
+                if (entry := sink.extra(i).get("reconstruct")) is not None:
+                    rebuilt[prefixes[i]] = entry
+                if block_pass is not None and block_pass.dense_inputs is not None:
+                    block_pass.dense_outputs = _dense_outputs_of_original(i, block, block_pass, source)
             return
         block_grids: dict[str, QuantParams] = {}
         if keep is not None and experts.find_experts(block):  # scored on the dense block, then dropped
             dropped.update({f"{prefixes[i]}.{k}": v for k, v in experts.reap_drop(block, block_pass, keep[2]).items()})
         reports: list[LayerReport] = []
         fallback = None
+        targets = _reconstruction_targets(block, linears[prefixes[i]], block_pass, rspec) if rspec else None
         if solve:  # else only dropping experts: the engine's forward feeds the next block
             with on_device(block, linears[prefixes[i]]) as lin:
                 reports, fallback = compress_block(prefixes[i], lin, block_pass, recipe, block_grids,
                                                    allocation["sparsities"] if allocation else None)
+                if targets is not None:
+                    entry = _reconstruct(prefixes[i], block, lin, block_pass, rspec, targets, reports,
+                                         block_grids, masked=recipe.target_sparsity > 0)
+                    rebuilt[prefixes[i]] = entry
         few = [r for r in reports if r.method != recipe.method and experts.expert_of(r.name) is not None]
         if few:
             log.warning("%s: %d expert matrices got fewer than %d calibration tokens and were pruned by %s: %s",
@@ -708,15 +815,17 @@ def compress_model(
         if grids is not None:
             grids.update(block_grids)
         if sink is not None:
-            to_write[i] = ([asdict(r) for r in reports], block_grids)
+            extra = {"reconstruct": rebuilt[prefixes[i]]} if prefixes[i] in rebuilt else {}
+            to_write[i] = ([asdict(r) for r in reports], block_grids, extra)
 
-    to_write: dict[int, tuple[list[dict], dict]] = {}
+    to_write: dict[int, tuple[list[dict], dict, dict]] = {}
 
     def write_block(i: int, block: nn.Module) -> None:
         """Journal block ``i`` once its outputs are known finite (the engine checked them)."""
         if i in to_write:
-            reports, block_grids = to_write.pop(i)
-            sink.finish_block(i, source.checkpoint_tensors(i, block), reports, block_grids)  # the input's layout
+            reports, block_grids, extra = to_write.pop(i)
+            sink.finish_block(i, source.checkpoint_tensors(i, block), reports, block_grids,  # the input's layout
+                              extra)
 
     after = write_block if sink is not None else None
     if data_free:  # each block's weights on the device, nothing run through it
@@ -766,6 +875,7 @@ def compress_model(
         # counts the blocks of the run before it too); kernels that failed on the device in this process
         "kernels_used": dict(Counter(r.kernel for r in layers if r.kernel is not None)),
         "kernel_fallbacks": kernels.failures(),
+        "reconstruction": _reconstruction_summary(rspec, rebuilt, stream, len(prefixes)) if rspec else None,
         "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
                        "kept_inputs_peak_bytes": kept_peak[0],
                        "kept_on": str(stream.store)} if recipe.sequential else None,

@@ -12,6 +12,7 @@ record what each block is called with, or return injected hidden states to get l
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from llmprune.arch import find_blocks
 from llmprune.errors import NonFiniteError, UsageError, overflow_hint
 from llmprune.prefetch import BlockFetcher
 from llmprune.progress import Progress, track
+
+log = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
@@ -178,9 +181,37 @@ class BlockPass:
         self.stream, self.i, self.block = stream, i, block
         self.outputs: list[Tensor] | None = None  # set by sequential(): the block's outputs, on the store
         self.kept_peak_bytes = 0  # the largest set of inputs held across batches before one module
+        # with a dense stream carried (Stream(carry_dense=True)): on_block sets this block's outputs on it
+        self.dense_outputs: list[Tensor] | None = None
 
     def __call__(self) -> None:
         self.stream.forward_block(self.i, self.block, keep=False)
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        """This block's inputs, one tensor per batch, on the store."""
+        return self.stream.hidden
+
+    @property
+    def dense_inputs(self) -> list[Tensor] | None:
+        """The dense model's inputs of this block (carried beside the compressed stream), else None."""
+        return self.stream.dense
+
+    def run_batch(self, b: int, h: Tensor | None = None, block: nn.Module | None = None) -> Tensor:
+        """The block's output (a tensor on the device) for batch ``b`` of ``h`` (default: its inputs), called
+        with the batch's own masks and positions; gradients flow when enabled. ``block``: another module
+        called in its place with the same arguments (e.g. the dense block's tensors)."""
+        stream = self.stream
+        call = stream.calls[tuple(stream.batches[b].shape)][self.i]
+        x = (stream.hidden[b] if h is None else h).to(stream.device)
+        out = (block or self.block)(x, *call.args, **call.kwargs)
+        stream.tape.wrap = _wrap_like(out)
+        return _unwrap(out)
+
+    def forward(self, hidden: list[Tensor] | None = None, block: nn.Module | None = None) -> list[Tensor]:
+        """The block's outputs (on the store) for every batch of ``hidden`` (default: its inputs)."""
+        hidden = self.stream.hidden if hidden is None else hidden
+        return [self.run_batch(b, h, block).to(self.stream.store) for b, h in enumerate(hidden)]
 
     def sequential_fits(self, modules: dict[str, nn.Module]) -> str | None:
         """None when a sequential pass's activations fit beside what is there, else why not.
@@ -317,8 +348,14 @@ class Stream:
     """Streams ``batches`` (token ids, each (b, T)) through ``model`` block by block on ``device``."""
 
     def __init__(self, model: nn.Module, batches: list[Tensor], device: torch.device | str,
-                 prefetch: bool | None = None, progress: Progress = True, captured: dict | None = None):
+                 prefetch: bool | None = None, progress: Progress = True, captured: dict | None = None,
+                 carry_dense: bool = False):
         self.model = model
+        # carry the dense model's hidden states beside the compressed ones (block-wise reconstruction's target);
+        # dropped, with the reason in dense_dropped, when two streams do not fit
+        self.carry_dense = carry_dense
+        self.dense: list[Tensor] | None = None
+        self.dense_dropped: str | None = None
         _check_plain_weights(model)
         # block 0's inputs and the blocks' call arguments, shared by runs over the same batches (a sweep's
         # cells): filled by the first run's capture, read by the next instead of running the embeddings again
@@ -387,7 +424,25 @@ class Stream:
                     self.store = self.device if _fits(total, self.device) else torch.device("cpu")
                 self.hidden.append(h.to(self.store))
             tape.calls = []
+        if self.carry_dense:
+            self._start_dense()
         check_finite_activations(f"the input of {self.path}.0 (the embeddings' output)", self.hidden)
+
+    def _start_dense(self) -> None:
+        """The dense stream starts as the embeddings' output: where both streams fit (the device, else host
+        memory with half of what is free to spare), or not at all."""
+        import psutil
+
+        total = sum(h.numel() * h.element_size() for h in self.hidden)
+        if self.store.type == "cuda" and not _fits(2 * total, self.device):
+            self.store = torch.device("cpu")
+            self.hidden = [h.to(self.store) for h in self.hidden]
+        if self.store.type == "cpu" and 2 * total > psutil.virtual_memory().available // 2:
+            self.dense_dropped = (f"two streams of {total >> 20} MiB each do not fit in half of the"
+                                  f" {psutil.virtual_memory().available >> 20} MiB free")
+            log.warning("no dense stream carried: %s", self.dense_dropped)
+            return
+        self.dense = list(self.hidden)  # the same tensors until the first block: never written in place
 
     def forward_block(self, i: int, block: nn.Module, keep: bool) -> list[Tensor]:
         """Run block ``i`` over every batch; return the outputs (on the store device) if ``keep``."""
@@ -432,6 +487,10 @@ class Stream:
                 else:
                     self.hidden = self.forward_block(i, block, keep=True)
                 check_finite_activations(f"the output of {self.path}.{i}", self.hidden)
+                if self.dense is not None:  # only on_block knows the dense block: without it the stream ends
+                    self.dense = block_pass.dense_outputs
+                    if self.dense is None:
+                        self.dense_dropped = f"block {i} gave no dense outputs"
                 if after_block is not None:
                     after_block(i, block)
                 fetcher.put_back(i)

@@ -129,6 +129,11 @@ class BlockSource:
         if reader is not self.reader:  # a compressed block may have fewer experts than the skeleton
             experts.sync_counts(block)
 
+    def original_tensors(self, i: int, block: nn.Module) -> dict[str, Tensor]:
+        """Block ``i``'s tensors as the input checkpoint holds them (whatever override is set), by name in the
+        block, on the CPU."""
+        return self._fetch(lambda: self._read_block(i, block, self.reader))
+
     def release(self, i: int, block: nn.Module) -> None:
         _to_meta(block, block.state_dict())
 

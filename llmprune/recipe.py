@@ -40,6 +40,10 @@ def _solver_constants(module: str, *names: str) -> tuple:
     return tuple(found[n] for n in names)
 
 
+RECONSTRUCT_TARGETS = ("dense", "compressed")  # reconstruct.py's TARGETS (checked equal in tests)
+RECONSTRUCT_GRANULARITIES = ("block", "sublayer")
+RECONSTRUCT_LR = 1e-4
+
 ADMM_ITERS, ADMM_RHO0, ADMM_RHO_GROWTH, ADMM_REFIT_ITERS = _solver_constants(
     "admm", "ITERS", "RHO0", "RHO_GROWTH", "REFIT_ITERS")
 
@@ -120,6 +124,16 @@ class Recipe:
     # mixture of experts: remove this fraction of each MoE layer's experts, those with the lowest
     # router-weighted output norm on the calibration tokens (REAP), and their router rows
     drop_experts: float = 0.0
+    # block-wise reconstruction after each block's linears are solved (reconstruct.py): Adam steps per block
+    # (0 = off) on the kept weights, masks fixed, quantized weights on their grid, against the target output:
+    # dense (the dense model's, its stream carried beside) or compressed (the dense block on this stream);
+    # block granularity, or sublayer (attention on its own output, then the rest); norms: also norm weights
+    # and biases. In YAML also as a mapping: reconstruct: {steps: 64, lr: 1e-4, target: dense, ...}
+    reconstruct: int = 0
+    reconstruct_lr: float = RECONSTRUCT_LR
+    reconstruct_target: str = "dense"
+    reconstruct_granularity: str = "block"
+    reconstruct_norms: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -162,6 +176,7 @@ class Recipe:
             raise UsageError(f"unknown dtype {self.dtype!r}: choose auto, float32, float16 or bfloat16")
         self._check_quant()
         self._check_allocation()
+        self._check_reconstruct()
         for rx in self.skip:
             try:
                 re.compile(rx)
@@ -219,6 +234,33 @@ class Recipe:
         if self.owl_m <= 0:
             raise UsageError(f"owl_m {self.owl_m} must be positive: e.g. --owl-m 5")
 
+    def _check_reconstruct(self) -> None:
+        if isinstance(self.reconstruct, bool) or int(self.reconstruct) < 0:
+            raise UsageError(f"reconstruct {self.reconstruct!r} must be >= 0 steps per block: e.g. --reconstruct 64")
+        if not self.reconstruct:
+            return
+        if not (math.isfinite(self.reconstruct_lr) and self.reconstruct_lr > 0):
+            raise UsageError(f"reconstruct_lr {self.reconstruct_lr!r} must be > 0: e.g. --reconstruct-lr 1e-4")
+        if self.reconstruct_target not in RECONSTRUCT_TARGETS:
+            raise UsageError(f"unknown reconstruct_target {self.reconstruct_target!r}: choose"
+                             f" {' or '.join(RECONSTRUCT_TARGETS)}")
+        if self.reconstruct_granularity not in RECONSTRUCT_GRANULARITIES:
+            raise UsageError(f"unknown reconstruct_granularity {self.reconstruct_granularity!r}: choose"
+                             f" {' or '.join(RECONSTRUCT_GRANULARITIES)}")
+        if self.target_sparsity == 0 and self.quant is None:
+            raise UsageError("--reconstruct trains what a solver changed, and this run changes no weight"
+                             " (no sparsity, no --wbits): add --sparsity or --wbits, or drop --reconstruct")
+
+    @property
+    def reconstruction(self):  # -> reconstruct.ReconstructSpec | None (torch: imported only when asked)
+        """The reconstruction stage's spec, or None when off."""
+        if not self.reconstruct:
+            return None
+        from llmprune.reconstruct import ReconstructSpec
+
+        return ReconstructSpec(int(self.reconstruct), float(self.reconstruct_lr), self.reconstruct_target,
+                               self.reconstruct_granularity, self.reconstruct_norms, self.seed)
+
     @property
     def nm(self) -> Pattern | None:
         return parse_pattern(self.pattern)
@@ -253,6 +295,8 @@ class Recipe:
         if self.wbits is not None:
             g = "channel" if self.group_size == -1 else f"g{self.group_size}"
             parts.append(f"+ {self.wbits}-bit {g}{'' if self.sym else ' asym'}")
+        if self.reconstruct:
+            parts.append(f"+ reconstruct {self.reconstruct}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,6 +314,7 @@ OPTIONAL = {"split": str, "by_document": bool, "bos": bool}  # fields whose defa
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Strict: an unknown key or a value of the wrong type is an error naming the key."""
     known = {f.name: f for f in dataclasses.fields(Recipe)}
+    data = _flatten_reconstruct(data, source)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         key_norm = str(key).replace("-", "_")
@@ -304,6 +349,20 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
                 raise UsageError(f"{source}: {key} must be {type(default).__name__}, got {value!r}")
         kwargs[key_norm] = value
     return Recipe(**kwargs)
+
+
+def _flatten_reconstruct(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``reconstruct: {steps: 64, lr: 1e-4, ...}`` as the flat keys reconstruct, reconstruct_lr, ..."""
+    value = data.get("reconstruct")
+    if not isinstance(value, dict):
+        return data
+    out = {k: v for k, v in data.items() if k != "reconstruct"}
+    for key, v in value.items():
+        k = str(key).replace("-", "_")
+        if k not in ("steps", "lr", "target", "granularity", "norms"):
+            raise UsageError(f"{source}: unknown key reconstruct.{key}; known: steps, lr, target, granularity, norms")
+        out["reconstruct" if k == "steps" else f"reconstruct_{k}"] = v
+    return out
 
 
 def load_recipe(path: str | Path) -> Recipe:

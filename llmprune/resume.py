@@ -239,8 +239,12 @@ class PartialOutput:
         d = self.dir / f"grids-{i:05d}"
         return read_grids(d) if d.is_dir() else {}
 
+    def extra(self, i: int) -> dict:
+        """What else was journaled with finished block ``i`` (e.g. its reconstruction entry)."""
+        return self.journal["blocks"][str(i)].get("extra", {})
+
     def finish_block(self, i: int, tensors: dict[str, Tensor], layers: list[dict],
-                     grids: dict[str, QuantParams]) -> None:
+                     grids: dict[str, QuantParams], extra: dict | None = None) -> None:
         """Write block ``i``'s tensors (and grids), then record it in the journal."""
         if self.readonly:
             return
@@ -256,7 +260,7 @@ class PartialOutput:
                 gdir = self.dir / f"grids-{i:05d}"
                 gdir.mkdir(exist_ok=True)
                 write_grids(gdir, grids)
-            self.journal["blocks"][str(i)] = {"file": name, "layers": layers}
+            self.journal["blocks"][str(i)] = {"file": name, "layers": layers} | ({"extra": extra} if extra else {})
             self._write_journal()
 
     def publish(self, rest: dict[str, Tensor], write_meta, overwrite: bool, convert=None,
