@@ -92,6 +92,9 @@ class Report:
     # sequential runs: blocks that fell back to two passes (and why), the peak of the inputs kept across
     # batches before one sublayer, where activations were kept; None for two-pass runs
     sequential: dict[str, Any] | None = None
+    # --reconstruct: the spec, each block's loss before and after, steps, seconds, memory; blocks reverted (the
+    # training did not lower their loss) and not reached; None when off
+    reconstruction: dict[str, Any] | None = None
     # what was left dense and why: skipped (--skip), never_called (no data), routers, unsupported_experts
     left_dense: dict[str, list[str]] = field(default_factory=dict)
     # mixture-of-experts models: expert matrices, their routed token counts, the magnitude fallbacks, and

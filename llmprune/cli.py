@@ -156,6 +156,21 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--sequential/--two-pass", default=None,
                      help="sequential (default): each block compressed sublayer by sublayer in data-flow order, in"
                           " one forward; two-pass: every Hessian from the dense block, then a second forward."),
+        click.option("--reconstruct", type=int, default=None, metavar="STEPS",
+                     help="After each block's linears are solved, train their kept weights this many Adam steps"
+                          " toward the block's dense output (masks fixed, quantized weights on their grid;"
+                          " default 0 = off)."),
+        click.option("--reconstruct-lr", type=float, default=None,
+                     help=f"--reconstruct: learning rate on the weights (default {Recipe.reconstruct_lr:g};"
+                          " quantized weights move in grid steps at 1/STEPS)."),
+        click.option("--reconstruct-target", type=click.Choice(["dense", "compressed"]), default=None,
+                     help="--reconstruct: dense (default): the dense model's output, its stream carried beside;"
+                          " compressed: the dense block on the compressed stream (one stream)."),
+        click.option("--reconstruct-granularity", type=click.Choice(["block", "sublayer"]), default=None,
+                     help="--reconstruct: block (default) or sublayer (attention on its own output, then the"
+                          " rest on the block's)."),
+        click.option("--reconstruct-norms/--no-reconstruct-norms", default=None,
+                     help="--reconstruct: also train norm weights and biases (default no)."),
         click.option("--kernels", type=click.Choice(["auto", "triton", "torch"]), default=None,
                      help="SparseGPT's block loop: auto (default; fused Triton kernel on CUDA), triton, torch."),
         click.option("--config", type=click.Path(dir_okay=False), default=None,
@@ -244,6 +259,16 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
         f" in {report.timings['total_s']:.1f} s"
         f" -> {out}"
     )
+    rec = report.reconstruction
+    if rec is not None:
+        blocks = rec["reconstructed"] + len(rec["reverted"]) + rec["not_reconstructed"]
+        click.echo(f"reconstructed {rec['reconstructed']} of {blocks} blocks"
+                   f" ({rec['spec']['steps']} steps each, target {rec['spec']['target']})"
+                   + (f": block loss {rec['loss_before_mean']:.4g} -> {rec['loss_after_mean']:.4g} on average"
+                      if rec["loss_before_mean"] is not None else "")
+                   + (f"; {len(rec['reverted'])} kept as solved (training did not lower their loss)"
+                      if rec["reverted"] else "")
+                   + (f"; dense stream dropped: {rec['dense_stream_dropped']}" if rec["dense_stream_dropped"] else ""))
     alloc = report.allocation or {}
     if alloc.get("lambda_search"):  # --owl-lambda auto: what each trial scored
         losses = ", ".join(f"{c['owl_lambda']:g}: {c['loss']:.4f}" for c in alloc["lambda_search"])

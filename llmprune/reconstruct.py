@@ -4,12 +4,15 @@ block's own output (EBFT, Guo et al. 2024; AutoRound for the quantized case).
 Every layer-wise solver minimises one linear's error on that linear's inputs; what the softmax, the gated
 activation, the norms and the residual make of those errors is left. Here the block as a whole is trained:
 ``min ‖block_Ŵ(x) − y‖² / ‖y‖²`` over the calibration windows, with Adam on fp32 master copies of the kept
-weights. Masks are fixed (a pruned weight stays zero, so N:M groups hold); quantized weights stay on their
+weights. Masks are fixed (a pruned weight stays zero, so N:M groups hold). Quantized weights stay on their
 grid by a straight-through estimator on fixed scales: the forward sees the master rounded to the grid, the
-gradient updates the master as if rounding were the identity. The target ``y`` is the dense model's output of
-this block on the dense stream (``dense``: the block also corrects the error it inherits) or the dense block
-on the compressed stream (``compressed``: one stream). ``sublayer`` trains the first group of linears (the
-attention) on that module's own output first, then the rest on the block's output.
+gradient updates the master as if rounding were the identity; their masters move in grid steps at
+AutoRound's rate (lr = 1/steps), so a weight moves by about one step at most, whatever its scale.
+
+The target ``y`` is the dense model's output of this block on the dense stream (``dense``: the block also
+corrects the error it inherits) or the dense block on the compressed stream (``compressed``: one stream).
+``sublayer`` trains the first group of linears (the attention) on that module's own output first, then the
+rest on the block's output.
 
 The result is kept only when it lowers the block's loss on the calibration windows; otherwise the solved
 weights are put back and the report says so. Pure tensor code: the engine supplies ``run(b)``, a forward of
@@ -41,7 +44,7 @@ class ReconstructSpec:
     """What the reconstruction stage needs, resolved once from the recipe."""
 
     steps: int  # optimizer steps per block (each on one batch of calibration windows)
-    lr: float  # Adam's learning rate on the weights (absolute units; weights are O(1e-2))
+    lr: float  # Adam's learning rate on unquantized weights (absolute units; weights are O(1e-2))
     target: str = "dense"  # dense: the dense model's stream; compressed: the dense block on this stream
     granularity: str = "block"  # block: all at once; sublayer: attention on its output, then the rest
     norms: bool = False  # also train norm weights and the linears' biases
@@ -57,6 +60,15 @@ class Trainable:
     mask: Tensor | None  # True where the weight may be nonzero (param's layout); None: dense
     grid: QuantParams | None  # the fixed grid it must stay on; None: not quantized
     transposed: bool  # param stored (in, out) (GPT-2's Conv1D); grids are (out, in)
+
+    def unit(self) -> Tensor | None:
+        """A quantized weight's grid step per entry (param's layout): its master is trained in these units."""
+        if self.grid is None:
+            return None
+        rows_cols = self.param.shape[::-1] if self.transposed else self.param.shape
+        scale, _ = self.grid.columns(rows_cols[1])
+        scale = scale.to(self.param.device)
+        return scale.t() if self.transposed else scale
 
     def project(self, master: Tensor) -> Tensor:
         """The master weight as the block may hold it: on its grid, zero where pruned, in the param's dtype."""
@@ -128,8 +140,13 @@ def train(run: Callable[[int], Tensor], targets: list[Tensor], params: list[Trai
           spec: ReconstructSpec, reduce_grads: Callable[[list[Tensor]], None]) -> list[float]:
     """``steps`` Adam steps of the relative error of ``run(b)`` against ``targets[b]``, one batch per step in
     a seeded order; returns the losses seen. The params end projected (on grid, masked)."""
-    masters = [t.param.detach().float().clone() for t in params]
-    opt = torch.optim.Adam(masters, lr=spec.lr)
+    units = [t.unit() for t in params]
+    masters = [t.param.detach().float() / u if u is not None else t.param.detach().float().clone()
+               for t, u in zip(params, units, strict=True)]
+    # quantized weights move in grid steps at AutoRound's rate (1/steps: at most about one step in all)
+    groups = [{"params": [m for m, u in zip(masters, units, strict=True) if u is None], "lr": spec.lr},
+              {"params": [m for m, u in zip(masters, units, strict=True) if u is not None], "lr": 1.0 / steps}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     gen = torch.Generator().manual_seed(spec.seed)
     order: list[int] = []
     losses = []
@@ -145,13 +162,14 @@ def train(run: Callable[[int], Tensor], targets: list[Tensor], params: list[Trai
         grads = [t.param.grad.float() if t.param.grad is not None else torch.zeros_like(m)
                  for t, m in zip(params, masters, strict=True)]
         reduce_grads(grads)
-        for t, m, g in zip(params, masters, grads, strict=True):
+        for t, m, g, u in zip(params, masters, grads, units, strict=True):
+            g = g if u is None else g * u  # d loss / d (w / step)
             m.grad = g if t.mask is None else g * t.mask
             t.param.grad = None
         opt.step()
         with torch.no_grad():
-            for t, m in zip(params, masters, strict=True):
-                t.param.data.copy_(t.project(m))
+            for t, m, u in zip(params, masters, units, strict=True):
+                t.param.data.copy_(t.project(m if u is None else m * u))
     return losses
 
 
