@@ -872,7 +872,9 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
         return report
     quantized = _compress_lazy(resolve(str(target)), out, _quantizing(rec),
                                overwrite, None, t0, progress, tokenizer or tok, "all",
-                               extra={k: report[k] for k in (*SHRINK_KEYS, "model")})
+                               extra={k: report[k] for k in (*SHRINK_KEYS, "model")}
+                               | ({"shrink_reconstruction": report["reconstruction"]}
+                                  if report.get("reconstruction") is not None else {}))
     distributed.barrier()
     if main:  # kept until the quantized output is complete, so an interrupted run resumes from it
         shutil.rmtree(target, ignore_errors=True)
@@ -895,6 +897,8 @@ def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, 
     report["timings"] = {"shrink_s": shrunk["timings"]["shrink_s"], **report["timings"]}
     for key in SHRINK_KEYS:
         report[key] = shrunk[key]
+    if shrunk.get("reconstruction") is not None:  # --reconstruct ran after each stage
+        report["shrink_reconstruction"] = shrunk["reconstruction"]
     return report
 
 

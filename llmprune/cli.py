@@ -223,6 +223,20 @@ def cli() -> None:
     structured shrinking, and the tools around them: perplexity, sweeps, 2:4 packing, inspection, speed."""
 
 
+def _echo_reconstruction(rec: dict | None, what: str = "") -> None:
+    """The summary line of --reconstruct: what was reconstructed, the mean block loss, what was not."""
+    if rec is None:
+        return
+    blocks = rec["reconstructed"] + len(rec["reverted"]) + rec["not_reconstructed"]
+    click.echo(f"reconstructed{what} {rec['reconstructed']} of {blocks} blocks"
+               f" ({rec['spec']['steps']} steps each, target {rec['spec']['target']})"
+               + (f": block loss {rec['loss_before_mean']:.4g} -> {rec['loss_after_mean']:.4g} on average"
+                  if rec["loss_before_mean"] is not None else "")
+               + (f"; {len(rec['reverted'])} kept as solved (training did not lower their loss)"
+                  if rec["reverted"] else "")
+               + (f"; dense stream dropped: {rec['dense_stream_dropped']}" if rec["dense_stream_dropped"] else ""))
+
+
 @cli.command(short_help="Prune and/or quantize a model (SparseGPT, GPTQ, Wanda, ADMM) into a new model directory.",
              epilog="""\b
 Examples:
@@ -259,16 +273,7 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
         f" in {report.timings['total_s']:.1f} s"
         f" -> {out}"
     )
-    rec = report.reconstruction
-    if rec is not None:
-        blocks = rec["reconstructed"] + len(rec["reverted"]) + rec["not_reconstructed"]
-        click.echo(f"reconstructed {rec['reconstructed']} of {blocks} blocks"
-                   f" ({rec['spec']['steps']} steps each, target {rec['spec']['target']})"
-                   + (f": block loss {rec['loss_before_mean']:.4g} -> {rec['loss_after_mean']:.4g} on average"
-                      if rec["loss_before_mean"] is not None else "")
-                   + (f"; {len(rec['reverted'])} kept as solved (training did not lower their loss)"
-                      if rec["reverted"] else "")
-                   + (f"; dense stream dropped: {rec['dense_stream_dropped']}" if rec["dense_stream_dropped"] else ""))
+    _echo_reconstruction(report.reconstruction)
     alloc = report.allocation or {}
     if alloc.get("lambda_search"):  # --owl-lambda auto: what each trial scored
         losses = ", ".join(f"{c['owl_lambda']:g}: {c['loss']:.4f}" for c in alloc["lambda_search"])
@@ -422,6 +427,9 @@ def shrink(model: str, out: str, mlp: float, heads: float, drop_blocks: int, shr
                + f"{', ' if parts else ''}blocks {sizes['blocks'][0]} -> {sizes['blocks'][1]}; {before:,} -> {after:,}"
                " parameters"
                f" ({1 - after / before:.1%} fewer) -> {out}")
+    _echo_reconstruction(report.get("shrink_reconstruction", report.get("reconstruction")), " after shrinking")
+    if "shrink_reconstruction" in report:
+        _echo_reconstruction(report.get("reconstruction"), " after quantizing")
 
 
 @cli.command("bench-speed", short_help="Prefill and decode tokens/s of models side by side.", epilog="""\b

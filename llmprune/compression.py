@@ -622,7 +622,7 @@ def solve_any(recipe: Recipe) -> bool:
     return recipe.target_sparsity > 0 or recipe.quant is not None or recipe.nm is not None
 
 
-def _reconstruction_targets(block: nn.Module, chosen: dict[str, nn.Module], block_pass: BlockPass,
+def reconstruction_targets(block: nn.Module, chosen: dict[str, nn.Module], block_pass: BlockPass,
                             spec: ReconstructSpec) -> dict:
     """What the block is trained toward, computed by the dense block before any linear is solved: its outputs
     on the dense stream (target dense, while carried; then they are also the dense stream's next inputs) or
@@ -645,14 +645,11 @@ def _reconstruction_targets(block: nn.Module, chosen: dict[str, nn.Module], bloc
     return {"targets": outs, "mids": mids or None, "on": "dense" if dense else "compressed"}
 
 
-def _reconstruct(prefix: str, block: nn.Module, lin: dict[str, nn.Module], block_pass: BlockPass,
-                 spec: ReconstructSpec, targets: dict, reports: list[LayerReport],
-                 block_grids: dict[str, QuantParams], masked: bool) -> dict:
-    """Train the block's compressed linears toward ``targets`` (reconstruct.py); its outputs become the next
-    block's inputs. The layer reports' zero counts are taken again from what the block now holds."""
-    solved = {r.name.removeprefix(prefix + ".") for r in reports}
-    params = trainables({n: m for n, m in lin.items() if n in solved},
-                        {k.removeprefix(prefix + "."): v for k, v in block_grids.items()}, masked, block, spec.norms)
+def reconstruct_trained(prefix: str, block: nn.Module, trained: dict[str, nn.Module], block_pass: BlockPass,
+                        spec: ReconstructSpec, targets: dict, grids: dict[str, QuantParams], masked: bool) -> dict:
+    """Train ``trained`` (linears by name in the block; ``grids`` by the same names) toward ``targets``
+    (reconstruct.py); the block's outputs then become the next block's inputs. Returns the report entry."""
+    params = trainables(trained, grids, masked, block, spec.norms)
     stream = block_pass.stream
     if stream.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(stream.device)
@@ -667,17 +664,27 @@ def _reconstruct(prefix: str, block: nn.Module, lin: dict[str, nn.Module], block
                  kept_bytes=sum(t.numel() * t.element_size() for t in {id(t): t for t in kept}.values()),
                  peak_device_bytes=torch.cuda.max_memory_allocated(stream.device)
                  if stream.device.type == "cuda" else None)
-    for r in reports:
-        W = get_weight(lin[r.name.removeprefix(prefix + ".")])
-        r.zeros = int((W == 0).sum())
-        r.sparsity = r.zeros / W.numel()
     log.info("%s: reconstruction %s, block loss %.4g -> %.4g in %d steps (%.1f s)", prefix,
              "reverted" if entry["reverted"] else "kept", entry["loss_before"], entry["trained_loss"],
              entry["steps"], entry["seconds"])
     return entry
 
 
-def _dense_outputs_of_original(i: int, block: nn.Module, block_pass: BlockPass, source) -> list[Tensor] | None:
+def _reconstruct(prefix: str, block: nn.Module, lin: dict[str, nn.Module], block_pass: BlockPass,
+                 spec: ReconstructSpec, targets: dict, reports: list[LayerReport],
+                 block_grids: dict[str, QuantParams], masked: bool) -> dict:
+    """The solved linears of a block reconstructed; their reports' zero counts taken again from the block."""
+    solved = {r.name.removeprefix(prefix + ".") for r in reports}
+    entry = reconstruct_trained(prefix, block, {n: m for n, m in lin.items() if n in solved}, block_pass, spec,
+                                targets, {k.removeprefix(prefix + "."): v for k, v in block_grids.items()}, masked)
+    for r in reports:
+        W = get_weight(lin[r.name.removeprefix(prefix + ".")])
+        r.zeros = int((W == 0).sum())
+        r.sparsity = r.zeros / W.numel()
+    return entry
+
+
+def dense_outputs_of_original(i: int, block: nn.Module, block_pass: BlockPass, source) -> list[Tensor] | None:
     """A resumed run's dense stream through block ``i`` as the input checkpoint holds it (the block on the
     device is the finished, compressed one); None (the dense stream ends, the report says so) if it cannot."""
     from torch.func import functional_call
@@ -688,13 +695,13 @@ def _dense_outputs_of_original(i: int, block: nn.Module, block_pass: BlockPass, 
         dense = {k: v.to(block_pass.stream.device) for k, v in source.original_tensors(i, block).items()}
         return block_pass.forward(block_pass.dense_inputs,
                                   lambda *a, **k: functional_call(block, dense, a, k))
-    except (RuntimeError, ValueError) as exc:  # e.g. fewer experts in the finished block (--drop-experts)
+    except (RuntimeError, ValueError, UsageError) as exc:  # e.g. fewer experts or channels in the finished block
         log.warning("block %d: the dense stream cannot be rebuilt on resume (%s): later blocks reconstruct"
                     " toward the dense block on the compressed stream", i, str(exc).splitlines()[0])
         return None
 
 
-def _reconstruction_summary(spec: ReconstructSpec, rebuilt: dict[str, dict], stream: Stream, n_blocks: int
+def reconstruction_summary(spec: ReconstructSpec, rebuilt: dict[str, dict], stream: Stream, n_blocks: int
                             ) -> dict:
     """The report's reconstruction entry: the spec, each block's entry, and what did not happen."""
     kept = [e for e in rebuilt.values() if not e["reverted"]]
@@ -786,14 +793,14 @@ def compress_model(
                 if (entry := sink.extra(i).get("reconstruct")) is not None:
                     rebuilt[prefixes[i]] = entry
                 if block_pass is not None and block_pass.dense_inputs is not None:
-                    block_pass.dense_outputs = _dense_outputs_of_original(i, block, block_pass, source)
+                    block_pass.dense_outputs = dense_outputs_of_original(i, block, block_pass, source)
             return
         block_grids: dict[str, QuantParams] = {}
         if keep is not None and experts.find_experts(block):  # scored on the dense block, then dropped
             dropped.update({f"{prefixes[i]}.{k}": v for k, v in experts.reap_drop(block, block_pass, keep[2]).items()})
         reports: list[LayerReport] = []
         fallback = None
-        targets = _reconstruction_targets(block, linears[prefixes[i]], block_pass, rspec) if rspec else None
+        targets = reconstruction_targets(block, linears[prefixes[i]], block_pass, rspec) if rspec else None
         if solve:  # else only dropping experts: the engine's forward feeds the next block
             with on_device(block, linears[prefixes[i]]) as lin:
                 reports, fallback = compress_block(prefixes[i], lin, block_pass, recipe, block_grids,
@@ -875,7 +882,7 @@ def compress_model(
         # counts the blocks of the run before it too); kernels that failed on the device in this process
         "kernels_used": dict(Counter(r.kernel for r in layers if r.kernel is not None)),
         "kernel_fallbacks": kernels.failures(),
-        "reconstruction": _reconstruction_summary(rspec, rebuilt, stream, len(prefixes)) if rspec else None,
+        "reconstruction": reconstruction_summary(rspec, rebuilt, stream, len(prefixes)) if rspec else None,
         "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
                        "kept_inputs_peak_bytes": kept_peak[0],
                        "kept_on": str(stream.store)} if recipe.sequential else None,

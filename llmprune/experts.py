@@ -137,7 +137,7 @@ class Routed:
             if getattr(m, "has_post_expert_norm", False):
                 y = m.post_expert_norm(y)
             w = weights[tok, pos, None]
-            self.scores[e] += float((w.float() * y.float().norm(dim=-1, keepdim=True)).sum())
+            self.scores[e] += float((w.detach().float() * y.detach().float().norm(dim=-1, keepdim=True)).sum())
             self.tokens[e] += tok.numel()
             out.index_add_(0, tok, (y * w).to(out.dtype))
         return out

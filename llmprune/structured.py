@@ -23,7 +23,16 @@ from torch import Tensor, nn
 
 from llmprune import distributed, experts
 from llmprune.arch import LAYOUTS, Layout, find_blocks, get_weight
-from llmprune.compression import calibration_set, experts_kept, resolve_device, shared_hessians
+from llmprune.compression import (
+    calibration_set,
+    dense_outputs_of_original,
+    experts_kept,
+    reconstruct_trained,
+    reconstruction_summary,
+    reconstruction_targets,
+    resolve_device,
+    shared_hessians,
+)
 from llmprune.data import batched
 from llmprune.engine import BlockPass, Stream
 from llmprune.errors import UsageError
@@ -32,6 +41,7 @@ from llmprune.progress import Progress
 from llmprune.recipe import Recipe
 from llmprune.solvers.result import relative_error
 from llmprune.solvers.structured import METHODS, channel_chunk, obs_remove, score_remove
+from llmprune.targets import block_targets
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +345,29 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     channels_go = p.keep_channels < p.channels
     dropped: dict[str, dict] = {}
 
+    rspec = recipe.reconstruction
+    rebuilt: dict[str, dict] = {}
+
+    def reconstructed(i: int, block: nn.Module, block_pass: BlockPass, targets: dict | None, info: dict) -> None:
+        """--reconstruct: the shrunk block's remaining weights trained toward the dense block's outputs."""
+        if targets is not None:
+            info["reconstruct"] = reconstruct_trained(f"{path}.{i}", block, block_targets(block), block_pass,
+                                                      rspec, targets, {}, masked=False)
+            rebuilt[f"{path}.{i}"] = info["reconstruct"]
+
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         if i in done:  # shrunk by the interrupted run: loaded shrunk, the engine's forward feeds the next block
             per_block.append(done[i])
             dropped.update(done[i].get("dropped_experts", {}))
+            if rspec is not None:
+                if "reconstruct" in done[i]:
+                    rebuilt[f"{path}.{i}"] = done[i]["reconstruct"]
+                if block_pass.dense_inputs is not None:
+                    block_pass.dense_outputs = dense_outputs_of_original(i, block, block_pass, source)
             return
+        targets = reconstruction_targets(block, block_targets(block), block_pass, rspec) if rspec else None
         if lay is not None and heads_go and channels_go and spec.method != "l1":
-            return heads_then_mlp(i, block, block_pass)
+            return heads_then_mlp(i, block, block_pass, targets)
         watch = {}
         if channels_go and spec.method != "l1":
             watch["mlp"] = block.get_submodule(lay.mlp_out)
@@ -369,11 +395,12 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
             H = {k: H.get(k) for k in ("mlp", "attn")}
             info |= shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
             _same_on_every_rank(block)
+        reconstructed(i, block, block_pass, targets, info)
         per_block.append({"block": i, "cosine": cos, **info})
         if on_block_done is not None:
             on_block_done(i, block, per_block[-1])
 
-    def heads_then_mlp(i: int, block: nn.Module, block_pass: BlockPass) -> None:
+    def heads_then_mlp(i: int, block: nn.Module, block_pass: BlockPass, targets: dict | None) -> None:
         """Heads and channels both go: the heads first, chosen on o_proj's Hessian of the whole block, then
         the MLP channels on down_proj's Hessian with those heads already gone (one more pass over the block),
         so the MLP's update also absorbs what removing the heads changed in its input."""
@@ -394,6 +421,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         info |= shrink_block(block, replace(p, remove_per_group=0, whole_groups=0), spec, recipe,
                              shared_hessians(mlp.linears, mlp)[1]["mlp"], None)
         _same_on_every_rank(block)
+        reconstructed(i, block, block_pass, targets, info)
         per_block.append({"block": i, "cosine": cos, **info})
         if on_block_done is not None:
             on_block_done(i, block, per_block[-1])
@@ -402,8 +430,10 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     if distributed.active() and windows.shape[0] < distributed.world():
         raise UsageError(f"{windows.shape[0]} calibration windows cannot be shared by {distributed.world()} torchrun"
                          f" processes: raise --nsamples to at least {distributed.world()} or launch fewer")
-    Stream(model, batched(distributed.shard(windows), recipe.batch_size), device,
-           progress=progress).run(on_block, desc="shrink")
+    source = getattr(model, "block_source", None)
+    stream = Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
+                    carry_dense=rspec is not None and rspec.target == "dense")
+    stream.run(on_block, desc="shrink")
     drop = sorted(sorted(range(len(per_block)), key=lambda i: per_block[i]["cosine"], reverse=True)
                   [: spec.drop_blocks])
     kept = _drop_blocks(model, drop) if drop else list(range(len(per_block)))
@@ -423,6 +453,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         "blocks": per_block,
         "kept_blocks": kept,
         "params": {"before": before, "after": after},
+        "reconstruction": reconstruction_summary(rspec, rebuilt, stream, len(per_block)) if rspec else None,
         "timings": {"shrink_s": round(time.perf_counter() - t0, 3)},
     }
 
