@@ -658,7 +658,7 @@ def reconstruct_trained(prefix: str, block: nn.Module, trained: dict[str, nn.Mod
             *(block_pass.dense_inputs or [])]
     outs, entry = reconstruct_block(block, block_pass.run_batch, len(block_pass.inputs), targets["targets"],
                                     before, params, spec, targets["mids"], reduce=distributed.all_sum,
-                                    reduce_grads=distributed.mean_)
+                                    reduce_grads=distributed.sum_)
     block_pass.outputs = outs
     entry.update(target=targets["on"], granularity=spec.granularity,
                  kept_bytes=sum(t.numel() * t.element_size() for t in {id(t): t for t in kept}.values()),

@@ -178,15 +178,14 @@ def all_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def mean_(tensors: list[Tensor]) -> None:
-    """Replace each tensor by its mean over the ranks, in place (one all-reduce for the lot)."""
+def sum_(tensors: list[Tensor]) -> None:
+    """Replace each tensor by its sum over the ranks, in place (one all-reduce for the lot)."""
     import torch.distributed as dist
 
     if not active() or not tensors:
         return
     flat = _comm(torch.cat([t.reshape(-1).float() for t in tensors]))
     dist.all_reduce(flat)
-    flat /= world()
     off = 0
     for t in tensors:
         n = t.numel()

@@ -137,9 +137,13 @@ def loss_of(outputs: list[Tensor], targets: list[Tensor], reduce: Callable[[list
 
 
 def train(run: Callable[[int], Tensor], targets: list[Tensor], params: list[Trainable], steps: int,
-          spec: ReconstructSpec, reduce_grads: Callable[[list[Tensor]], None]) -> list[float]:
+          spec: ReconstructSpec, reduce: Callable[[list[float]], list[float]],
+          reduce_grads: Callable[[list[Tensor]], None]) -> list[float]:
     """``steps`` Adam steps of the relative error of ``run(b)`` against ``targets[b]``, one batch per step in
-    a seeded order; returns the losses seen. The params end projected (on grid, masked)."""
+    a seeded order; returns the losses seen. The params end projected (on grid, masked).
+
+    Under torchrun each rank runs its own batch b: the error is divided by the target's norm over every
+    rank's batch and the gradients summed, which is the gradient of one process holding all those windows."""
     units = [t.unit() for t in params]
     masters = [t.param.detach().float() / u if u is not None else t.param.detach().float().clone()
                for t, u in zip(params, units, strict=True)]
@@ -156,9 +160,9 @@ def train(run: Callable[[int], Tensor], targets: list[Tensor], params: list[Trai
         b = order.pop()
         with torch.enable_grad():
             err, norm = _rel(run(b), targets[b])
-            loss = err / norm.clamp_min(1e-30)
+            loss = err / max(reduce([float(norm)])[0], 1e-30)
             loss.backward()
-        losses.append(float(loss))
+        losses.append(reduce([float(loss)])[0])
         grads = [t.param.grad.float() if t.param.grad is not None else torch.zeros_like(m)
                  for t, m in zip(params, masters, strict=True)]
         reduce_grads(grads)
@@ -256,7 +260,7 @@ def reconstruct_block(
             phases = [(params, run, targets, spec.steps)]
         for group, fn, tgt, steps in phases:
             if group and steps:
-                seen += train(fn, tgt, group, steps, spec, reduce_grads)
+                seen += train(fn, tgt, group, steps, spec, reduce, reduce_grads)
     with torch.no_grad():
         after = [run(b).to(targets[b].device) for b in range(n_batches)]
     loss_after = loss_of(after, targets, reduce)
