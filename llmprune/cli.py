@@ -12,7 +12,7 @@ import click
 
 from llmprune import signals
 from llmprune.errors import CholeskyError, UsageError
-from llmprune.recipe import HESSIAN_DTYPES, METHODS, Recipe, load_recipe, recipe_from_dict
+from llmprune.recipe import HESSIAN_DTYPES, METHODS, RECONSTRUCT_STEPS, Recipe, load_recipe, recipe_from_dict
 from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
@@ -156,10 +156,11 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--sequential/--two-pass", default=None,
                      help="sequential (default): each block compressed sublayer by sublayer in data-flow order, in"
                           " one forward; two-pass: every Hessian from the dense block, then a second forward."),
-        click.option("--reconstruct", type=int, default=None, metavar="STEPS",
-                     help="After each block's linears are solved, train their kept weights this many Adam steps"
-                          " toward the block's dense output (masks fixed, quantized weights on their grid;"
-                          " default 0 = off)."),
+        click.option("--reconstruct", type=int, default=None, is_flag=False, flag_value=RECONSTRUCT_STEPS,
+                     metavar="[STEPS]",
+                     help="After each block's linears are solved, train their kept weights STEPS Adam steps"
+                          f" (alone: {RECONSTRUCT_STEPS}; one batch of --batch-size windows each) toward the"
+                          " block's dense output; masks fixed, quantized weights on their grid (default: off)."),
         click.option("--reconstruct-lr", type=float, default=None,
                      help=f"--reconstruct: learning rate on the weights (default {Recipe.reconstruct_lr:g};"
                           " quantized weights move in grid steps at 1/STEPS)."),

@@ -43,6 +43,7 @@ def _solver_constants(module: str, *names: str) -> tuple:
 RECONSTRUCT_TARGETS = ("dense", "compressed")  # reconstruct.py's TARGETS (checked equal in tests)
 RECONSTRUCT_GRANULARITIES = ("block", "sublayer")
 RECONSTRUCT_LR = 1e-4
+RECONSTRUCT_STEPS = 32  # --reconstruct alone, or reconstruct: true in YAML
 
 ADMM_ITERS, ADMM_RHO0, ADMM_RHO_GROWTH, ADMM_REFIT_ITERS = _solver_constants(
     "admm", "ITERS", "RHO0", "RHO_GROWTH", "REFIT_ITERS")
@@ -354,6 +355,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
 def _flatten_reconstruct(data: dict[str, Any], source: str) -> dict[str, Any]:
     """``reconstruct: {steps: 64, lr: 1e-4, ...}`` as the flat keys reconstruct, reconstruct_lr, ..."""
     value = data.get("reconstruct")
+    if isinstance(value, bool):  # reconstruct: true -> the default steps
+        return data | {"reconstruct": RECONSTRUCT_STEPS if value else 0}
     if not isinstance(value, dict):
         return data
     out = {k: v for k, v in data.items() if k != "reconstruct"}
