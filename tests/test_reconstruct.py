@@ -169,7 +169,7 @@ def test_streamed_equals_in_memory_and_resume_is_byte_identical(recon_args, tmp_
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--reconstruct", "-1"], "reconstruct -1 must be >= 0"),
+    (["--reconstruct=-1"], "reconstruct -1 must be >= 0"),
     (["--reconstruct", "4", "--reconstruct-lr", "0"], "reconstruct_lr 0.0 must be > 0"),
     (["--reconstruct", "--reconstruct-lr", "-1"], "reconstruct_lr -1.0 must be > 0"),  # alone: the default steps
     (["--reconstruct", "4", "--sparsity", "0", "--drop-experts", "0.25"], "changes no weight"),
