@@ -169,7 +169,6 @@ def test_streamed_equals_in_memory_and_resume_is_byte_identical(recon_args, tmp_
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--reconstruct=-1"], "reconstruct -1 must be >= 0"),
     (["--reconstruct", "4", "--reconstruct-lr", "0"], "reconstruct_lr 0.0 must be > 0"),
     (["--reconstruct", "--reconstruct-lr", "-1"], "reconstruct_lr -1.0 must be > 0"),  # alone: the default steps
     (["--reconstruct", "4", "--sparsity", "0", "--drop-experts", "0.25"], "changes no weight"),
@@ -179,3 +178,14 @@ def test_bad_reconstruction_options_are_one_line_errors(sharded, tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_negative_steps_are_refused_in_a_recipe():
+    from llmprune.errors import UsageError
+    from llmprune.recipe import recipe_from_dict
+
+    with pytest.raises(UsageError, match="reconstruct -1 must be >= 0"):
+        recipe_from_dict({"reconstruct": {"steps": -1}})
+    with pytest.raises(UsageError, match="unknown key reconstruct.step"):
+        recipe_from_dict({"reconstruct": {"step": 4}})
+    assert recipe_from_dict({"reconstruct": True}).reconstruct > 0
