@@ -33,10 +33,9 @@ from llmprune import distributed
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import (
     REPORT,
+    PackQuantizedWriter,
     atomic_dir,
-    compressed_tensors_config,
     is_packed,
-    pack_quantized,
     read_report,
     save_compressed_tensors,
     save_hf,
@@ -494,37 +493,23 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     rest = model.block_source.rest_state() if distributed.is_main() else {}
     t_save = time.perf_counter()
     compressed = recipe.format == "compressed-tensors"
-    sizes = {"numel": 0, "packed_bytes": 0}
-    quantized: set[str] = set()
-    spec_of: list = []
+    writer = PackQuantizedWriter()
 
     def convert(i: int, tensors: dict, grids: dict) -> dict:
         """Block ``i``'s quantized linears in compressed-tensors' pack-quantized layout."""
         keymap = model.block_source.keymap
         for name, params in grids.items():
             key = keymap.checkpoint_keys(f"{name}.weight")[0]  # as the input stores it (e.g. no base prefix)
-            W = tensors.pop(key)
-            layer = pack_quantized(key.removesuffix(".weight"), W, params)
-            tensors.update(layer)
-            sizes["numel"] += W.numel()
-            sizes["packed_bytes"] += sum(t.numel() * t.element_size() for k, t in layer.items()
-                                         if not k.endswith("shape"))
-            quantized.add(name)
-            spec_of[:] = [params.spec]
+            writer.pack(tensors, key.removesuffix(".weight"), name, params)
         return tensors
 
     def write_meta(directory: Path) -> None:
         save_metadata(model, tokenizer, directory)
         if compressed:
-            if not quantized:
+            if not writer.quantized:
                 raise UsageError("no quantized layers to store as compressed-tensors: add --wbits")
-            ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
-            cfg = json.loads((directory / "config.json").read_text())
-            cfg["quantization_config"] = compressed_tensors_config(spec_of[0], recipe.act_order, ignore)
-            (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            report["checkpoint"] = {"format": "compressed-tensors", "dtype": str(dtype).removeprefix("torch."),
-                                    "bits_per_weight": 8 * sizes["packed_bytes"] / sizes["numel"],
-                                    "bytes": weights_bytes(directory)}
+            writer.write_config(model, directory, recipe.act_order)
+            report["checkpoint"] = writer.info(weights_bytes(directory), str(dtype).removeprefix("torch."))
         else:
             report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
