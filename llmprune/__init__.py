@@ -9,16 +9,17 @@ No module of the package is named like an exported function.
 
 from llmprune.version import __version__
 
-_API = {"compress", "evaluate", "load", "shrink", "sweep", "bench_speed", "Recipe", "Report", "UsageError",
-        "make_recipe"}
+_API = {"compress", "evaluate", "load", "shrink", "sweep", "Recipe", "Report", "UsageError", "make_recipe"}
+_TOOLS = {"bench_speed": "llmprune.speed"}  # built on the API, outside it
 
-__all__ = ["__version__", *sorted(_API)]
+__all__ = ["__version__", *sorted(_API | set(_TOOLS))]
 
 
 def __getattr__(name: str):
-    if name in _API or name == "api":
+    if name in _API or name in _TOOLS or name == "api":
         import importlib
 
-        api = importlib.import_module("llmprune.api")  # `from llmprune import api` would come back here
-        return api if name == "api" else getattr(api, name)
+        # importlib: `from llmprune import api` would come back here
+        module = importlib.import_module(_TOOLS.get(name, "llmprune.api"))
+        return module if name == "api" else getattr(module, name)
     raise AttributeError(f"module 'llmprune' has no attribute {name!r}")

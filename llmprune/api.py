@@ -21,7 +21,6 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
 from inspect import signature
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,9 @@ from llmprune import distributed
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import (
     REPORT,
+    PackQuantizedWriter,
     atomic_dir,
-    compressed_tensors_config,
     is_packed,
-    pack_quantized,
     read_report,
     save_compressed_tensors,
     save_hf,
@@ -45,7 +43,6 @@ from llmprune.checkpoint import (
     write_report,
 )
 from llmprune.compression import (
-    LayerReport,
     calibration_set,
     check_output_dir,
     compress_model,
@@ -60,73 +57,13 @@ from llmprune.loading import ModelRef, is_gguf, load_model, load_tokenizer, reso
 from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
+from llmprune.report import Report
 from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
 
-__all__ = ["Recipe", "Report", "UsageError", "bench_speed", "compress", "evaluate", "inspect", "load", "make_recipe",
+__all__ = ["Recipe", "Report", "UsageError", "compress", "evaluate", "inspect", "load", "make_recipe",
            "pack", "shrink", "sweep", "unpack"]
-
-
-@dataclass
-class Report:
-    """What a compression run did: the content of ``llmprune.json``, typed. ``to_dict()`` is that file.
-
-    ``module`` and ``tokenizer`` (not part of the file) hold the compressed model in memory when the run had
-    it there (an in-memory model, or no ``out``); a streamed run leaves them None: load ``out`` instead.
-    """
-
-    recipe: dict[str, Any]
-    device: str
-    calibration: dict[str, Any]
-    global_sparsity: float  # zeros / weights over every linear meant to be pruned (never-called ones as dense)
-    target_sparsity: float
-    pruned_params: int  # weights in the compressed linears
-    layers: list[LayerReport]
-    allocation: dict[str, Any] | None
-    timings: dict[str, float]
-    # linears by the implementation of their column loop ("triton": the fused kernel, "torch"); and kernel ->
-    # error for each Triton kernel that failed on the device, after which its torch twin ran
-    kernels_used: dict[str, int] = field(default_factory=dict)
-    kernel_fallbacks: dict[str, str] = field(default_factory=dict)
-    # sequential runs: blocks that fell back to two passes (and why), the peak of the inputs kept across
-    # batches before one sublayer, where activations were kept; None for two-pass runs
-    sequential: dict[str, Any] | None = None
-    # --reconstruct: the spec, each block's loss before and after, steps, seconds, memory; blocks reverted (the
-    # training did not lower their loss) and not reached; None when off
-    reconstruction: dict[str, Any] | None = None
-    # what was left dense and why: skipped (--skip), never_called (no data), routers, unsupported_experts
-    left_dense: dict[str, list[str]] = field(default_factory=dict)
-    # mixture-of-experts models: expert matrices, their routed token counts, the magnitude fallbacks, and
-    # with --drop-experts the experts dropped per layer and their REAP scores; None for dense models
-    experts: dict[str, Any] | None = None
-    model: dict[str, Any] = field(default_factory=dict)  # source, kind, type, dtype
-    versions: dict[str, str] = field(default_factory=dict)
-    checkpoint: dict[str, Any] | None = None  # format, bits_per_weight, bytes; None when nothing was written
-    extra: dict[str, Any] = field(default_factory=dict)  # other entries (e.g. ``pack`` after llmprune pack)
-    module: nn.Module | None = field(default=None, repr=False, compare=False)
-    tokenizer: Any = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("extra", "module", "tokenizer")}
-        out["layers"] = [dataclasses.asdict(r) for r in self.layers]
-        return json.loads(json.dumps(out | self.extra, default=str))  # plain JSON types, as in the file
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Report:
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "module", "tokenizer"}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        kwargs["layers"] = [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in data.get("layers", [])]
-        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in names})
-
-    @classmethod
-    def read(cls, directory: str | Path) -> Report:
-        """The report of a directory written by ``compress``."""
-        data = read_report(Path(directory))
-        if data is None:
-            raise UsageError(f"{directory} holds no {REPORT}: pass a directory written by llmprune compress")
-        return cls.from_dict(data)
 
 
 def _bars_follow_progress(fn):
@@ -497,37 +434,23 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     rest = model.block_source.rest_state() if distributed.is_main() else {}
     t_save = time.perf_counter()
     compressed = recipe.format == "compressed-tensors"
-    sizes = {"numel": 0, "packed_bytes": 0}
-    quantized: set[str] = set()
-    spec_of: list = []
+    writer = PackQuantizedWriter()
 
     def convert(i: int, tensors: dict, grids: dict) -> dict:
         """Block ``i``'s quantized linears in compressed-tensors' pack-quantized layout."""
         keymap = model.block_source.keymap
         for name, params in grids.items():
             key = keymap.checkpoint_keys(f"{name}.weight")[0]  # as the input stores it (e.g. no base prefix)
-            W = tensors.pop(key)
-            layer = pack_quantized(key.removesuffix(".weight"), W, params)
-            tensors.update(layer)
-            sizes["numel"] += W.numel()
-            sizes["packed_bytes"] += sum(t.numel() * t.element_size() for k, t in layer.items()
-                                         if not k.endswith("shape"))
-            quantized.add(name)
-            spec_of[:] = [params.spec]
+            writer.pack(tensors, key.removesuffix(".weight"), name, params)
         return tensors
 
     def write_meta(directory: Path) -> None:
         save_metadata(model, tokenizer, directory)
         if compressed:
-            if not quantized:
+            if not writer.quantized:
                 raise UsageError("no quantized layers to store as compressed-tensors: add --wbits")
-            ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
-            cfg = json.loads((directory / "config.json").read_text())
-            cfg["quantization_config"] = compressed_tensors_config(spec_of[0], recipe.act_order, ignore)
-            (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            report["checkpoint"] = {"format": "compressed-tensors", "dtype": str(dtype).removeprefix("torch."),
-                                    "bits_per_weight": 8 * sizes["packed_bytes"] / sizes["numel"],
-                                    "bytes": weights_bytes(directory)}
+            writer.write_config(model, directory, recipe.act_order)
+            report["checkpoint"] = writer.info(weights_bytes(directory), str(dtype).removeprefix("torch."))
         else:
             report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
         report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
@@ -900,52 +823,3 @@ def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, 
     if shrunk.get("reconstruction") is not None:  # --reconstruct ran after each stage
         report["shrink_reconstruction"] = shrunk["reconstruction"]
     return report
-
-
-def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, new_tokens: int = 32,
-                repeats: int = 5, device: str = "auto", dtype: str = "auto") -> list[dict]:
-    """Prefill and decode tokens/s of each model with plain transformers, the same inputs for all, repeats
-    interleaved across the models, medians. Rows: model, params, prefill_tok_s, decode_tok_s.
-
-    Prefill is the prompt's forward as ``generate`` runs it (KV cache filled, logits of the last position
-    only): the time to the first token. Decode: ``new_tokens`` greedy tokens after a 16-token prompt."""
-    import statistics
-
-    from llmprune.structured import count_params
-
-    dev = distributed.device() or resolve_device(device)
-    loaded = []
-    for ref in models:
-        m, _ = load(ref, device=str(dev), dtype=dtype)
-        loaded.append((str(ref), m))
-    vocab = min(m.config.vocab_size for _, m in loaded)
-    ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
-    times: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "decode": []} for r, _ in loaded}
-    # prefill as generation runs it: the prompt's KV cache filled and only the last position's logits
-    # computed (a model without ``logits_to_keep`` computes them all, as it would when generating)
-    prefill_kwargs = {ref: {"use_cache": True} | ({"logits_to_keep": 1} if "logits_to_keep" in
-                      signature(m.forward).parameters else {}) for ref, m in loaded}
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    with torch.no_grad():
-        for rep in range(repeats + 1):  # the first round warms up and is not counted
-            for ref, m in loaded:
-                sync()
-                t = time.perf_counter()
-                m(input_ids=ids, **prefill_kwargs[ref])
-                sync()
-                prefill = time.perf_counter() - t
-                t = time.perf_counter()
-                m.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           use_cache=True, pad_token_id=0)
-                sync()
-                decode = time.perf_counter() - t
-                if rep:
-                    times[ref]["prefill"].append(batch * tokens / prefill)
-                    times[ref]["decode"].append(batch * new_tokens / decode)
-    return [{"model": ref, "params": count_params(m),
-             "prefill_tok_s": statistics.median(times[ref]["prefill"]),
-             "decode_tok_s": statistics.median(times[ref]["decode"])} for ref, m in loaded]

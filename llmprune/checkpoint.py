@@ -2,7 +2,8 @@
 
 Two layouts: ``dense`` (``save_hf``: every weight in the model dtype, quantized ones dequantized) and
 ``compressed-tensors`` (``save_compressed_tensors``: quantized linears as pack-quantized integer codes with
-per-group scales, which transformers and vLLM load; pruned weights are code ``zero``, i.e. exactly 0).
+per-group scales, which transformers and vLLM load; pruned weights are code ``zero``, i.e. exactly 0). A
+streamed run writes the same layout block by block through the same ``PackQuantizedWriter``.
 
 Everything is written to a hidden sibling directory first and renamed into place only when complete, so a
 crash or Ctrl-C never leaves a half-written ``--out``.
@@ -414,6 +415,45 @@ def compressed_tensors_config(spec: QuantSpec, act_order: bool, ignore: list[str
     }
 
 
+class PackQuantizedWriter:
+    """The one compressed-tensors writer, for both ways a run writes: an in-memory run packs every linear of
+    its state dict at once (``save_compressed_tensors``), a streamed one each finished block's file as it is
+    published. ``pack`` each quantized linear in the tensors to be written, then ``write_config`` once the
+    directory holds the model's config, and ``info`` for the report."""
+
+    def __init__(self) -> None:
+        self.numel = 0  # weights packed
+        self.packed_bytes = 0  # of their codes, scales and zero points
+        self.quantized: set[str] = set()  # module names
+        self.spec: QuantSpec | None = None
+
+    def pack(self, tensors: dict[str, Tensor], key: str, module: str, params: QuantParams) -> None:
+        """Replace ``tensors[key + ".weight"]`` (linear ``module``'s weight, stored as ``key``) by its
+        pack-quantized entries."""
+        W = tensors.pop(f"{key}.weight")
+        layer = pack_quantized(key, W, params)
+        tensors.update(layer)
+        self.numel += W.numel()
+        self.packed_bytes += sum(t.numel() * t.element_size() for k, t in layer.items() if not k.endswith("shape"))
+        self.quantized.add(module)
+        if self.spec is None:  # one spec per run
+            self.spec = params.spec
+
+    def write_config(self, model: nn.Module, directory: Path, act_order: bool) -> None:
+        """Add the ``quantization_config`` to ``directory/config.json``: every linear not packed is in
+        ``ignore`` and stays dense (lm_head, skipped ones)."""
+        ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in self.quantized)
+        cfg_path = directory / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"] = compressed_tensors_config(self.spec, act_order, ignore)
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+    def info(self, total_bytes: int, dtype: str | None = None) -> dict:
+        """Size figures for the report (``dtype``: of the scales and dense tensors, where the caller has it)."""
+        return {"format": "compressed-tensors", **({"dtype": dtype} if dtype is not None else {}),
+                "bits_per_weight": 8 * self.packed_bytes / self.numel, "bytes": total_bytes}
+
+
 def save_compressed_tensors(
     model: nn.Module, tokenizer, directory: Path, report: dict, grids: dict[str, QuantParams],
     act_order: bool = False, max_shard_bytes: int = 2 * 1024**3,
@@ -423,24 +463,15 @@ def save_compressed_tensors(
     if not grids:
         raise ValueError("no quantized layers to store as compressed-tensors")
     tensors = unique_state_dict(model)
-    numel = packed_bytes = 0
+    writer = PackQuantizedWriter()
     for name, params in grids.items():
-        W = tensors.pop(f"{name}.weight")
-        layer = pack_quantized(name, W, params)
-        tensors.update(layer)
-        numel += W.numel()
-        packed_bytes += sum(t.numel() * t.element_size() for k, t in layer.items() if not k.endswith("shape"))
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in grids)
+        writer.pack(tensors, name, name, params)
     write_shards(tensors, directory, max_shard_bytes)
     total = weights_bytes(directory)
-    spec = next(iter(grids.values())).spec
     save_metadata(model, tokenizer, directory)
-    cfg_path = directory / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"] = compressed_tensors_config(spec, act_order, ignore)
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    writer.write_config(model, directory, act_order)
     write_report(directory, report)
-    return {"format": "compressed-tensors", "bits_per_weight": 8 * packed_bytes / numel, "bytes": total}
+    return writer.info(total)
 
 
 def is_packed(directory: Path) -> bool:

@@ -449,10 +449,10 @@ Examples:
 def bench_speed(models: tuple[str, ...], tokens: int, batch: int, new_tokens: int, repeats: int, device: str,
                 dtype: str) -> None:
     """Prefill and decode tokens/s of each MODEL with plain transformers, side by side (ratios to the first)."""
-    from llmprune import api
+    from llmprune import speed
 
-    rows = api.bench_speed(list(models), tokens=tokens, batch=batch, new_tokens=new_tokens, repeats=repeats,
-                           device=device, dtype=dtype)
+    rows = speed.bench_speed(list(models), tokens=tokens, batch=batch, new_tokens=new_tokens, repeats=repeats,
+                             device=device, dtype=dtype)
     first = rows[0]
     click.echo(f"{'model':<40} {'params':>13} {'prefill tok/s':>14} {'x':>6} {'decode tok/s':>13} {'x':>6}")
     for r in rows:

@@ -265,7 +265,7 @@ def test_imports_point_down():
             assert not up, f"{name} reaches up into {up}"
         if name.startswith("llmprune.solvers"):
             assert not edges & app, f"{name} imports the application layer: {edges & app}"
-        if name not in ("llmprune", "llmprune.cli", "llmprune.__main__"):
+        if name not in ("llmprune", "llmprune.cli", "llmprune.__main__", "llmprune.speed"):  # speed: a tool on it
             assert not edges & {"llmprune.api", "llmprune.cli"}, f"{name} imports the API or the CLI"
     assert graph["llmprune.cli"] & {"llmprune.api"}
 
@@ -279,3 +279,11 @@ def test_package_exports_the_api_without_importing_it_eagerly():
     assert out.strip() == "llmprune.api"
     for name in ("compress", "shrink", "evaluate", "sweep", "bench_speed", "load", "Recipe", "Report", "UsageError"):
         assert callable(getattr(llmprune, name)), name
+
+
+def test_report_and_bench_speed_live_in_their_own_modules_under_their_old_names():
+    from llmprune import api, report, speed
+
+    assert llmprune.Report is api.Report is report.Report  # api re-exports it: `from llmprune.api import Report`
+    assert llmprune.bench_speed is speed.bench_speed and not hasattr(api, "bench_speed")
+    assert "bench_speed" in llmprune.__all__ and "Report" in api.__all__

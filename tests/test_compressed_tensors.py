@@ -108,3 +108,28 @@ def test_compressed_tensors_streams_block_by_block_and_equals_the_whole_model_ru
         assert r["checkpoint"]["bytes"] == sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")), d
     assert sorted(f.name for f in (tmp_path / "lazy").iterdir() if f.name.startswith(("model-block", "grids")))\
         == []  # only the output's own files are left
+
+
+def test_streamed_and_in_memory_runs_write_the_same_checkpoint_through_one_writer(tiny_model_dir, calib, tmp_path,
+                                                                                 capsys):
+    """Asymmetric (packed zero points) and act-order: both runs pack with checkpoint.PackQuantizedWriter, so
+    every file but the weights' and the report is the same bytes (config.json with its quantization_config,
+    the tokenizer's), the weights hold the same tensors bit for bit under the same names, dtypes and shapes,
+    and the report's size figures agree exactly. (The weight file itself is ordered differently: a streamed
+    run writes the blocks, then the rest.)"""
+    flags = ["--format", "compressed-tensors", "--sparsity", "0.3", "--wbits", "3", "--group-size", "16", "--asym",
+             "--act-order"]
+    for d, extra in (("lazy", []), ("whole", ["--no-lazy"])):
+        code, _, err = run(compress_args(tiny_model_dir, tmp_path / d, calib, *flags, *extra), capsys)
+        assert code == 0, err
+    files = {d: sorted(f.name for f in (tmp_path / d).iterdir()) for d in ("lazy", "whole")}
+    assert files["lazy"] == files["whole"]
+    for name in files["lazy"]:
+        if name not in ("llmprune.json", "model.safetensors"):
+            assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    a, b = _tensors(tmp_path / "lazy"), _tensors(tmp_path / "whole")
+    assert sum(k.endswith(".weight_zero_point") for k in a) == 14
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    lazy, whole = (json.loads((tmp_path / d / "llmprune.json").read_text())["checkpoint"] for d in ("lazy", "whole"))
+    assert lazy["format"] == whole["format"] == "compressed-tensors" and lazy["dtype"] == whole["dtype"]
+    assert lazy["bits_per_weight"] == whole["bits_per_weight"]

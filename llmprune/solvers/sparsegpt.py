@@ -6,6 +6,9 @@ one pass); with sparsity 0 that is exactly GPTQ (Frantar et al. 2022), and ``act
 descending-Hessian-diagonal column order.
 
 Names follow the paper and the reference code: W1/Q1/Err1/Hinv1 are the current block, i1:i2 its columns.
+``_obs_block`` is Algorithm 1's column loop over one block, to be read against the paper; ``_joint_block`` is
+the same loop quantizing the kept weights, ``_fused_block`` either in one Triton kernel; ``_sweep`` is the outer
+loop over blocks (mask selection, the lazy batch update) that calls one of them per block.
 """
 
 from __future__ import annotations
@@ -41,6 +44,38 @@ def _nm_chunk(W1: Tensor, d1: Tensor, i: int, pattern: Pattern) -> Tensor:
     return nm_mask(tmp.t(), pattern).t()
 
 
+# A block function sweeps columns i1:i2 of the layer and returns the block's result as (rows, count) views: the
+# final weights Qb, the mask Mb (True = pruned), the errors Eb for the lazy update of the columns after the block,
+# and per row the OBS losses err² of all its steps and (quantizing) of its rounding steps.
+Block = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
+
+
+def _obs_block(W1: Tensor, Hinv1: Tensor, d1: Tensor, mask1: Tensor, pattern: Pattern | None) -> Block:
+    """The inner loop of SparseGPT's Algorithm 1 over one block, in torch. The block is held transposed,
+    (count, rows), so column j is the contiguous row W1[j]; ``mask1`` is the paper's 1 − M (True = pruned),
+    chosen for the whole block by the caller or, with an N:M ``pattern``, here every M columns (Bs = M).
+    For each column j of the block:
+
+    - if j mod Bs = 0: M[:, j:j+Bs] ← the mask of the updated weights' w²/[H⁻¹]_jj² (``_nm_chunk``)
+    - E[:, j] ← W[:, j] / [H⁻¹]_jj · (1 − M[:, j])        (the pruning error; kept weights freeze)
+    - W[:, j:i2] ← W[:, j:i2] − E[:, j] · H⁻¹[j, j:i2]       (OBS update of the rest of the block)
+
+    and W ← W · M at the end. The caller applies the lazy batch update W[:, i2:] −= E · H⁻¹[i1:i2, i2:].
+    """
+    Err1 = torch.zeros_like(W1)
+    # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
+    scale1 = mask1 / d1.unsqueeze(1)
+    for j in range(W1.shape[0]):
+        if pattern is not None and j % pattern.m == 0:
+            mask1[j : j + pattern.m] = _nm_chunk(W1, d1, j, pattern)
+            scale1[j : j + pattern.m] = mask1[j : j + pattern.m] / d1[j : j + pattern.m].unsqueeze(1)
+        torch.mul(W1[j], scale1[j], out=Err1[j])
+        # rank-1 update of the rest of the block; W1[j] itself becomes 0 where pruned, w elsewhere
+        W1[j:].addr_(Hinv1[j, j:], Err1[j], alpha=-1)
+    W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
+    return W1.t(), mask1.t(), Err1.t(), Err1.square().sum(0), None
+
+
 def _open_group(group: Tensor, c: int, i: int, quant: QuantSpec, dtype: torch.dtype,
                 layer: tuple[Tensor, Tensor], block: tuple[Tensor, Tensor, Tensor]) -> slice:
     """A dynamic group starts at layer column ``c`` (column ``i`` of the block): choose its grid from the group's
@@ -56,12 +91,59 @@ def _open_group(group: Tensor, c: int, i: int, quant: QuantSpec, dtype: torch.dt
     return cover
 
 
+def _joint_block(W: Tensor, i1: int, W1: Tensor, Hinv1: Tensor, d1: Tensor, mask1: Tensor,
+                 pattern: Pattern | None, quant: QuantSpec, static: bool, layer: tuple[Tensor, Tensor],
+                 gidx: Tensor, dtype: torch.dtype) -> Block:
+    """``_obs_block`` with joint quantization (the paper's section on joint sparsification and quantization;
+    with nothing pruned, GPTQ's Algorithm 1): each kept weight is rounded to its group's grid and the rounding
+    error is spread like a pruning error. Per column j: q = clamp(round(w / s), -z, maxq - z) · s (0 where
+    pruned), then W1[j:] −= (w − q) ⊗ H⁻¹[j, j:] / d_j. A dynamic group's grid is chosen from the updated
+    weights when the sweep reaches its first column (``_open_group``); static grids are in ``layer`` already.
+
+    The grids of the block's columns are laid out as rows S1/LO1/HI1 and the pruned ones folded into
+    K1 = S1 · keep, so one column is six tensor ops. ``W`` (the layer) is only read, for a group that starts
+    the block; ``gidx`` maps the block's columns (in sweep order) to their groups.
+    """
+    count, rows = W1.shape
+    g = quant.group_cols(W.shape[1])
+    Q1 = torch.zeros_like(W1)
+    D1 = torch.zeros_like(W1)  # w - q, unscaled
+    Hs1 = Hinv1 / d1.unsqueeze(1)
+    scaleT, zeroT = layer
+    cols1 = gidx[i1 : i1 + count]
+    S1, Z1 = scaleT[cols1], zeroT[cols1]  # (count, rows); groups not reached yet are filled below
+    LO1, HI1 = -Z1, quant.maxq - Z1
+    K1 = S1 * ~mask1
+    tmp = torch.empty(rows, device=W.device)
+    for j in range(count):
+        if pattern is not None and j % pattern.m == 0:
+            k = j + pattern.m
+            mask1[j:k] = _nm_chunk(W1, d1, j, pattern)
+            K1[j:k] = S1[j:k] * ~mask1[j:k]
+        c = i1 + j
+        if not static and c % g == 0:
+            # the group's columns: inside this block (updated in W1) or starting it (W is current)
+            group = W[:, c : c + g] if j == 0 else W1[j : j + g].t()
+            cover = _open_group(group, c, j, quant, dtype, layer, (S1, LO1, HI1))
+            K1[cover] = S1[cover] * ~mask1[cover]
+        torch.div(W1[j], S1[j], out=tmp).round_().clamp_(min=LO1[j], max=HI1[j])
+        torch.mul(tmp, K1[j], out=Q1[j])
+        torch.sub(W1[j], Q1[j], out=D1[j])
+        W1[j:].addr_(Hs1[j, j:], D1[j], alpha=-1)
+    Q1.masked_fill_(mask1, 0)  # exact grid values (and +0, not -0, where pruned)
+    Err1 = D1 / d1.unsqueeze(1)
+    losses = Err1.square()
+    total = losses.sum(0)
+    return Q1.t(), mask1.t(), Err1.t(), total, losses.masked_fill_(mask1, 0).sum(0)
+
+
 def _fused_block(W: Tensor, i1: int, i2: int, Hinv1: Tensor, d1: Tensor, mask1: Tensor, pattern: Pattern | None,
                  quant: QuantSpec | None, static: bool, layer: tuple[Tensor, Tensor], gidx: Tensor | None,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Columns ``i1:i2`` of the sweep in the fused Triton kernel: (final block, its mask, its errors Err1, per-row
-    (total, rounding) losses), all (rows, count). Reads ``W`` and writes only the grids of the groups opening
-    in the block into ``layer`` (the torch loop would write the same), so a block that fails can be redone."""
+                 dtype: torch.dtype) -> Block:
+    """Columns ``i1:i2`` of the sweep in the fused Triton kernel (``_obs_block``, or ``_joint_block`` with
+    ``quant``, in one launch per stretch of columns that share their grids). Reads ``W`` and writes only the
+    grids of the groups opening in the block into ``layer`` (the torch loop would write the same), so a block
+    that fails can be redone."""
     from llmprune.kernels.obs_update import BlockState, obs_update
 
     count = i2 - i1
@@ -84,7 +166,7 @@ def _fused_block(W: Tensor, i1: int, i2: int, Hinv1: Tensor, d1: Tensor, mask1: 
                 _open_group(group, c, a, quant, dtype, layer, (S1, LO1, HI1))
             obs_update(state, Hs1, d1, a, b, nm, (S1, LO1, HI1))
     mask = state.mask.bool()
-    return state.Q.masked_fill_(mask, 0), mask, state.E, state.losses
+    return state.Q.masked_fill_(mask, 0), mask, state.E, state.losses[:, 0], state.losses[:, 1]
 
 
 def sparsegpt(
@@ -153,7 +235,9 @@ def _sweep(
     kernels: str,
     mask: Tensor | None,
 ) -> list[SolveResult]:
-    """SparseGPT's sweep over ``len(sparsities)`` stacked copies of W, one result per sparsity."""
+    """SparseGPT's sweep over ``len(sparsities)`` stacked copies of W, one result per sparsity: Algorithm 1's
+    outer loop over blocks of ``block_size`` columns (each block's mask, its column loop in one of the block
+    functions above, the lazy batch update of the columns after it)."""
     dtype = W.dtype
     dead = dead_inputs(H)
     W = prepare_weight(W, dead)  # H itself is only read: the caller's copy is all there is of it
@@ -171,16 +255,7 @@ def _sweep(
 
     static, scaleT, zeroT, gidx = True, None, None, None
     if quant is not None:
-        check_quant_fit(cols, quant, block_size)
-        g = quant.group_cols(cols)
-        static = quant.group_size == -1 or act_order
-        if static:
-            p = layer_params(W, quant, dtype)
-            scaleT, zeroT = p.scale.t().float().contiguous(), p.zero.t().float().contiguous()  # (groups, rows)
-        else:
-            scaleT = torch.empty(cols // g, rows, device=W.device)
-            zeroT = torch.empty_like(scaleT)
-        gidx = torch.arange(cols, device=W.device) // g  # group of each column, in the sweep's order
+        static, scaleT, zeroT, gidx = _grids(W, quant, block_size, act_order, dtype)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H).masked_fill(dead, 1), descending=True, stable=True)
@@ -205,102 +280,87 @@ def _sweep(
 
     for i1, ks in zip(starts, counts, strict=True):
         i2 = min(i1 + block_size, cols)
-        count = i2 - i1
         # The block is held transposed, (count, rows), so column i is the contiguous row W1[i].
         W1 = W[:, i1:i2].t().contiguous()
-        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diag(Hinv1)
-
-        if mask is not None:
-            mask1 = mask[:, i1:i2].t().contiguous()
-        elif pattern is None:
-            score = W1**2 / d1.unsqueeze(1) ** 2
-            mask1 = torch.cat([smallest_k_mask(score[:, c * one : (c + 1) * one], k)
-                               for c, k in enumerate(ks)], dim=1) if levels > 1 else smallest_k_mask(score, ks[0])
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        mask1 = _block_mask(W1, d1, mask[:, i1:i2] if mask is not None else None, pattern, ks)
+        block = None
         if fused:
             try:
-                Qb, Mb, Eb, losses = _fused_block(W, i1, i2, Hinv1, d1, mask1, pattern, quant, static,
-                                                  (scaleT, zeroT), gidx, dtype)
+                block = _fused_block(W, i1, i2, Hinv1, d1, mask1, pattern, quant, static, (scaleT, zeroT), gidx,
+                                     dtype)
             except Exception as exc:  # compile or launch error: this block again, and the rest, in torch
                 fall_back("obs_update", kernels, W.device, exc)
                 fused = False
             else:
                 ran("obs_update", "triton")
-                total_loss += losses[:, 0]
-                quant_loss += losses[:, 1]
-                W[:, i1:i2] = Qb
-                M[:, i1:i2] = Mb
-                W[:, i2:].addmm_(Eb, Hinv[i1:i2, i2:], alpha=-1)  # in place: no (rows, cols) temporary
-                continue
-        ran("obs_update", "torch")
-        if quant is None:
-            # err = (w - q) / d with q = w masked to 0, i.e. w * mask / d: one multiply per column
-            scale1 = mask1 / d1.unsqueeze(1)
-            for i in range(count):
-                if pattern is not None and i % pattern.m == 0:
-                    mask1[i : i + pattern.m] = _nm_chunk(W1, d1, i, pattern)
-                    scale1[i : i + pattern.m] = mask1[i : i + pattern.m] / d1[i : i + pattern.m].unsqueeze(1)
-                torch.mul(W1[i], scale1[i], out=Err1[i])
-                # rank-1 update of the rest of the block; W1[i] itself becomes 0 where pruned, w elsewhere
-                W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1)
-            W1.masked_fill_(mask1, 0)  # exact zeros: w - (w / d) * d may leave a rounding residue
-            total_loss += Err1.square().sum(0)
-        else:
-            # Per column: q = clamp(round(w / s), -z, maxq - z) * s (0 where pruned), then W1[i:] -= (w - q) ⊗
-            # Hinv1[i, i:] / d_i. The grids of the block's columns are laid out as rows S1/LO1/HI1 and the
-            # pruned ones folded into K1 = S1 · keep, so one column is six tensor ops.
-            Q1 = torch.zeros_like(W1)
-            D1 = torch.zeros_like(W1)  # w - q, unscaled
-            Hs1 = Hinv1 / d1.unsqueeze(1)
-            cols1 = gidx[i1:i2]
-            S1, Z1 = scaleT[cols1], zeroT[cols1]  # (count, rows); groups not reached yet are filled below
-            LO1, HI1 = -Z1, quant.maxq - Z1
-            K1 = S1 * ~mask1
-            tmp = torch.empty(rows, device=W.device)
-            for i in range(count):
-                if pattern is not None and i % pattern.m == 0:
-                    j = i + pattern.m
-                    mask1[i:j] = _nm_chunk(W1, d1, i, pattern)
-                    K1[i:j] = S1[i:j] * ~mask1[i:j]
-                c = i1 + i
-                if not static and c % g == 0:
-                    # the group's columns: inside this block (updated in W1) or starting it (W is current)
-                    group = W[:, c : c + g] if i == 0 else W1[i : i + g].t()
-                    cover = _open_group(group, c, i, quant, dtype, (scaleT, zeroT), (S1, LO1, HI1))
-                    K1[cover] = S1[cover] * ~mask1[cover]
-                torch.div(W1[i], S1[i], out=tmp).round_().clamp_(min=LO1[i], max=HI1[i])
-                torch.mul(tmp, K1[i], out=Q1[i])
-                torch.sub(W1[i], Q1[i], out=D1[i])
-                W1[i:].addr_(Hs1[i, i:], D1[i], alpha=-1)
-            W1 = Q1.masked_fill_(mask1, 0)  # exact grid values (and +0, not -0, where pruned)
-            torch.div(D1, d1.unsqueeze(1), out=Err1)
-            losses = Err1.square()
-            total_loss += losses.sum(0)
-            quant_loss += losses.masked_fill_(mask1, 0).sum(0)
-        W[:, i1:i2] = W1.t()
-        M[:, i1:i2] = mask1.t()
-        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
+        if block is None:
+            ran("obs_update", "torch")
+            block = _obs_block(W1, Hinv1, d1, mask1, pattern) if quant is None else _joint_block(
+                W, i1, W1, Hinv1, d1, mask1, pattern, quant, static, (scaleT, zeroT), gidx, dtype)
+        Qb, Mb, Eb, total, rounding = block
+        total_loss += total
+        if rounding is not None:
+            quant_loss += rounding
+        W[:, i1:i2] = Qb
+        M[:, i1:i2] = Mb
+        W[:, i2:].addmm_(Eb, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update, in place: no (rows, cols) temporary
 
     if perm is not None:
         inv = torch.argsort(perm)
         W, M = W[:, inv], M[:, inv]
-    out = []
-    for c in range(levels):
-        part = slice(c * one, (c + 1) * one)
-        params = None
-        if quant is not None:
-            params = QuantParams(scaleT[:, part].t().to(dtype), zeroT[:, part].t().to(torch.uint8), quant)
-        total, qloss = float(total_loss[part].sum()), float(quant_loss[part].sum())
-        out.append(SolveResult(
-            weight=W[part].to(dtype),
-            mask=M[part],
-            damp_frac=damp_used,
-            retries=retries,
-            quant=params,
-            quant_share=qloss / total if quant is not None and total > 0 else None,
-            obs_loss=total,
-        ))
-    return out
+    return [_result(W, M, slice(c * one, (c + 1) * one), quant, (scaleT, zeroT), total_loss, quant_loss,
+                    damp_used, retries, dtype) for c in range(levels)]
+
+
+def _block_mask(W1: Tensor, d1: Tensor, given: Tensor | None, pattern: Pattern | None, ks: Sequence[int]) -> Tensor:
+    """The block's mask (count, rows), True = pruned, before its column loop: the ``given`` one (rows, count);
+    unstructured, Algorithm 1's selection with Bs = B: the ``ks[c]`` lowest w²/[H⁻¹]_cc² of each stacked copy
+    ``c``; N:M: none yet (the column loop chooses it every M columns)."""
+    if given is not None:
+        return given.t().contiguous()
+    if pattern is not None:
+        return torch.zeros_like(W1, dtype=torch.bool)
+    score = W1**2 / d1.unsqueeze(1) ** 2
+    if len(ks) == 1:
+        return smallest_k_mask(score, ks[0])
+    one = W1.shape[1] // len(ks)  # the rows of one copy
+    return torch.cat([smallest_k_mask(score[:, c * one : (c + 1) * one], k) for c, k in enumerate(ks)], dim=1)
+
+
+def _grids(W: Tensor, quant: QuantSpec, block_size: int, act_order: bool,
+           dtype: torch.dtype) -> tuple[bool, Tensor, Tensor, Tensor]:
+    """The sweep's quantization grids: (static, scaleT, zeroT (groups, rows), gidx: each column's group). Static
+    (per channel, or with ``act_order``) grids are chosen from W now; dynamic ones are filled as the sweep
+    reaches each group (in ``dtype``'s rounding, the weights' own)."""
+    rows, cols = W.shape
+    check_quant_fit(cols, quant, block_size)
+    g = quant.group_cols(cols)
+    static = quant.group_size == -1 or act_order
+    if static:
+        p = layer_params(W, quant, dtype)  # the caller's dtype: W is its float32 copy
+        scaleT, zeroT = p.scale.t().float().contiguous(), p.zero.t().float().contiguous()  # (groups, rows)
+    else:
+        scaleT = torch.empty(cols // g, rows, device=W.device)
+        zeroT = torch.empty_like(scaleT)
+    return static, scaleT, zeroT, torch.arange(cols, device=W.device) // g  # in the sweep's order
+
+
+def _result(W: Tensor, M: Tensor, part: slice, quant: QuantSpec | None, grids: tuple[Tensor, Tensor],
+            total_loss: Tensor, quant_loss: Tensor, damp_used: float, retries: int, dtype: torch.dtype) -> SolveResult:
+    """The result of the stacked copy in rows ``part``."""
+    params = None
+    if quant is not None:
+        scaleT, zeroT = grids
+        params = QuantParams(scaleT[:, part].t().to(dtype), zeroT[:, part].t().to(torch.uint8), quant)
+    total, qloss = float(total_loss[part].sum()), float(quant_loss[part].sum())
+    return SolveResult(
+        weight=W[part].to(dtype),
+        mask=M[part],
+        damp_frac=damp_used,
+        retries=retries,
+        quant=params,
+        quant_share=qloss / total if quant is not None and total > 0 else None,
+        obs_loss=total,
+    )
