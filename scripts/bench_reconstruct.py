@@ -24,6 +24,7 @@ from tables import publish  # scripts/tables.py
 
 from llmprune.compression import compress_model
 from llmprune.perplexity import perplexity
+from llmprune.recipe import RECONSTRUCT_STEPS
 from llmprune.structured import ShrinkSpec, shrink_model
 
 BASE = {
@@ -43,9 +44,9 @@ VARIANTS = {"": {}, " + rec": {"rec": True},
             " + rec sublayer": {"rec": True, "reconstruct_granularity": "sublayer"},
             " + rec norms": {"rec": True, "reconstruct_norms": True}}
 DEFAULT_ROWS = ["sparsegpt 70%", "sparsegpt 70% + rec", "sparsegpt 70% + rec compressed",
-                "sparsegpt 70% + rec sublayer", "admm 70%", "admm 70% + rec", "sparsegpt 2:4",
-                "sparsegpt 2:4 + rec", "sparsegpt 50%", "sparsegpt 50% + rec", "shrink mlp -20%",
-                "shrink mlp -20% + rec", "gptq w3g128", "gptq w3g128 + rec"]
+                "sparsegpt 70% + rec sublayer", "sparsegpt 2:4", "sparsegpt 2:4 + rec", "gptq w3g128",
+                "gptq w3g128 + rec", "shrink mlp -20%", "shrink mlp -20% + rec", "admm 70%", "admm 70% + rec",
+                "sparsegpt 50%", "sparsegpt 50% + rec"]
 
 
 def parse(name: str) -> tuple[str, dict]:
@@ -72,13 +73,20 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help="--reconstruct STEPS (default: the recipe's)")
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward, and per training step")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the model's dtype in memory (bfloat16: what compress computes fp32 sources in)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_reconstruct.txt"))
     args = ap.parse_args()
 
     model, tokenizer, pristine, base, windows, held_out = setup(args.nsamples, args.seqlen, args.eval_windows)
-    steps = args.steps or 32
+    dtype = getattr(torch, args.dtype)
+    model.to(dtype)
+    pristine = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pristine.items()}
+    base = base.replace(batch_size=args.batch_size)
+    steps = args.steps or RECONSTRUCT_STEPS
     dense = perplexity(model, held_out, CPU, progress=False)
     results: dict[str, tuple[float, float, float, str]] = {}
     for name in args.rows.split(","):
@@ -114,7 +122,7 @@ def main() -> None:
         f"# bench_reconstruct: SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} Shakespeare (train part),"
         f" held-out {held_out.shape[0]} x {args.seqlen} (dense ppl {dense:.3f}); --reconstruct {steps}"
         f" (lr {args.lr or base.reconstruct_lr:g}); CPU, {os.cpu_count()} cores, {platform.machine()},"
-        f" torch {torch.__version__}; float32 in memory; peak RSS is the process's so far",
+        f" torch {torch.__version__}; {args.dtype} in memory, batch {args.batch_size}; peak RSS: the process's so far",
         f"{'recipe':<34} {'ppl':>9} {'wall s':>8} {'peak GiB':>9}  block loss (mean over blocks)",
         *(f"{n:<34} {p:>9.3f} {s:>8.1f} {r:>9.2f}  {note}" for n, (p, s, r, note) in results.items()),
         "# ppl ratios, with / without: " + "; ".join(f"{n}: {ratio(n, b)}" for n, b in pairs),
