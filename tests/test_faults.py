@@ -94,6 +94,74 @@ def test_the_stale_lock_of_a_killed_run_is_taken_over_and_the_run_resumes(sharde
 
 
 
+def _wait_for_lock(proc: subprocess.Popen, lock: Path) -> None:
+    """Poll until ``lock`` names ``proc`` as its holder."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if json.loads(lock.read_text()).get("pid") == proc.pid:
+                return
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"finished before it held {lock}: {proc.stderr.read()[-500:]}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("timed out")
+
+
+def _in_memory(sharded: Path, out: Path, command: str) -> list[str]:
+    """A run that keeps no journal: compress or shrink with the model loaded whole (--no-lazy)."""
+    if command == "compress":
+        return args(sharded, out, "--no-lazy")
+    return ["shrink", *args(sharded, out, "--no-lazy", "--mlp", "0.25", "--align", "16")[1:]]
+
+
+@pytest.mark.parametrize("command", ["compress", "shrink"])
+def test_a_second_in_memory_run_on_the_same_output_is_refused_and_the_first_finishes_intact(sharded, tmp_path,
+                                                                                            capsys, command):
+    """The lock streamed runs take in OUT.partial/, taken by in-memory runs too, before they load the model."""
+    out, partial = tmp_path / "o", tmp_path / "o.partial"
+    assert run(_in_memory(sharded, tmp_path / "lone", command)) == 0
+    capsys.readouterr()
+    first = _spawn(_in_memory(sharded, out, command))
+    _wait_for_lock(first, partial / ".lock")
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert run(_in_memory(sharded, out, command)) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"pid {first.pid} on {socket.gethostname()}" in line and "being written by another run" in line
+        assert [p.name for p in partial.iterdir()] == [".lock"] and not out.exists()  # the second wrote nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-800:]
+    assert files(out) == files(tmp_path / "lone")
+    assert not partial.exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("command", ["compress --no-lazy", "shrink --no-lazy", "shrink", "pack"])
+def test_every_writer_respects_a_live_lock(sharded, tmp_path, capsys, command):
+    """Whatever the command and path, a lock naming a live run refuses before anything is read or written."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        partial = tmp_path / "o.partial"
+        partial.mkdir()
+        (partial / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        name, *flags = command.split()
+        if name == "pack":
+            argv = ["pack", str(sharded / "model"), "--pattern", "2:4", "--out", str(tmp_path / "o")]
+        else:
+            argv = [name, *args(sharded, tmp_path / "o", *flags, *(["--mlp", "0.25"] if name == "shrink" else []))[1:]]
+        assert run(argv) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"pid {sleeper.pid} on {socket.gethostname()}" in line and str(partial / ".lock") in line
+        assert [p.name for p in partial.iterdir()] == [".lock"] and sorted(p.name for p in tmp_path.iterdir()) == [
+            "o.partial"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # -- non-finite values, named where they start ----------------------------------------------------------------
 
 def _with_nan_in_q_proj(src: Path, dst: Path) -> None:
