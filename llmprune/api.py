@@ -54,7 +54,7 @@ from llmprune.compression import (
     prunable_linears,
     resolve_device,
 )
-from llmprune.data import load_documents
+from llmprune.data import load_documents, window_layout
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
 from llmprune.loading import ModelRef, is_gguf, load_model, load_tokenizer, resolve, skeleton
@@ -356,6 +356,8 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
     if needs_data(rec):  # an unreachable dataset fails before the model loads
         load_documents(rec.calib, rec.split, rec.text_field)
     tokenizer = _tokenizer_arg(tokenizer, mref)
+    if rec.bos and needs_data(rec):
+        _check_bos(tokenizer, mref)
     if mref is None:
         tokenizer = _tokenizer_for(model, tokenizer, required=needs_data(rec))
         check_not_quantized(model.config.to_dict(), "the model")
@@ -366,6 +368,14 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
             check_not_quantized(shape.config.to_dict(), mref.ref)
         check(shape)
     return mref, out_path, tokenizer
+
+
+def _check_bos(tokenizer, mref: ModelRef | None) -> None:
+    """--bos with a tokenizer that adds no BOS is refused before the model loads (the windows need one)."""
+    if tokenizer is None and mref is not None and mref.kind == "dir":
+        tokenizer = load_tokenizer(mref.location, **mref.kwargs)
+    if tokenizer is not None:  # else: the model's own, checked when the windows are cut
+        window_layout(tokenizer, 2, None, True)
 
 
 def streams(mref: ModelRef) -> bool:
@@ -582,6 +592,8 @@ def evaluate(
     # a missing model is named first (resolve reads no weights), then unreachable data fails before the load
     mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)
     _, description = load_documents(dataset, split, text_field, "eval")
+    if bos:
+        _check_bos(_tokenizer_arg(tokenizer, mref), mref)
     if mref is None:
         m, tok = model, _tokenizer_for(model, tokenizer)
     else:
