@@ -288,6 +288,23 @@ def test_a_signal_inside_a_journal_write_waits_for_it(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before  # the handlers are the CLI run's only
 
 
+# -- reproducibility --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [(), ("--no-lazy", "--two-pass", "--pattern", "2:4", "--wbits", "4", "--group-size",
+                                        "32", "--format", "compressed-tensors")])
+def test_the_same_command_twice_writes_the_same_bytes(sharded, tmp_path, extra):
+    """Same machine, same command: the same output bytes, from two processes (each its own hash seed)."""
+    outs = []
+    for i, seed in enumerate(("1", "2")):
+        out = tmp_path / f"o{i}"
+        done = subprocess.run([sys.executable, "-m", "llmprune", *args(sharded, out, *extra)], capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONHASHSEED=seed, TOKENIZERS_PARALLELISM="false"))
+        assert done.returncode == 0, done.stderr[-800:]
+        outs.append(files(out))
+    assert outs[0].keys() == outs[1].keys() and any(k.endswith(".safetensors") for k in outs[0])
+    assert [k for k in outs[0] if outs[0][k] != outs[1][k]] == []
+
+
 # -- hostile input, fuzzed --------------------------------------------------------------------------------------
 
 NO_MODEL = "/nonexistent-llmprune/model"  # every run fails at the model at the latest: no heavy work
