@@ -4,7 +4,7 @@ under ``torchrun --nproc-per-node 2`` (gloo, CPU), outputs compared tensor by te
 Per Hessian dtype: how many tensors are identical, the masks' agreement (fraction of the pruned linears'
 entries whose zero / non-zero agrees; the worst tensor and over all), the weights' relative difference
 (‖W₂ − W₁‖ / ‖W₁‖: the worst tensor and over all linears), and the held-out perplexity of both (16 x 256
-tokens of Shakespeare's held-out tail). ``--blocks K`` compresses the first K blocks only (the rest is kept
+tokens of Shakespeare's held-out tail by default). ``--blocks K`` compresses the first K blocks only (the rest is kept
 dense with ``--skip``; the test does that to stay short).
 
     python scripts/bench_torchrun_repro.py [--nsamples 16] [--seqlen 256] [--blocks 30] [--dtype auto]
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,8 +63,14 @@ def compare(one: Path, two: Path) -> dict:
             "rel_diff": (diff2 / max(norm2, 1e-300)) ** 0.5, "worst_rel_diff": worst_rel}
 
 
+def total_blocks(model: str) -> int:
+    """The model's decoder blocks: SmolLM2-135M has 30, a directory says in its config."""
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text())["num_hidden_layers"] if config.is_file() else 30
+
+
 def skip_after(blocks: int, total: int = 30) -> list[str]:
-    """--skip for every linear of blocks ``blocks`` .. ``total`` - 1 (SmolLM2 has 30)."""
+    """--skip for every linear of blocks ``blocks`` .. ``total`` - 1."""
     rest = "|".join(str(i) for i in range(blocks, total))
     return ["--skip", rf"model\.layers\.({rest})\."] if rest else []
 
@@ -89,7 +96,7 @@ def run_pair(base: list[str], out: Path, timeout: int = 3600) -> tuple[float, fl
     return times[0], times[1]
 
 
-def held_out_ppl(directory: Path, windows: int = 16, seqlen: int = 256) -> float:
+def held_out_ppl(directory: Path, windows: int, seqlen: int) -> float:
     from llmprune.api import evaluate
 
     return evaluate(directory, "shakespeare", split="test", seqlen=seqlen, max_windows=windows, device="cpu",
@@ -98,36 +105,50 @@ def held_out_ppl(directory: Path, windows: int = 16, seqlen: int = 256) -> float
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m", help="SmolLM2-135M as llmprune names it, or a copy of it")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--blocks", type=int, default=30)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--hessian-dtypes", default="fp32,fp64")
     ap.add_argument("--extra", default="", help="more compress options, e.g. '--wbits 4 --group-size 64'")
-    ap.add_argument("--out", default=str(RESULTS / "torchrun_repro_smollm2.txt"))
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seqlen", type=int, default=256)
+    ap.add_argument("--out", default=str(RESULTS / "torchrun_repro.txt"))
+    ap.add_argument("--json", default=None, help="also write the rows here as JSON (the test reads them)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    lines = [f"# bench_torchrun_repro: SmolLM2-135M, sparsegpt 50% sequential {args.extra}, {args.nsamples} x"
-             f" {args.seqlen} Shakespeare (train) calibration tokens, {args.blocks} of 30 blocks compressed,"
+    name = "SmolLM2-135M" if args.model == "smollm2-135m" else args.model
+    total = total_blocks(args.model)
+    args.blocks = min(args.blocks, total)
+    lines = [f"# bench_torchrun_repro: {name}, sparsegpt 50% sequential {args.extra}, {args.nsamples} x"
+             f" {args.seqlen} Shakespeare (train) calibration tokens, first {args.blocks} of {total} blocks compressed,"
              f" --dtype {args.dtype}; 1 process vs torchrun --nproc-per-node 2 (gloo, CPU, {os.cpu_count()} cores);"
-             " held-out ppl: 16 x 256 tokens of the test part",
+             f" held-out ppl: {args.eval_windows} x {args.eval_seqlen} tokens of the test part",
              f"{'hessian':>7} {'identical':>10} {'mask agree':>11} {'worst mask':>11} {'rel diff':>9}"
              f" {'worst rel':>9} {'ppl 1':>8} {'ppl 2':>8} {'ratio':>7} {'wall 1 s':>8} {'wall 2 s':>8}"]
+    rows = []
     for hd in args.hessian_dtypes.split(","):
-        base = ["compress", "smollm2-135m", "--calib", "shakespeare", "--split", "train", "--nsamples",
+        base = ["compress", args.model, "--calib", "shakespeare", "--split", "train", "--nsamples",
                 str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu", "--dtype", args.dtype,
-                "--hessian-dtype", hd, *skip_after(args.blocks), *args.extra.split()]
+                "--hessian-dtype", hd, *skip_after(args.blocks, total), *args.extra.split()]
         out = tmp / hd
-        t1, t2 = run_pair(base, out)
-        c = compare(out / "one", out / "two")
-        p1, p2 = held_out_ppl(out / "one"), held_out_ppl(out / "two")
+        try:
+            t1, t2 = run_pair(base, out)
+            c = compare(out / "one", out / "two")
+            p1 = p2 = held_out_ppl(out / "one", args.eval_windows, args.eval_seqlen)
+            if c["identical"] < c["tensors"]:  # else the same model: the same perplexity
+                p2 = held_out_ppl(out / "two", args.eval_windows, args.eval_seqlen)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        rows.append({"hessian_dtype": hd, **c, "ppl_one": p1, "ppl_two": p2, "wall_one": t1, "wall_two": t2})
         lines.append(f"{hd:>7} {c['identical']:>4}/{c['tensors']:<5} {c['mask_agreement']:>11.6f}"
                      f" {c['worst_mask_agreement']:>11.6f} {c['rel_diff']:>9.2e} {c['worst_rel_diff']:>9.2e}"
                      f" {p1:>8.3f} {p2:>8.3f} {p2 / p1:>7.4f} {t1:>8.1f} {t2:>8.1f}")
         print(lines[-1], flush=True)
-        print(json.dumps(c), flush=True)
     publish(lines, args.out, echo=False)
-    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
