@@ -142,9 +142,8 @@ class OutputLock:
 def sole_writer(directory: Path, what: str) -> Iterator[None]:
     """``directory/.lock`` held while the body runs: the one writer of an output that keeps no journal (a model
     compressed or shrunk in memory, a pack, a sweep). Under torchrun rank 0 holds it for every rank, and its
-    refusal is every rank's. A directory made here that holds nothing afterwards is removed again."""
+    refusal is every rank's. The directory, left empty (no other run's blocks in it), is removed afterwards."""
     directory = Path(directory)
-    made = not directory.exists()
     lock, error = None, None
     if distributed.is_main():
         try:
@@ -161,8 +160,7 @@ def sole_writer(directory: Path, what: str) -> Iterator[None]:
     finally:
         if lock is not None:
             lock.release()
-        if made and distributed.is_main():
-            with contextlib.suppress(OSError):  # not empty: another run's blocks, kept
+            with contextlib.suppress(OSError):  # not empty: an unfinished streamed run's blocks, kept
                 directory.rmdir()
 
 

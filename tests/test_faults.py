@@ -162,6 +162,18 @@ def test_every_writer_respects_a_live_lock(sharded, tmp_path, capsys, command):
         sleeper.wait()
 
 
+@pytest.mark.parametrize("command", ["compress", "shrink"])
+def test_an_in_memory_run_takes_over_a_stale_lock_with_a_warning(sharded, tmp_path, capsys, command):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "o.partial").mkdir()
+    (tmp_path / "o.partial" / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                             "since": "then"}))
+    assert run(_in_memory(sharded, tmp_path / "o", command)) == 0
+    assert f"taking over the lock of a run that is gone (pid {dead.pid} on" in capsys.readouterr().err
+    assert (tmp_path / "o" / "config.json").is_file() and not (tmp_path / "o.partial").exists()
+
+
 # -- non-finite values, named where they start ----------------------------------------------------------------
 
 def _with_nan_in_q_proj(src: Path, dst: Path) -> None:

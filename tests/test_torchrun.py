@@ -262,3 +262,24 @@ def test_what_torchrun_reproduces_on_smollm2_is_what_the_readme_states(smollm2_d
         assert row["worst_mask_agreement"] >= want["worst_mask_agreement"], row
         assert row["rel_diff"] <= want["rel_diff"] and row["worst_rel_diff"] <= want["worst_rel_diff"], row
         assert abs(row["ppl_two"] / row["ppl_one"] - 1) <= want["ppl_within"], row
+
+
+@pytest.mark.parametrize("extra", [["--no-lazy"], []])
+def test_an_output_another_run_holds_is_refused_on_every_rank(extra, model_dir, tmp_path):
+    """Rank 0 takes the lock for all (loaded whole or streamed); its refusal is every rank's (a rank that went
+    on would wait in a collective until the timeout and say something else)."""
+    import socket
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "out.partial").mkdir()
+        (tmp_path / "out.partial" / ".lock").write_text(json.dumps({"pid": sleeper.pid,
+                                                                    "host": socket.gethostname()}))
+        done = torchrun(["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
+                         "--device", "cpu", "--out", str(tmp_path / "out"), *extra])
+        assert done.returncode != 0
+        assert done.stderr.count(f"is being written by another run (pid {sleeper.pid}") == 2, done.stderr[-2000:]
+        assert not (tmp_path / "out").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
