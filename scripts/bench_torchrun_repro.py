@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "torchrun_repro.txt"))
     ap.add_argument("--json", default=None, help="also write the rows here as JSON (the test reads them)")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(tempfile.mkdtemp(prefix="llmprune-repro-"))
     name = "SmolLM2-135M" if args.model == "smollm2-135m" else args.model
     total = total_blocks(args.model)
     args.blocks = min(args.blocks, total)
@@ -146,6 +146,7 @@ def main() -> None:
                      f" {c['worst_mask_agreement']:>11.6f} {c['rel_diff']:>9.2e} {c['worst_rel_diff']:>9.2e}"
                      f" {p1:>8.3f} {p2:>8.3f} {p2 / p1:>7.4f} {t1:>8.1f} {t2:>8.1f}")
         print(lines[-1], flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     publish(lines, args.out, echo=False)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
