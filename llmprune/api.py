@@ -13,6 +13,7 @@ names as the CLI flags and YAML keys; a bad one raises ``UsageError`` with the m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -50,7 +51,7 @@ from llmprune.compression import (
     prunable_linears,
     resolve_device,
 )
-from llmprune.data import load_documents
+from llmprune.data import load_documents, window_layout
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
 from llmprune.loading import ModelRef, is_gguf, load_model, load_tokenizer, resolve, skeleton
@@ -254,24 +255,25 @@ def compress(
     reuse = read_error_tables(reuse_errors, rec) if reuse_errors is not None else None
     mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
                                                lambda m: prunable_linears(m, rec))
-    if mref is None:
-        source = getattr(model, "name_or_path", "") or "in-memory"
-        kind, load_s = "memory", 0.0
-    else:
-        if lazy and out_path is not None and streams(mref):
-            return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer, dist_read)
-        if lazy and out_path is not None:
-            _say_not_streamed(mref, rec)
-        model, loaded_tok = _load_whole(mref, rec.dtype, writes=True)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tok
-        source, kind, load_s = mref.ref, mref.origin, time.perf_counter() - t0
-    grids: dict = {}
-    report = compress_model(model, tokenizer, rec, grids=grids, reuse_errors=reuse, progress=progress)
-    report["timings"]["load_s"] = round(load_s, 3)
-    _describe(report, model, source, kind)
-    if out_path is not None:
-        if distributed.is_main():  # torchrun: rank 0 writes; every rank holds the same model
+    if mref is not None and lazy and out_path is not None and streams(mref):
+        return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer, dist_read)
+    with _one_writer(out_path):
+        if mref is None:
+            source = getattr(model, "name_or_path", "") or "in-memory"
+            kind, load_s = "memory", 0.0
+        else:
+            if lazy and out_path is not None:
+                _say_not_streamed(mref, rec)
+            model, loaded_tok = _load_whole(mref, rec.dtype, writes=True)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
+            source, kind, load_s = mref.ref, mref.origin, time.perf_counter() - t0
+        grids: dict = {}
+        report = compress_model(model, tokenizer, rec, grids=grids, reuse_errors=reuse, progress=progress)
+        report["timings"]["load_s"] = round(load_s, 3)
+        _describe(report, model, source, kind)
+        if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
             _save(out_path, model, tokenizer, report, grids, t0)
+    if out_path is not None:
         report = distributed.broadcast_object(report)
     else:
         report["checkpoint"] = None
@@ -294,6 +296,8 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
     if needs_data(rec):  # an unreachable dataset fails before the model loads
         load_documents(rec.calib, rec.split, rec.text_field)
     tokenizer = _tokenizer_arg(tokenizer, mref)
+    if rec.bos and needs_data(rec):
+        _check_bos(tokenizer, mref)
     if mref is None:
         tokenizer = _tokenizer_for(model, tokenizer, required=needs_data(rec))
         check_not_quantized(model.config.to_dict(), "the model")
@@ -304,6 +308,14 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
             check_not_quantized(shape.config.to_dict(), mref.ref)
         check(shape)
     return mref, out_path, tokenizer
+
+
+def _check_bos(tokenizer, mref: ModelRef | None) -> None:
+    """--bos with a tokenizer that adds no BOS is refused before the model loads (the windows need one)."""
+    if tokenizer is None and mref is not None and mref.kind == "dir":
+        tokenizer = load_tokenizer(mref.location, **mref.kwargs)
+    if tokenizer is not None:  # else: the model's own, checked when the windows are cut
+        window_layout(tokenizer, 2, None, True)
 
 
 def streams(mref: ModelRef) -> bool:
@@ -365,6 +377,16 @@ def _load_whole(mref: ModelRef, dtype: str, writes: bool = False):
         return model, tokenizer
     model, tokenizer, _ = load_model(mref, dtype, fp32_to_bf16=writes)
     return model, tokenizer
+
+
+def _one_writer(out: Path | None):
+    """OUT.partial/'s lock (the one a streamed run takes) held while a run computes and writes ``out`` in
+    memory: a second run on the same output, streamed or not, is refused before it reads a weight."""
+    if out is None:
+        return contextlib.nullcontext()
+    from llmprune.resume import partial_dir, sole_writer
+
+    return sole_writer(partial_dir(out), f"--out {Path(out).expanduser().resolve()}")
 
 
 _OPENED: list = []  # the PartialOutputs open in this process, innermost last (_releases_partials closes them)
@@ -496,6 +518,8 @@ def evaluate(
     # a missing model is named first (resolve reads no weights), then unreachable data fails before the load
     mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)
     _, description = load_documents(dataset, split, text_field, "eval")
+    if bos:
+        _check_bos(_tokenizer_arg(tokenizer, mref), mref)
     if mref is None:
         m, tok = model, _tokenizer_for(model, tokenizer)
     else:
@@ -554,7 +578,7 @@ def pack(model: str | Path, out: str | Path, pattern: str = "2:4", *, skip_nonco
     dev = resolve_device(device)
     check_kernels(kernels, dev)
     check_output_dir(Path(out), overwrite, src)
-    with atomic_dir(Path(out)) as tmp:
+    with _one_writer(Path(out)), atomic_dir(Path(out)) as tmp:
         manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels, str(dev), progress=progress)
     return manifest
 
@@ -570,7 +594,7 @@ def unpack(model: str | Path, out: str | Path, *, overwrite: bool = False, kerne
     dev = resolve_device(device)
     check_kernels(kernels, dev)
     check_output_dir(Path(out), overwrite, src)
-    with atomic_dir(Path(out)) as tmp:
+    with _one_writer(Path(out)), atomic_dir(Path(out)) as tmp:
         unpack_checkpoint(src, tmp, kernels, str(dev))
 
 
@@ -643,18 +667,13 @@ def sweep(
     def after(cell, compressed: nn.Module) -> dict:
         return sweeps.zero_shot(compressed, tok, task_names) if task_names else {}
 
-    from llmprune.resume import OutputLock
+    from llmprune.resume import sole_writer
 
-    lock = OutputLock(out_path, f"sweep --out {out_path}")  # one writer of its cells, tables and checkpoints
-    if distributed.is_main():
-        lock.acquire()
-    try:
+    with sole_writer(out_path, f"sweep --out {out_path}"):  # one writer of its cells, tables and checkpoints
         return sweeps.run_sweep(m, tok, base, cells, eval_names, out_path, model_name=name,
                                 eval_seqlen=eval_seqlen, max_windows=max_windows,
                                 save=save if keep_checkpoints else None, extra=after if task_names else None,
                                 extra_key=task_names or None, progress=progress)
-    finally:
-        lock.release()
 
 
 @_bars_follow_progress
@@ -712,22 +731,23 @@ def shrink(
                                                check)
     if lazy and out_path is not None and mref is not None and streams(mref):
         return _shrink_lazy(mref, out_path, rec, spec, overwrite, t0, progress, tokenizer)
-    if mref is None:
-        m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
-    else:
-        if lazy and out_path is not None:
-            _say_not_streamed(mref, rec)
-        m, loaded = _load_whole(mref, rec.dtype, writes=out_path is not None)
-        tok = tokenizer if tokenizer is not None else loaded
-        source, kind = mref.ref, mref.origin
-    report = shrink_model(m, tok, rec, spec, progress=progress)
-    grids: dict = {}
-    if rec.wbits is not None:  # then quantized (GPTQ, or the recipe's method at sparsity 0) in the same run
-        report = _quantize_shrunk(m, tok, rec, report, grids, progress)
-    _describe(report, m, source or "in-memory", kind)
-    if out_path is not None:
-        if distributed.is_main():  # torchrun: rank 0 writes; every rank holds the same model
+    with _one_writer(out_path):
+        if mref is None:
+            m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
+        else:
+            if lazy and out_path is not None:
+                _say_not_streamed(mref, rec)
+            m, loaded = _load_whole(mref, rec.dtype, writes=out_path is not None)
+            tok = tokenizer if tokenizer is not None else loaded
+            source, kind = mref.ref, mref.origin
+        report = shrink_model(m, tok, rec, spec, progress=progress)
+        grids: dict = {}
+        if rec.wbits is not None:  # then quantized (GPTQ, or the recipe's method at sparsity 0) in the same run
+            report = _quantize_shrunk(m, tok, rec, report, grids, progress)
+        _describe(report, m, source or "in-memory", kind)
+        if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
             _save(out_path, m, tok, report, grids, t0)
+    if out_path is not None:
         report = distributed.broadcast_object(report)
     return report
 

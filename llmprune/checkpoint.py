@@ -117,34 +117,59 @@ def read_grids(directory: Path) -> dict[str, QuantParams]:
 class TensorReader:
     """Tensors of a safetensors checkpoint (one file, or shards with an index), read one at a time.
 
-    A missing or unreadable shard is a UsageError naming the file.
+    A damaged index, a shard it names that is not there, and a shard whose header does not match its bytes
+    (offsets past the end or overlapping, a dtype whose size disagrees with its byte range: safetensors checks
+    them when the file is opened) are each a UsageError naming the file.
     """
 
     def __init__(self, directory: Path, prefix: str = "model"):
         self.directory = Path(directory)
         self._files: dict[str, object] = {}
-        index = self.directory / f"{prefix}.safetensors.index.json"
+        self.index = self.directory / f"{prefix}.safetensors.index.json"
         single = self.directory / f"{prefix}.safetensors"
-        if index.is_file():
-            self.where = json.loads(index.read_text())["weight_map"]
+        if self.index.is_file():
+            self.where = self._weight_map()
         elif single.is_file():
             self.where = dict.fromkeys(self._open(single.name).keys(), single.name)
         else:
             self.where = {}
 
+    def _weight_map(self) -> dict[str, str]:
+        try:
+            where = json.loads(self.index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            where = None
+        if not isinstance(where, dict) or not all(isinstance(f, str) for f in where.values()):
+            raise UsageError(f"{self.index} is not a safetensors index (no weight_map of tensor names to files):"
+                             " re-create it, or re-download the model")
+        return where
+
     def _open(self, fname: str):
         if fname not in self._files:
+            path = self.directory / fname
+            if self.index.is_file() and not path.is_file():
+                raise UsageError(f"{self.index.name} names {fname}, which is not in {self.directory}: the download"
+                                 " or copy is incomplete; fetch the missing file")
             try:
-                self._files[fname] = safe_open(str(self.directory / fname), "pt")
+                self._files[fname] = safe_open(str(path), "pt")
             except Exception as exc:
-                raise UsageError(f"cannot read {self.directory / fname} ({type(exc).__name__}): the file is"
-                                 " missing, truncated or not safetensors; re-create it") from None
+                why = str(exc).removeprefix("Error while deserializing header: ").splitlines()[0][:120]
+                raise UsageError(f"cannot read {path} ({type(exc).__name__}: {why}): the file is truncated,"
+                                 " damaged or not safetensors; re-create it") from None
         return self._files[fname]
 
-    def check(self) -> None:
-        """Open every shard now (headers and sizes are validated), so a truncated file fails before any work."""
+    def check(self, float_weights: bool = False) -> None:
+        """Open every shard now (headers and sizes are validated), so a truncated file fails before any work.
+        ``float_weights`` (an unquantized checkpoint): a weight or bias stored as an integer type (the size of
+        the float it should be, so safetensors cannot tell) is a damaged header too; read into a model it
+        computes garbage, or fails mid-run."""
         for fname in sorted(set(self.where.values())):
-            self._open(fname)
+            f = self._open(fname)
+            for key in f.keys() if float_weights else ():
+                dtype = f.get_slice(key).get_dtype()
+                if key.endswith((".weight", ".bias")) and dtype.startswith(("I", "U", "BOOL")):
+                    raise UsageError(f"{key} is stored as {dtype} in {self.directory / fname}, an integer type for a"
+                                     " weight: its header is damaged; re-create it")
 
     def close(self) -> None:
         """Drop the open shards: their memory maps go, and with them the pages read (which count as RSS)."""

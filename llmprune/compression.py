@@ -113,9 +113,11 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
                     f" {pattern}: skip it with --skip '{re.escape(name)}$' or use another pattern"
                 )
             if quant is not None and quant.group_size > 0 and cols % quant.group_size:
+                fits = " or ".join([str(g) for g in (128, 64, 32, 16, 8) if cols % g == 0][:2])
                 raise UsageError(
                     f"--group-size {quant.group_size} does not divide the {cols} inputs of layer {full}: pick a"
-                    f" divisor of {cols} (e.g. 64 or 32), -1 for per-channel, or --skip '{re.escape(name)}$'"
+                    f" divisor of {cols}{f' (e.g. {fits})' if fits else ''}, -1 for per-channel, or --skip"
+                    f" '{re.escape(name)}$'"
                 )
             if recipe.method == "obc" and cols > recipe.obc_max_cols:
                 raise UsageError(

@@ -103,7 +103,8 @@ def _comm(t: Tensor) -> Tensor:
 def sum_mean(H: Tensor | None, n: int, shape: tuple[int, ...], like: torch.device) -> tuple[Tensor, int]:
     """The all-ranks mean of running means ``H`` over ``n`` tokens each (H None: this rank saw none), in fp32
     for the solvers. The ranks' means are summed in fp64; fp64 accumulators (``--hessian-dtype fp64``)
-    enter unrounded, which makes the result the single process's to the last bit."""
+    enter unrounded, so the result is rounded to fp32 once, like the single process's (equal to it in every
+    case measured, not by construction: the fp64 sums round in another order)."""
     import torch.distributed as dist
 
     if not active():

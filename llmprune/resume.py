@@ -23,6 +23,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from llmprune import distributed
 from llmprune.checkpoint import TensorReader, follow_umask, merge_files, read_grids, save_tensors, write_grids
 from llmprune.errors import UsageError
 from llmprune.quant import QuantParams
@@ -135,6 +136,32 @@ class OutputLock:
             self.path.unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
+
+
+@contextlib.contextmanager
+def sole_writer(directory: Path, what: str) -> Iterator[None]:
+    """``directory/.lock`` held while the body runs: the one writer of an output that keeps no journal (a model
+    compressed or shrunk in memory, a pack, a sweep). Under torchrun rank 0 holds it for every rank, and its
+    refusal is every rank's. The directory, left empty (no other run's blocks in it), is removed afterwards."""
+    directory = Path(directory)
+    lock, error = None, None
+    if distributed.is_main():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            lock = OutputLock(directory, what)
+            lock.acquire()
+        except UsageError as exc:
+            lock, error = None, str(exc)
+    error = distributed.broadcast_object(error)
+    try:
+        if error is not None:
+            raise UsageError(error)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+            with contextlib.suppress(OSError):  # not empty: an unfinished streamed run's blocks, kept
+                directory.rmdir()
 
 
 class PartialOutput:

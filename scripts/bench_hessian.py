@@ -1,6 +1,7 @@
 """What each ``--hessian-dtype`` costs: one Hessian update (2048 tokens into H = 2/n Σ xxᵀ) per layer width.
 
-``fp64`` accumulates in float64 so that torchrun reproduces one process bit for bit; this measures its price
+``fp64`` accumulates in float64 so that torchrun's output hardly depends on the rank count (bit for bit in every
+case bench_torchrun_repro measured, not guaranteed); this measures its price
 against ``fp32`` (and, on CUDA, against ``auto``'s tensor-core path from bf16 activations), interleaved
 repeats, medians, in one process.
 

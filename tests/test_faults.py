@@ -94,6 +94,86 @@ def test_the_stale_lock_of_a_killed_run_is_taken_over_and_the_run_resumes(sharde
 
 
 
+def _wait_for_lock(proc: subprocess.Popen, lock: Path) -> None:
+    """Poll until ``lock`` names ``proc`` as its holder."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if json.loads(lock.read_text()).get("pid") == proc.pid:
+                return
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"finished before it held {lock}: {proc.stderr.read()[-500:]}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("timed out")
+
+
+def _in_memory(sharded: Path, out: Path, command: str) -> list[str]:
+    """A run that keeps no journal: compress or shrink with the model loaded whole (--no-lazy)."""
+    if command == "compress":
+        return args(sharded, out, "--no-lazy")
+    return ["shrink", *args(sharded, out, "--no-lazy", "--mlp", "0.25", "--align", "16")[1:]]
+
+
+@pytest.mark.parametrize("command", ["compress", "shrink"])
+def test_a_second_in_memory_run_on_the_same_output_is_refused_and_the_first_finishes_intact(sharded, tmp_path,
+                                                                                            capsys, command):
+    """The lock streamed runs take in OUT.partial/, taken by in-memory runs too, before they load the model."""
+    out, partial = tmp_path / "o", tmp_path / "o.partial"
+    assert run(_in_memory(sharded, tmp_path / "lone", command)) == 0
+    capsys.readouterr()
+    first = _spawn(_in_memory(sharded, out, command))
+    _wait_for_lock(first, partial / ".lock")
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert run(_in_memory(sharded, out, command)) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"pid {first.pid} on {socket.gethostname()}" in line and "being written by another run" in line
+        assert [p.name for p in partial.iterdir()] == [".lock"] and not out.exists()  # the second wrote nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-800:]
+    assert files(out) == files(tmp_path / "lone")
+    assert not partial.exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("command", ["compress --no-lazy", "shrink --no-lazy", "shrink", "pack"])
+def test_every_writer_respects_a_live_lock(sharded, tmp_path, capsys, command):
+    """Whatever the command and path, a lock naming a live run refuses before anything is read or written."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        partial = tmp_path / "o.partial"
+        partial.mkdir()
+        (partial / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        name, *flags = command.split()
+        if name == "pack":
+            argv = ["pack", str(sharded / "model"), "--pattern", "2:4", "--out", str(tmp_path / "o")]
+        else:
+            argv = [name, *args(sharded, tmp_path / "o", *flags, *(["--mlp", "0.25"] if name == "shrink" else []))[1:]]
+        assert run(argv) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert f"pid {sleeper.pid} on {socket.gethostname()}" in line and str(partial / ".lock") in line
+        assert [p.name for p in partial.iterdir()] == [".lock"] and sorted(p.name for p in tmp_path.iterdir()) == [
+            "o.partial"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("command", ["compress", "shrink"])
+def test_an_in_memory_run_takes_over_a_stale_lock_with_a_warning(sharded, tmp_path, capsys, command):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "o.partial").mkdir()
+    (tmp_path / "o.partial" / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                             "since": "then"}))
+    assert run(_in_memory(sharded, tmp_path / "o", command)) == 0
+    assert f"taking over the lock of a run that is gone (pid {dead.pid} on" in capsys.readouterr().err
+    assert (tmp_path / "o" / "config.json").is_file() and not (tmp_path / "o.partial").exists()
+
+
 # -- non-finite values, named where they start ----------------------------------------------------------------
 
 def _with_nan_in_q_proj(src: Path, dst: Path) -> None:
@@ -220,6 +300,23 @@ def test_a_signal_inside_a_journal_write_waits_for_it(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before  # the handlers are the CLI run's only
 
 
+# -- reproducibility --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [(), ("--no-lazy", "--two-pass", "--pattern", "2:4", "--wbits", "4", "--group-size",
+                                        "32", "--format", "compressed-tensors")])
+def test_the_same_command_twice_writes_the_same_bytes(sharded, tmp_path, extra):
+    """Same machine, same command: the same output bytes, from two processes (each its own hash seed)."""
+    outs = []
+    for i, seed in enumerate(("1", "2")):
+        out = tmp_path / f"o{i}"
+        done = subprocess.run([sys.executable, "-m", "llmprune", *args(sharded, out, *extra)], capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONHASHSEED=seed, TOKENIZERS_PARALLELISM="false"))
+        assert done.returncode == 0, done.stderr[-800:]
+        outs.append(files(out))
+    assert outs[0].keys() == outs[1].keys() and any(k.endswith(".safetensors") for k in outs[0])
+    assert [k for k in outs[0] if outs[0][k] != outs[1][k]] == []
+
+
 # -- hostile input, fuzzed --------------------------------------------------------------------------------------
 
 NO_MODEL = "/nonexistent-llmprune/model"  # every run fails at the model at the latest: no heavy work
@@ -327,4 +424,165 @@ def test_a_config_with_absurd_sizes_is_refused_before_any_work(sharded, tmp_path
     assert run(args(sharded, tmp_path / "o", model=model)) == 2
     line = one_line_error(capsys.readouterr().err)
     assert said in line and "the config is damaged" in line and time.perf_counter() - t0 < 30
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+# -- damaged checkpoints and tokenizers -------------------------------------------------------------------------
+
+def _header(shard: Path) -> tuple[dict, bytes]:
+    import struct
+
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _write_header(shard: Path, header: dict, body: bytes) -> None:
+    import struct
+
+    text = json.dumps(header).encode()
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+
+def _damage(model: Path, how: str) -> None:
+    """Break ``model``'s checkpoint (a copy of the ``sharded`` fixture's) the way ``how`` says."""
+    index = model / "model.safetensors.index.json"
+    key = "model.layers.0.self_attn.q_proj.weight"
+    shard = model / json.loads(index.read_text())["weight_map"][key]
+    header, body = _header(shard)
+    if how == "offsets past the end":
+        header[key]["data_offsets"][1] += 10**6
+    elif how == "overlapping offsets":
+        other = next(k for k in header if k not in (key, "__metadata__"))
+        header[other]["data_offsets"] = header[key]["data_offsets"]
+    elif how == "a dtype of another size":
+        header[key]["dtype"] = "F64"
+    elif how == "an integer dtype of the same size":
+        header[key]["dtype"] = {"F32": "I32", "F16": "I16", "BF16": "I16"}[header[key]["dtype"]]
+    elif how == "a missing shard":
+        shard.unlink()
+        return
+    elif how == "a broken index":
+        index.write_text('{"weight_map": ')
+        return
+    _write_header(shard, header, body)
+
+
+DAMAGED = {  # how -> what the one line says
+    "offsets past the end": "(SafetensorError: invalid shape, data type, or offset for tensor): the file is truncated,"
+                            " damaged or not safetensors; re-create it",
+    "overlapping offsets": "(SafetensorError: invalid offset for tensor",
+    "a dtype of another size": "(SafetensorError: invalid shape, data type, or offset for tensor)",
+    "an integer dtype of the same size": "model.layers.0.self_attn.q_proj.weight is stored as I32 in",
+    "a missing shard": "model.safetensors.index.json names model-0000",
+    "a broken index": "model.safetensors.index.json is not a safetensors index (no weight_map",
+}
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-lazy",)])
+@pytest.mark.parametrize("how", list(DAMAGED))
+def test_a_damaged_checkpoint_is_named_in_one_line_before_any_work(sharded, tmp_path, capsys, how, extra):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(sharded / "model", model)
+    _damage(model, how)
+    assert run(args(sharded, tmp_path / "o", *extra, model=model)) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert DAMAGED[how] in line, line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+_HEADER_EDITS = st.sampled_from(["data_offsets", "dtype", "shape", "drop", "rename"])
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.integers(0, 3), _HEADER_EDITS, st.integers(-(2**40), 2**40),
+                          st.sampled_from(["F32", "F16", "BF16", "F64", "I32", "I64", "U8", "BOOL", "F8_E4M3"])),
+                min_size=1, max_size=3))
+def test_fuzzed_safetensors_headers_are_read_or_refused_in_one_line(tmp_path_factory, edits):
+    """Any lie in a shard's header: the reader refuses it (UsageError) or reads exactly what the header says."""
+    from safetensors.torch import save_file
+
+    from llmprune.checkpoint import TensorReader
+    from llmprune.errors import UsageError
+
+    d = tmp_path_factory.mktemp("st")
+    g = torch.Generator().manual_seed(0)
+    save_file({f"t{i}.weight": torch.randn(3, 2 + i, generator=g) for i in range(4)}, d / "model.safetensors")
+    header, body = _header(d / "model.safetensors")
+    for i, field, number, dtype in edits:
+        entry = header.get(f"t{i}.weight")
+        if entry is None:  # dropped or renamed by an earlier edit
+            continue
+        if field == "data_offsets":
+            entry["data_offsets"][number % 2] = abs(number) % (2 * len(body) + 1) if number % 3 else number
+        elif field == "dtype":
+            entry["dtype"] = dtype
+        elif field == "shape":
+            entry["shape"] = [abs(number) % 9, number % 5] if number % 7 else [number]
+        elif field == "drop":
+            header.pop(f"t{i}.weight", None)
+        else:
+            header[f"t{i}.bias"] = header.pop(f"t{i}.weight")
+    _write_header(d / "model.safetensors", header, body)
+    try:
+        reader = TensorReader(d)
+        reader.check(float_weights=True)
+        got = {k: reader.get(k) for k in reader.keys()}
+    except UsageError as exc:
+        assert "\n" not in str(exc) and str(d / "model.safetensors") in str(exc)
+        return
+    assert {k: (list(t.shape), t.is_floating_point()) for k, t in got.items()} == {
+        k: (v["shape"], True) for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.fixture(scope="module")
+def bare_tokenizer_model(sharded, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The ``sharded`` model with a tokenizer that has no BOS, EOS or pad token."""
+    import shutil
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("bare") / "model"
+    shutil.copytree(sharded / "model", d, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer).save_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (None, None, None)
+    return d
+
+
+def _evaluates(sharded: Path, model: Path, *extra: str) -> list[str]:
+    return ["eval-ppl", str(model), "--dataset", str(sharded / "calib.txt"), "--seqlen", "64", "--max-windows", "2",
+            "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("command", ["compress", "compress --no-lazy", "eval-ppl"])
+def test_a_tokenizer_without_bos_eos_or_pad_works_and_bos_is_refused_before_the_model_loads(
+        bare_tokenizer_model, sharded, tmp_path, capsys, monkeypatch, command):
+    """Windows are fixed-length (no pad) and need BOS only when asked for (--bos): then one line, nothing read."""
+    from llmprune import api
+
+    name, *flags = command.split()
+
+    def argv(*extra: str) -> list[str]:
+        if name == "eval-ppl":
+            return _evaluates(sharded, bare_tokenizer_model, *extra)
+        return args(sharded, tmp_path / "o", *flags, *extra, model=bare_tokenizer_model)
+
+    assert run(argv()) == 0
+    capsys.readouterr()
+    if name == "compress":
+        import shutil
+
+        shutil.rmtree(tmp_path / "o")
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(api, "_load_whole", no_load)
+    monkeypatch.setattr(api, "_open_lazy", no_load)
+    assert run(argv("--bos")) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert line == "llmprune: error: --bos: this tokenizer adds no BOS token by default; drop --bos"
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
