@@ -189,3 +189,15 @@ def test_negative_steps_are_refused_in_a_recipe():
     with pytest.raises(UsageError, match="unknown key reconstruct.step"):
         recipe_from_dict({"reconstruct": {"step": 4}})
     assert recipe_from_dict({"reconstruct": True}).reconstruct > 0
+
+
+def test_the_python_api_takes_the_yaml_mapping(tiny_tokenizer):
+    import llmprune
+
+    report = llmprune.compress(tiny_model("llama"), None, {"sparsity": 0.5, "calib": "shakespeare", "nsamples": 4,
+                                                           "seqlen": 32, "device": "cpu",
+                                                           "reconstruct": {"steps": 2, "lr": 1e-3}},
+                               tokenizer=tiny_tokenizer, progress=False)
+    rec = report.reconstruction
+    assert rec["spec"]["steps"] == 2 and rec["spec"]["lr"] == 1e-3
+    assert all(e["steps"] == 2 for e in rec["blocks"].values()) and len(rec["blocks"]) == 2
