@@ -143,9 +143,11 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--admm-iters", type=int, default=None,
                      help=f"admm: at most this many iterations (default {Recipe.admm_iters})."),
         click.option("--admm-rho0", type=float, default=None,
-                     help=f"admm: first penalty, x the mean Hessian diagonal (default {Recipe.admm_rho0})."),
+                     help=f"admm: first penalty, on the problem scaled to a unit Hessian diagonal"
+                          f" (default {Recipe.admm_rho0})."),
         click.option("--admm-rho-growth", type=float, default=None,
-                     help=f"admm: penalty factor per iteration (default {Recipe.admm_rho_growth})."),
+                     help=f"admm: penalty factor per check (every 3 iterations) while over 10% of the support moves,"
+                          f" smaller steps as it settles (default {Recipe.admm_rho_growth})."),
         click.option("--obc-max-cols", type=int, default=None,
                      help="obc: refuse layers with more inputs than this (default 1024)."),
         click.option("--min-expert-tokens", type=int, default=None,

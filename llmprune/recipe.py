@@ -111,7 +111,8 @@ class Recipe:
     # the already-compressed sublayers before it, in one forward per block (false: every linear's Hessian
     # from the dense block, then a second forward to feed the next block)
     sequential: bool = True
-    # admm: at most admm_iters iterations, the penalty from admm_rho0 x mean diag(H), x admm_rho_growth each
+    # admm: at most admm_iters iterations, the penalty from admm_rho0 (the problem scaled to a unit Hessian
+    # diagonal), x admm_rho_growth every 3 iterations while the support moves much, smaller steps as it settles
     admm_iters: int = ADMM_ITERS
     admm_rho0: float = ADMM_RHO0
     admm_rho_growth: float = ADMM_RHO_GROWTH
