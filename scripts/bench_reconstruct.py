@@ -35,7 +35,7 @@ BASE = {
     "admm 70%": dict(method="admm", sparsity=0.7),
     "admm 2:4": dict(method="admm", pattern="2:4"),
     "joint 50% + w4g64": dict(sparsity=0.5, wbits=4, group_size=64),
-    "gptq w3g128": dict(sparsity=0.0, wbits=3, group_size=128),
+    "gptq w3g64": dict(sparsity=0.0, wbits=3, group_size=64),  # SmolLM2's 576 inputs: 128 does not divide them
 }
 SHRINK = {"shrink mlp -20%": ShrinkSpec(mlp=0.2), "shrink mlp -35%": ShrinkSpec(mlp=0.35),
           "shrink heads+mlp -20%": ShrinkSpec(mlp=0.15, heads=1 / 3)}
@@ -44,8 +44,8 @@ VARIANTS = {"": {}, " + rec": {"rec": True},
             " + rec sublayer": {"rec": True, "reconstruct_granularity": "sublayer"},
             " + rec norms": {"rec": True, "reconstruct_norms": True}}
 DEFAULT_ROWS = ["sparsegpt 70%", "sparsegpt 70% + rec", "sparsegpt 70% + rec compressed",
-                "sparsegpt 70% + rec sublayer", "sparsegpt 2:4", "sparsegpt 2:4 + rec", "gptq w3g128",
-                "gptq w3g128 + rec", "shrink mlp -20%", "shrink mlp -20% + rec", "admm 70%", "admm 70% + rec",
+                "sparsegpt 70% + rec sublayer", "sparsegpt 2:4", "sparsegpt 2:4 + rec", "gptq w3g64",
+                "gptq w3g64 + rec", "shrink mlp -20%", "shrink mlp -20% + rec", "admm 70%", "admm 70% + rec",
                 "sparsegpt 50%", "sparsegpt 50% + rec"]
 
 
