@@ -34,14 +34,7 @@ from llmprune.solvers.refit import damped, refit
 from llmprune.solvers.result import SolveResult, output_error
 from llmprune.solvers.sparsegpt import sparsegpt
 
-# Defaults: measured one change at a time against the ALPS authors' ALPS_admm (mazumder-lab/ALPS alps.py, rho=0.1)
-# on Hessians from SmolLM2-135M (q/o/gate/down of blocks 3 and 15, 32 x 256 tokens; 50%, 70%, 2:4), as the
-# mean (max) of our layer error over theirs: the previous admm (raw |w|, ρ0 0.1 x 1.9 per iteration, stop after
-# 3 unchanged supports) 1.131 (1.231); their steps in this form 1.000 (1.0004); with raw |w| ranked 1.023
-# (1.078); with ρ x 1.3 each iteration, 3 unchanged supports to stop 1.076 (1.191); + SparseGPT's start 0.989
-# (1.0002); + the dual not rescaled 0.986 (1.0004); + ρ0 0.05 0.983 (0.9994: the default, ~40 iterations to
-# their 33); ρ0 0.2 0.999 (1.005); steps 1.5/1.3/1.1 0.996 (1.015); a check every 2 iterations 0.994 (1.012);
-# 30 refit steps gained 0.0003, projecting B instead of Z nothing. End to end: scripts/results/bench_admm_ref.txt.
+# Defaults chosen one change at a time against the ALPS authors' code (docs/admm.md has the measurements).
 # Every CHECK_EVERY iterations ρ grows by RHO_GROWTH while over 10% of the support moved, by 2/3 of that step
 # while over 0.5% did, by 1/3 below that; the search stops once nothing moved, or after SETTLE_AFTER
 # iterations once under SETTLED of it did, or at ITERS.
