@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmprune.quant import QuantParams, fake_quant
+from llmprune.quant import QuantParams, codes
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class ReconstructSpec:
     granularity: str = "block"  # block: all at once; sublayer: attention on its output, then the rest
     norms: bool = False  # also train norm weights and the linears' biases
     seed: int = 0  # the order the batches are visited in
+    scale_lr: float = 5e-3  # Adam's rate on quantized weights' log-scales (relative: 5e-3 = 0.5% a step)
+    rounding: bool = False  # also move quantized weights' codes (straight-through, AutoRound's offsets)
 
 
 @dataclass
@@ -61,26 +63,16 @@ class Trainable:
     grid: QuantParams | None  # the fixed grid it must stay on; None: not quantized
     transposed: bool  # param stored (in, out) (GPT-2's Conv1D); grids are (out, in)
 
-    def unit(self) -> Tensor | None:
-        """A quantized weight's grid step per entry (param's layout): its master is trained in these units."""
-        if self.grid is None:
-            return None
-        rows_cols = self.param.shape[::-1] if self.transposed else self.param.shape
-        scale, _ = self.grid.columns(rows_cols[1])
-        scale = scale.to(self.param.device)
-        return scale.t() if self.transposed else scale
+    def rows_cols(self, w: Tensor) -> Tensor:
+        """``w`` (param's layout) as (out, in), the layout of masks' rows and grids."""
+        return w.t() if self.transposed else w
 
-    def project(self, master: Tensor) -> Tensor:
-        """The master weight as the block may hold it: on its grid, zero where pruned, in the param's dtype."""
-        w = master
-        if self.grid is not None:
-            W = w.t() if self.transposed else w
-            scale, zero = self.grid.columns(W.shape[1])
-            W = fake_quant(W, scale.to(W.device), zero.to(W.device), self.grid.spec.maxq)
-            w = W.t() if self.transposed else W
+    def finish(self, W: Tensor) -> None:
+        """Write ``W`` ((out, in), fp32) into the param: zero where pruned, in the param's dtype."""
+        w = W.t() if self.transposed else W
         if self.mask is not None:
             w = w * self.mask
-        return w.to(self.param.dtype)
+        self.param.data.copy_(w.to(self.param.dtype))
 
 
 def trainables(linears: dict[str, nn.Module], grids: dict[str, QuantParams], masked: bool, block: nn.Module,
@@ -136,21 +128,78 @@ def loss_of(outputs: list[Tensor], targets: list[Tensor], reduce: Callable[[list
     return num / den if den else 0.0
 
 
+class _Dense:
+    """An unquantized tensor: Adam on an fp32 master at the spec's learning rate."""
+
+    def __init__(self, t: Trainable, lr: float):
+        self.t = t
+        self.master = t.rows_cols(t.param.detach()).float().clone()
+        self.groups = [{"params": [self.master], "lr": lr}]
+
+    def backward(self, g: Tensor) -> None:
+        self.master.grad = g if self.t.mask is None else g * self.t.rows_cols(self.t.mask)
+
+    def weight(self) -> Tensor:
+        return self.master
+
+
+class _Quantized:
+    """A weight on a grid, trained as its grid's scales: one log-offset per (row, group), the codes fixed, so
+    the weight is always ``(code − zero) · scale`` with the scale in the checkpoint's dtype: on a grid the
+    checkpoint stores exactly. With ``rounding``, the codes also move (AutoRound's rounding offsets, a
+    straight-through estimator, lr 1/steps so an offset moves about one step at most)."""
+
+    def __init__(self, t: Trainable, scale_lr: float, rounding: bool, steps: int):
+        self.t, grid = t, t.grid
+        W = t.rows_cols(t.param.detach())
+        self.rows, self.cols = W.shape
+        self.gcols = grid.spec.group_cols(self.cols)
+        self.codes = codes(W, grid).float().to(W.device)
+        _, zero = grid.columns(self.cols)
+        self.zero = zero.to(W.device)
+        self.scale0 = grid.scale.detach().float().to(W.device)
+        self.log_scale = torch.zeros_like(self.scale0)
+        self.offset = torch.zeros_like(self.codes) if rounding else None
+        self.groups = [{"params": [self.log_scale], "lr": scale_lr}]
+        if self.offset is not None:
+            self.groups.append({"params": [self.offset], "lr": 1.0 / steps})
+
+    def scale(self) -> Tensor:
+        """The scales as the checkpoint will store them (its dtype), as fp32 (rows, groups)."""
+        return (self.scale0 * self.log_scale.exp()).to(self.t.grid.scale.dtype).float()
+
+    def _codes(self) -> Tensor:
+        if self.offset is None:
+            return self.codes
+        return torch.clamp(torch.round(self.codes + self.offset), 0, self.t.grid.spec.maxq)
+
+    def weight(self) -> Tensor:
+        return (self._codes() - self.zero) * self.scale().repeat_interleave(self.gcols, dim=1)
+
+    def backward(self, g: Tensor) -> None:
+        W = self.weight()
+        self.log_scale.grad = (g * W).reshape(self.rows, -1, self.gcols).sum(-1)  # dW/d log s = W
+        if self.offset is not None:
+            gq = g * self.scale().repeat_interleave(self.gcols, dim=1)  # straight through the rounding
+            self.offset.grad = gq if self.t.mask is None else gq * self.t.rows_cols(self.t.mask)
+
+    def commit(self) -> None:
+        """The trained scales into the grid (the checkpoint writer reads them there)."""
+        self.t.grid.scale.copy_(self.scale().to(self.t.grid.scale.dtype))
+
+
 def train(run: Callable[[int], Tensor], targets: list[Tensor], params: list[Trainable], steps: int,
           spec: ReconstructSpec, reduce: Callable[[list[float]], list[float]],
           reduce_grads: Callable[[list[Tensor]], None]) -> list[float]:
     """``steps`` Adam steps of the relative error of ``run(b)`` against ``targets[b]``, one batch per step in
-    a seeded order; returns the losses seen. The params end projected (on grid, masked).
+    a seeded order; returns the losses seen. The params end projected (on grid, masked), and quantized
+    weights' grids hold their trained scales.
 
     Under torchrun each rank runs its own batch b: the error is divided by the target's norm over every
     rank's batch and the gradients summed, which is the gradient of one process holding all those windows."""
-    units = [t.unit() for t in params]
-    masters = [t.param.detach().float() / u if u is not None else t.param.detach().float().clone()
-               for t, u in zip(params, units, strict=True)]
-    # quantized weights move in grid steps at AutoRound's rate (1/steps: at most about one step in all)
-    groups = [{"params": [m for m, u in zip(masters, units, strict=True) if u is None], "lr": spec.lr},
-              {"params": [m for m, u in zip(masters, units, strict=True) if u is not None], "lr": 1.0 / steps}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    masters = [_Dense(t, spec.lr) if t.grid is None else _Quantized(t, spec.scale_lr, spec.rounding, steps)
+               for t in params]
+    opt = torch.optim.Adam([g for m in masters for g in m.groups])
     gen = torch.Generator().manual_seed(spec.seed)
     order: list[int] = []
     losses = []
@@ -163,17 +212,20 @@ def train(run: Callable[[int], Tensor], targets: list[Tensor], params: list[Trai
             loss = err / max(reduce([float(norm)])[0], 1e-30)
             loss.backward()
         losses.append(reduce([float(loss)])[0])
-        grads = [t.param.grad.float() if t.param.grad is not None else torch.zeros_like(m)
-                 for t, m in zip(params, masters, strict=True)]
+        grads = [t.param.grad.float() if t.param.grad is not None else torch.zeros_like(t.param, dtype=torch.float)
+                 for t in params]
         reduce_grads(grads)
-        for t, m, g, u in zip(params, masters, grads, units, strict=True):
-            g = g if u is None else g * u  # d loss / d (w / step)
-            m.grad = g if t.mask is None else g * t.mask
+        for t, m, g in zip(params, masters, grads, strict=True):
+            m.backward(t.rows_cols(g))
             t.param.grad = None
         opt.step()
         with torch.no_grad():
-            for t, m, u in zip(params, masters, units, strict=True):
-                t.param.data.copy_(t.project(m if u is None else m * u))
+            for t, m in zip(params, masters, strict=True):
+                t.finish(m.weight())
+    with torch.no_grad():
+        for m in masters:
+            if isinstance(m, _Quantized):
+                m.commit()
     return losses
 
 
@@ -233,6 +285,7 @@ def reconstruct_block(
     the loss."""
     t0 = time.perf_counter()
     saved = [t.param.detach().clone() for t in params]
+    saved_scales = [t.grid.scale.clone() if t.grid is not None else None for t in params]
     loss_before = loss_of(before, targets, reduce)
     seen: list[float] = []
     with _trainable(block, params):
@@ -267,8 +320,10 @@ def reconstruct_block(
     reverted = not loss_after < loss_before
     if reverted:
         with torch.no_grad():
-            for t, w in zip(params, saved, strict=True):
+            for t, w, sc in zip(params, saved, saved_scales, strict=True):
                 t.param.data.copy_(w)
+                if sc is not None:
+                    t.grid.scale.copy_(sc)
         after = before
         log.info("reconstruction did not lower the block's loss (%.4g -> %.4g): the solved weights are kept",
                  loss_before, loss_after)

@@ -44,6 +44,8 @@ FLAGS = {
     "joint-2of4-3bit-g16-actorder": ["--sparsity", "0.3", "--wbits", "3", "--group-size", "16", "--act-order"],
     "asym-8bit-g32-mse": ["--pattern", "2:4", "--wbits", "8", "--group-size", "32", "--asym", "--quant-search", "mse"],
     "wanda-then-rtn-2bit": ["--method", "wanda", "--wbits", "2", "--asym"],
+    # reconstruction trains the grids' scales: the checkpoint must carry the trained ones
+    "gptq-4bit-g32-reconstruct": ["--wbits", "4", "--group-size", "32", "--reconstruct", "4"],
 }
 
 
