@@ -1,4 +1,4 @@
-"""From a recipe to a pruned model: calibration windows, the streaming engine, one solver call per linear."""
+"""From a run's specs to a pruned model: calibration windows, the streaming engine, one solver call per linear."""
 
 from __future__ import annotations
 
