@@ -9,11 +9,27 @@ from __future__ import annotations
 import math
 import random
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from llmprune.solvers.result import input_sq_norms
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    """A non-uniform allocation of the target sparsity over the linears (planned by compression.plan_sparsities)."""
+
+    method: str  # owl (per block, from outlier ratios) or spdy (per layer, searched on the calibration loss)
+    target: float  # the global sparsity the allocation keeps
+    owl_m: float = 5.0  # a Wanda score above owl_m x its block's mean counts as an outlier
+    owl_lambda: float | str = 0.08  # block sparsities lie in target ± owl_lambda; "auto": chosen by trials
+    owl_samples: int = 8  # --owl-lambda auto: the windows each trial is scored on
+    dp_radius: float = 0.1  # the candidate sparsities: target ± dp_radius in steps of 0.025
+    spdy_steps: int = 24  # sensitivity candidates the search scores
+    spdy_samples: int = 4  # the windows each candidate is scored on
+    seed: int = 0  # of the search
 
 
 def outlier_ratio(pairs: list[tuple[Tensor, Tensor]], m: float) -> float:

@@ -33,6 +33,7 @@ from llmprune import distributed
 from llmprune.arch import find_blocks
 from llmprune.checkpoint import (
     REPORT,
+    OutputSpec,
     PackQuantizedWriter,
     atomic_dir,
     is_packed,
@@ -44,10 +45,10 @@ from llmprune.checkpoint import (
     write_report,
 )
 from llmprune.compression import (
+    RunSpec,
     calibration_set,
     check_output_dir,
     compress_model,
-    needs_data,
     prunable_linears,
     resolve_device,
 )
@@ -55,6 +56,7 @@ from llmprune.data import load_documents, window_layout
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
 from llmprune.loading import ModelRef, is_gguf, load_model, load_tokenizer, resolve, skeleton
+from llmprune.pattern import parse_pattern
 from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
@@ -109,11 +111,11 @@ def make_recipe(recipe: Recipe | dict | str | Path | None = None, source: str = 
     return recipe_from_dict(base.to_dict() | options, source=source)
 
 
-def read_error_tables(path: str | Path, recipe: Recipe) -> dict:
+def read_error_tables(path: str | Path, run: RunSpec) -> dict:
     """The ``allocation`` entry (error tables and searched sparsities) of an earlier spdy run's report."""
     p = Path(path)
     p = p / REPORT if p.is_dir() else p
-    if recipe.allocation != "spdy":
+    if run.allocation is None or run.allocation.method != "spdy":
         raise UsageError("--reuse-errors reuses an spdy run's allocation: add --allocation spdy")
     try:
         alloc = json.loads(p.read_text()).get("allocation") or {}
@@ -180,15 +182,15 @@ def _dense_checkpoint_info(directory: Path, dtype: torch.dtype) -> dict:
             "bytes": weights_bytes(directory)}
 
 
-def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_start: float) -> None:
+def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_start: float,
+          output: OutputSpec) -> None:
     """Complete the report (checkpoint size, save and total time) and publish ``out`` atomically."""
-    recipe = report["recipe"]
     dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
     t_save = time.perf_counter()
     with atomic_dir(out) as tmp:
-        if recipe["format"] == "compressed-tensors":
+        if output.compressed_tensors:
             report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids,
-                                                           act_order=recipe["act_order"])
+                                                           act_order=output.act_order)
             report["checkpoint"]["dtype"] = str(dtype).removeprefix("torch.")  # of its scales and dense tensors
         else:
             save_hf(model, tokenizer, tmp, report, grids=grids)
@@ -250,29 +252,29 @@ def compress(
     """
     t0 = time.perf_counter()
     _check_dist_read(dist_read)
-    rec = make_recipe(recipe, source="compress()", **options)
-    check_kernels(rec.kernels, resolve_device(rec.device))
-    reuse = read_error_tables(reuse_errors, rec) if reuse_errors is not None else None
-    mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
-                                               lambda m: prunable_linears(m, rec))
+    run = make_recipe(recipe, source="compress()", **options).resolve()
+    check_kernels(run.compress.solve.sweep.kernels, resolve_device(run.device))
+    reuse = read_error_tables(reuse_errors, run) if reuse_errors is not None else None
+    mref, out_path, tokenizer = _checked_input(model, out, overwrite, run, tokenizer, revision, trust_remote_code,
+                                               lambda m: prunable_linears(m, run.compress, run.output))
     if mref is not None and lazy and out_path is not None and streams(mref):
-        return _compress_lazy(mref, out_path, rec, overwrite, reuse, t0, progress, tokenizer, dist_read)
+        return _compress_lazy(mref, out_path, run, overwrite, reuse, t0, progress, tokenizer, dist_read)
     with _one_writer(out_path):
         if mref is None:
             source = getattr(model, "name_or_path", "") or "in-memory"
             kind, load_s = "memory", 0.0
         else:
             if lazy and out_path is not None:
-                _say_not_streamed(mref, rec)
-            model, loaded_tok = _load_whole(mref, rec.dtype, writes=True)
+                _say_not_streamed(mref, run.dtype)
+            model, loaded_tok = _load_whole(mref, run.dtype, writes=True)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
             source, kind, load_s = mref.ref, mref.origin, time.perf_counter() - t0
         grids: dict = {}
-        report = compress_model(model, tokenizer, rec, grids=grids, reuse_errors=reuse, progress=progress)
+        report = compress_model(model, tokenizer, run, grids=grids, reuse_errors=reuse, progress=progress)
         report["timings"]["load_s"] = round(load_s, 3)
         _describe(report, model, source, kind)
         if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
-            _save(out_path, model, tokenizer, report, grids, t0)
+            _save(out_path, model, tokenizer, report, grids, t0, run.output)
     if out_path is not None:
         report = distributed.broadcast_object(report)
     else:
@@ -283,7 +285,7 @@ def compress(
     return result
 
 
-def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision: str | None,
+def _checked_input(model, out, overwrite: bool, run: RunSpec, tokenizer, revision: str | None,
                    trust_remote_code: bool, check) -> tuple[ModelRef | None, Path | None, Any]:
     """What compress and shrink check before any weight is read: where the model is (None: in memory), an
     --out that loses nothing, reachable calibration data, the tokenizer (an object or a reference), an input
@@ -293,13 +295,14 @@ def _checked_input(model, out, overwrite: bool, rec: Recipe, tokenizer, revision
     mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)
     if out_path is not None:
         check_output_dir(out_path, overwrite, None if mref is None else mref.local_path)
-    if needs_data(rec):  # an unreachable dataset fails before the model loads
-        load_documents(rec.calib, rec.split, rec.text_field)
+    calib = run.calibration
+    if run.needs_data:  # an unreachable dataset fails before the model loads
+        load_documents(calib.source, calib.split, calib.text_field)
     tokenizer = _tokenizer_arg(tokenizer, mref)
-    if rec.bos and needs_data(rec):
+    if calib.bos and run.needs_data:
         _check_bos(tokenizer, mref)
     if mref is None:
-        tokenizer = _tokenizer_for(model, tokenizer, required=needs_data(rec))
+        tokenizer = _tokenizer_for(model, tokenizer, required=run.needs_data)
         check_not_quantized(model.config.to_dict(), "the model")
         check(model)
     else:
@@ -343,7 +346,7 @@ def _open_lazy(mref: ModelRef, dtype: str, read_on_main: bool = False, writes: b
     return model, tok, {"model": str(path), "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
 
 
-def _say_not_streamed(mref: ModelRef, rec: Recipe) -> None:
+def _say_not_streamed(mref: ModelRef, dtype: str) -> None:
     """Warn, with the host memory it will take, that this run loads the whole model instead of streaming."""
     if mref.kind == "gguf" or mref.kind == "builtin":
         why = "its GGUF architecture stores tensors transformers regroups (e.g. stacked experts) on load"
@@ -357,7 +360,7 @@ def _say_not_streamed(mref: ModelRef, rec: Recipe) -> None:
         shape = skeleton(mref)
         dt = getattr(shape.config, "dtype", None) or getattr(shape.config, "torch_dtype", None)
         size = dt.itemsize if isinstance(dt, torch.dtype) and not is_gguf(mref) else 4
-        size = 2 if rec.dtype in ("auto", "bfloat16", "float16") and size == 4 else size  # fp32 read as bf16
+        size = 2 if dtype in ("auto", "bfloat16", "float16") and size == 4 else size  # fp32 read as bf16
         nbytes = sum(p.numel() for p in shape.parameters()) * size
         need = f"about {nbytes / 2**30:.1f} GiB of host memory"
     except UsageError:
@@ -434,20 +437,20 @@ def _releases_partials(fn):
 
 
 @_releases_partials
-def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, reuse: dict | None, t0: float,
+def _compress_lazy(mref: ModelRef, out: Path, run: RunSpec, overwrite: bool, reuse: dict | None, t0: float,
                    progress: Progress, tokenizer=None, dist_read: str = "all", extra: dict | None = None) -> Report:
     """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
     publish it as ``out``. ``extra``: entries added to the report (a streamed shrink's, before ``--wbits``)."""
-    model, loaded_tok, ident = _open_lazy(mref, recipe.dtype, read_on_main=dist_read == "rank0")
+    model, loaded_tok, ident = _open_lazy(mref, run.dtype, read_on_main=dist_read == "rank0")
     tokenizer = tokenizer if tokenizer is not None else loaded_tok
     load_s = time.perf_counter() - t0
-    windows, calib = calibration_set(tokenizer, model, recipe) if needs_data(recipe) else (None, None)
-    spec = {"recipe": recipe.to_dict(), "calibration": calib["sha256"] if calib else None, **ident,
+    windows, calib = calibration_set(tokenizer, model, run.calibration) if run.needs_data else (None, None)
+    spec = {"recipe": run.recipe, "calibration": calib["sha256"] if calib else None, **ident,
             "llmprune": __version__}
     partial = _open_partial(out, spec, len(find_blocks(model)[1]))
     if partial.finished:
         log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
-    report = compress_model(model, tokenizer, recipe, windows=windows, reuse_errors=reuse, sink=partial,
+    report = compress_model(model, tokenizer, run, windows=windows, reuse_errors=reuse, sink=partial,
                             progress=progress, calibration=calib)
     report["timings"]["load_s"] = round(load_s, 3)
     dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
@@ -455,7 +458,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     # the tensors outside the blocks, as the input stores them: only the rank that writes needs them
     rest = model.block_source.rest_state() if distributed.is_main() else {}
     t_save = time.perf_counter()
-    compressed = recipe.format == "compressed-tensors"
+    compressed = run.output.compressed_tensors
     writer = PackQuantizedWriter()
 
     def convert(i: int, tensors: dict, grids: dict) -> dict:
@@ -471,7 +474,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
         if compressed:
             if not writer.quantized:
                 raise UsageError("no quantized layers to store as compressed-tensors: add --wbits")
-            writer.write_config(model, directory, recipe.act_order)
+            writer.write_config(model, directory, run.output.act_order)
             report["checkpoint"] = writer.info(weights_bytes(directory), str(dtype).removeprefix("torch."))
         else:
             report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
@@ -637,15 +640,15 @@ def sweep(
         raise UsageError(f"a sweep sets {', '.join(sorted(grid_keys))} from its grid: use --methods, --sparsities"
                          " and --wbits instead")
     base = make_recipe(recipe, source="sweep()", **options)
-    cells = sweeps.grid(methods, sparsities, wbits)
-    for cell in cells:
-        cell.recipe(base)  # every cell's recipe is valid, before any data or model is read
+    # every cell's recipe is valid, before any data or model is read
+    cells = [(cell, _cell_recipe(cell, base).resolve()) for cell in sweeps.grid(methods, sparsities, wbits)]
+    run = base.resolve()
     eval_names = sweeps._split(evals)
     task_names = sweeps._split(tasks)
     mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)  # named first
     for name in eval_names:
         load_documents(name, None, "text", "eval")
-    load_documents(base.calib, base.split, base.text_field)
+    load_documents(run.calibration.source, run.calibration.split, run.calibration.text_field)
     out_path = Path(out).expanduser()
     if out_path.exists() and not out_path.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
@@ -654,7 +657,7 @@ def sweep(
     if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:
-        m, tok = _load_whole(mref, base.dtype, writes=True)  # the dtype compress would write
+        m, tok = _load_whole(mref, run.dtype, writes=True)  # the dtype compress would write
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         name = mref.ref
     out_path.mkdir(parents=True, exist_ok=True)
@@ -662,7 +665,7 @@ def sweep(
     def save(cell, compressed: nn.Module, report: dict) -> None:
         slug = cell.label.replace(" ", "-").replace(":", "of")
         _describe(report, compressed, name, "sweep")
-        _save(out_path / "checkpoints" / slug, compressed, tok, report, {}, time.perf_counter())
+        _save(out_path / "checkpoints" / slug, compressed, tok, report, {}, time.perf_counter(), run.output)
 
     def after(cell, compressed: nn.Module) -> dict:
         return sweeps.zero_shot(compressed, tok, task_names) if task_names else {}
@@ -670,10 +673,20 @@ def sweep(
     from llmprune.resume import sole_writer
 
     with sole_writer(out_path, f"sweep --out {out_path}"):  # one writer of its cells, tables and checkpoints
-        return sweeps.run_sweep(m, tok, base, cells, eval_names, out_path, model_name=name,
+        return sweeps.run_sweep(m, tok, run, cells, eval_names, out_path, model_name=name,
                                 eval_seqlen=eval_seqlen, max_windows=max_windows,
                                 save=save if keep_checkpoints else None, extra=after if task_names else None,
                                 extra_key=task_names or None, progress=progress)
+
+
+def _cell_recipe(cell, base: Recipe) -> Recipe:
+    """A sweep cell's recipe: the shared one with the cell's method, sparsity or pattern, and bits."""
+    pattern = parse_pattern(cell.sparsity) if ":" in cell.sparsity else None
+    try:
+        return base.replace(method=cell.method, wbits=cell.wbits, pattern=str(pattern) if pattern else "unstructured",
+                            sparsity=None if pattern else float(cell.sparsity))
+    except UsageError as exc:
+        raise UsageError(f"sweep cell '{cell.label}': {exc}") from None
 
 
 @_bars_follow_progress
@@ -727,34 +740,37 @@ def shrink(
                     raise UsageError(f"--group-size {rec.group_size} does not divide the shrunk model's {cols} {what}:"
                                      f" pick a divisor of {cols}, -1 for per-channel, or another --align")
 
-    mref, out_path, tokenizer = _checked_input(model, out, overwrite, rec, tokenizer, revision, trust_remote_code,
+    run = rec.resolve()
+    # --wbits: then quantized (GPTQ, or the recipe's method at sparsity 0) in the same run
+    quantize = _quantizing(rec).resolve() if rec.wbits is not None else None
+    mref, out_path, tokenizer = _checked_input(model, out, overwrite, run, tokenizer, revision, trust_remote_code,
                                                check)
     if lazy and out_path is not None and mref is not None and streams(mref):
-        return _shrink_lazy(mref, out_path, rec, spec, overwrite, t0, progress, tokenizer)
+        return _shrink_lazy(mref, out_path, run, quantize, spec, overwrite, t0, progress, tokenizer)
     with _one_writer(out_path):
         if mref is None:
             m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
         else:
             if lazy and out_path is not None:
-                _say_not_streamed(mref, rec)
-            m, loaded = _load_whole(mref, rec.dtype, writes=out_path is not None)
+                _say_not_streamed(mref, run.dtype)
+            m, loaded = _load_whole(mref, run.dtype, writes=out_path is not None)
             tok = tokenizer if tokenizer is not None else loaded
             source, kind = mref.ref, mref.origin
-        report = shrink_model(m, tok, rec, spec, progress=progress)
+        report = shrink_model(m, tok, run, spec, progress=progress)
         grids: dict = {}
-        if rec.wbits is not None:  # then quantized (GPTQ, or the recipe's method at sparsity 0) in the same run
-            report = _quantize_shrunk(m, tok, rec, report, grids, progress)
+        if quantize is not None:
+            report = _quantize_shrunk(m, tok, quantize, report, grids, progress)
         _describe(report, m, source or "in-memory", kind)
         if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
-            _save(out_path, m, tok, report, grids, t0)
+            _save(out_path, m, tok, report, grids, t0, run.output)
     if out_path is not None:
         report = distributed.broadcast_object(report)
     return report
 
 
 @_releases_partials
-def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, t0: float, progress: Progress,
-                 tokenizer) -> dict:
+def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | None, spec, overwrite: bool,
+                 t0: float, progress: Progress, tokenizer) -> dict:
     """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written to OUT.partial/
     as soon as it is done (with the journal compress keeps, so a re-run resumes), and the output assembled
     (blocks renumbered past the dropped ones) only once every block is in. With ``--wbits`` the shrunk model
@@ -763,17 +779,17 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
     from llmprune.resume import spec_hash
     from llmprune.structured import shrink_model
 
-    model, loaded_tok, ident = _open_lazy(mref, rec.dtype)
+    model, loaded_tok, ident = _open_lazy(mref, run.dtype)
     tok = tokenizer if tokenizer is not None else loaded_tok
     src = model.block_source
     main = distributed.is_main()
-    windows, calib = calibration_set(tok, model, rec)
-    key = {"shrink": dataclasses.asdict(spec), "recipe": rec.to_dict(), "calibration": calib["sha256"],
+    windows, calib = calibration_set(tok, model, run.calibration)
+    key = {"shrink": dataclasses.asdict(spec), "recipe": run.recipe, "calibration": calib["sha256"],
            **ident,
            "llmprune": __version__}
-    target = out if rec.wbits is None else out.parent / f".{out.name}.shrunk"
+    target = out if quantize is None else out.parent / f".{out.name}.shrunk"
     stamp = target / ".shrink-spec"  # --wbits: the shrunk stage finished for this very spec
-    if rec.wbits is not None and stamp.is_file() and stamp.read_text() == spec_hash(key):
+    if quantize is not None and stamp.is_file() and stamp.read_text() == spec_hash(key):
         report = read_report(target)
         log.info("resuming: %s is already shrunk, quantizing it", target)
     else:
@@ -787,7 +803,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
         def write_block(i: int, block: nn.Module, info: dict) -> None:
             partial.finish_block(i, {f"{src.path}.{i}.{k}": v for k, v in block.state_dict().items()}, [info], {})
 
-        report = shrink_model(model, tok, rec, spec, progress=progress, on_block_done=write_block, done=done,
+        report = shrink_model(model, tok, run, spec, progress=progress, on_block_done=write_block, done=done,
                               calibration=(windows, calib))
         dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
         if main:
@@ -804,16 +820,16 @@ def _shrink_lazy(mref: ModelRef, out: Path, rec: Recipe, spec, overwrite: bool, 
                 report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
                 report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
                 write_report(directory, report)
-                if rec.wbits is not None:
+                if quantize is not None:
                     (directory / stamp.name).write_text(spec_hash(key))
 
-            partial.publish(src.rest_state(), write_meta, overwrite or rec.wbits is not None, renumber,
+            partial.publish(src.rest_state(), write_meta, overwrite or quantize is not None, renumber,
                             kept=report["kept_blocks"])
             log.info("wrote %s", target)
         report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
-    if rec.wbits is None:
+    if quantize is None:
         return report
-    quantized = _compress_lazy(resolve(str(target)), out, _quantizing(rec),
+    quantized = _compress_lazy(resolve(str(target)), out, quantize,
                                overwrite, None, t0, progress, tokenizer or tok, "all",
                                extra={k: report[k] for k in (*SHRINK_KEYS, "model")}
                                | ({"shrink_reconstruction": report["reconstruction"]}
@@ -832,11 +848,12 @@ def _quantizing(recipe: Recipe) -> Recipe:
 SHRINK_KEYS = ("shrink", "sizes", "dropped_experts", "dropped_blocks", "kept_blocks", "blocks", "params")
 
 
-def _quantize_shrunk(model: nn.Module, tokenizer, recipe: Recipe, shrunk: dict, grids: dict,
+def _quantize_shrunk(model: nn.Module, tokenizer, quantize: RunSpec, shrunk: dict, grids: dict,
                      progress: Progress) -> dict:
-    """``--wbits`` after shrinking: the smaller model's linears quantized on the same calibration windows (a
-    second streamed pass, as its inputs changed); the report is compress's, with the shrink's entries added."""
-    report = compress_model(model, tokenizer, _quantizing(recipe), grids=grids, progress=progress)
+    """``--wbits`` after shrinking: the smaller model's linears quantized (``quantize``: the run of
+    ``_quantizing``) on the same calibration windows (a second streamed pass, as its inputs changed); the
+    report is compress's, with the shrink's entries added."""
+    report = compress_model(model, tokenizer, quantize, grids=grids, progress=progress)
     report["timings"] = {"shrink_s": shrunk["timings"]["shrink_s"], **report["timings"]}
     for key in SHRINK_KEYS:
         report[key] = shrunk[key]

@@ -17,6 +17,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,18 @@ from llmprune.quant import QuantParams, QuantSpec, codes, dequantize, sym_zero
 REPORT = "llmprune.json"
 GRIDS = "llmprune-grids.safetensors"  # dense checkpoints of quantized runs: each layer's scales and zero points
 MANIFEST = "llmprune-pack.json"  # a packed 2:4 directory's manifest (pack.py)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How a compressed model is written."""
+
+    format: str = "dense"  # dense (weights in the model dtype) or compressed-tensors (pack-quantized ints)
+    act_order: bool = False  # the grids were chosen in act-order (compressed-tensors records it)
+
+    @property
+    def compressed_tensors(self) -> bool:
+        return self.format == "compressed-tensors"
 
 
 @contextlib.contextmanager

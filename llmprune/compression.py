@@ -1,21 +1,25 @@
-"""From a recipe to a pruned model: calibration windows, the streaming engine, one solver call per linear."""
+"""From a run's specs to a pruned model: calibration windows, the streaming engine, one solver call per linear."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from llmprune import allocate, distributed, experts, kernels, spdy
+from llmprune.allocate import AllocationSpec
 from llmprune.arch import find_blocks, find_routers, get_weight, is_moe, set_weight
+from llmprune.checkpoint import OutputSpec
 from llmprune.data import (
+    CalibSpec,
     batched,
     calibration_windows,
     document_windows,
@@ -36,18 +40,72 @@ from llmprune.hessian import (
     layer_input_width,
 )
 from llmprune.loading import context_length
+from llmprune.pattern import Pattern
 from llmprune.progress import Progress, track
-from llmprune.quant import QuantParams
-from llmprune.recipe import Recipe
+from llmprune.quant import QuantParams, QuantSpec
 from llmprune.reconstruct import ReconstructSpec, module_outputs, reconstruct_block, split_first_group, trainables
 from llmprune.solvers import SOLVERS
 from llmprune.solvers.hinv import dead_inputs, prepare_weight
 from llmprune.solvers.refit import refit_result
 from llmprune.solvers.result import output_error, relative_error
-from llmprune.solvers.sparsegpt import sparsegpt_levels
+from llmprune.solvers.sparsegpt import SparseGPTOptions, sparsegpt_levels
 from llmprune.targets import block_targets, on_device
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """What solves one linear: the method, its own options, the pattern and grid it solves to."""
+
+    method: str  # a key of solvers.SOLVERS
+    # the method's own options (solvers/<method>.py: SparseGPTOptions, AdmmOptions, ObcOptions); None: it has
+    # none (wanda, magnitude, rtn)
+    options: SparseGPTOptions | None = None
+    pattern: Pattern | None = None
+    quant: QuantSpec | None = None
+    # the SparseGPT/GPTQ sweep's options: sparsegpt's own, the sweep that quantizes a refit's mask, spdy's
+    # levels
+    sweep: SparseGPTOptions = field(default_factory=SparseGPTOptions)
+    refit_iters: int | None = None  # re-solve the kept weights of the mask (PCG steps); None: no refit
+    fallback: str = "magnitude"  # the data-free solver of an expert with too few calibration tokens
+    diagonal_only: bool = False  # the solver reads only the Hessian's diagonal (Wanda's ‖X_j‖²)
+    data_free: bool = False  # the solver reads no Hessian (magnitude, rtn without refit)
+
+    def kwargs(self) -> dict:
+        """The solver's keyword arguments."""
+        return self.options.kwargs() if self.options is not None else {}
+
+
+@dataclass(frozen=True)
+class CompressSpec:
+    """How each block's linears are chosen and compressed."""
+
+    solve: SolveSpec
+    sparsity: float  # the target of every linear (an allocation overrides it per linear)
+    sequential: bool = True  # sublayer by sublayer in one forward per block (else two passes)
+    hessian_dtype: str = "auto"
+    min_expert_tokens: int = 64  # experts whose Hessian got fewer routed tokens fall back to solve.fallback
+    skip: tuple[str, ...] = ()  # regexes of linear names left dense
+    drop_experts: float = 0.0  # fraction of each MoE layer's experts removed (REAP)
+    changes_weights: bool = True  # any linear is pruned or quantized (else the run only drops experts)
+    obc_max_cols: int | None = None  # obc: the widest layer it takes
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A compression run, resolved once from its recipe (recipe.Recipe.resolve) into each stage's spec."""
+
+    compress: CompressSpec
+    calibration: CalibSpec
+    needs_data: bool  # calibration windows and forwards at all (magnitude and rtn alone need none)
+    allocation: AllocationSpec | None = None  # None: uniform
+    reconstruction: ReconstructSpec | None = None  # None: off
+    output: OutputSpec = field(default_factory=OutputSpec)
+    device: str = "auto"
+    dtype: str = "auto"
+    label: str = ""  # short human description for the log and the progress bar
+    recipe: dict = field(default_factory=dict)  # the recipe as written, for the report and the resume journal
 
 
 @dataclass
@@ -89,22 +147,25 @@ def resolve_device(name: str) -> torch.device:
     return bound(device)
 
 
-def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn.Module]]:
-    """block path prefix -> {name in block: linear}, with recipe.skip applied and N:M / group fit checked."""
+def prunable_linears(model: nn.Module, spec: CompressSpec, output: OutputSpec | None = None
+                     ) -> dict[str, dict[str, nn.Module]]:
+    """block path prefix -> {name in block: linear}, with spec.skip applied and N:M / group fit checked, and
+    checked against the ``output`` format."""
     path, blocks = find_blocks(model)
-    pattern = recipe.nm
-    quant = recipe.quant
+    pattern = spec.solve.pattern
+    quant = spec.solve.quant
+    compressed = output is not None and output.compressed_tensors
     out: dict[str, dict[str, nn.Module]] = {}
     for i, block in enumerate(blocks):
         prefix = f"{path}.{i}"
         chosen = {}
-        if recipe.format == "compressed-tensors" and experts.block_views(block):
+        if compressed and experts.block_views(block):
             raise UsageError(f"{prefix} holds fused mixture-of-experts weights, which llmprune cannot write as"
                              " compressed-tensors yet: use --format dense (the experts are pruned and quantized"
                              " there too)")
         for name, mod in block_targets(block).items():
             full = f"{prefix}.{name}"
-            if any(re.search(rx, full) for rx in recipe.skip):
+            if any(re.search(rx, full) for rx in spec.skip):
                 continue
             cols = get_weight(mod).shape[1]
             if pattern is not None and cols % pattern.m:
@@ -119,12 +180,12 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
                     f" divisor of {cols}{f' (e.g. {fits})' if fits else ''}, -1 for per-channel, or --skip"
                     f" '{re.escape(name)}$'"
                 )
-            if recipe.method == "obc" and cols > recipe.obc_max_cols:
+            if spec.obc_max_cols is not None and cols > spec.obc_max_cols:
                 raise UsageError(
-                    f"layer {full} has {cols} inputs, more than --obc-max-cols {recipe.obc_max_cols} (obc's work"
+                    f"layer {full} has {cols} inputs, more than --obc-max-cols {spec.obc_max_cols} (obc's work"
                     f" grows as rows x cols³): use --method admm, raise --obc-max-cols, or --skip '{re.escape(name)}$'"
                 )
-            if recipe.format == "compressed-tensors" and not isinstance(mod, nn.Linear):
+            if compressed and not isinstance(mod, nn.Linear):
                 raise UsageError(
                     f"layer {full} is a {type(mod).__name__}, which compressed-tensors cannot store:"
                     " use --format dense"
@@ -132,7 +193,7 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
             chosen[name] = mod
         out[prefix] = chosen
     names = [f"{p}.{n}" for p in out for n in block_targets(model.get_submodule(p))]
-    for rx in recipe.skip:
+    for rx in spec.skip:
         if not any(re.search(rx, n) for n in names):
             raise UsageError(f"--skip {rx!r} matches no linear of this model (e.g. {names[0]}): fix the regex")
     if not any(out.values()):
@@ -148,32 +209,16 @@ def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -
     return params.spec.wbits + extra / (rows * cols)
 
 
-def common_options(recipe: Recipe) -> dict:
-    """The keyword arguments every solver takes, from the recipe."""
-    return dict(block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
-                kernels=recipe.kernels)
-
-
-def solver_options(recipe: Recipe) -> dict:
-    """The keyword arguments of the recipe's solver: the common ones and its own knobs."""
-    if recipe.method == "admm":
-        return common_options(recipe) | dict(iters=recipe.admm_iters, rho0=recipe.admm_rho0,
-                                             rho_growth=recipe.admm_rho_growth, refit_iters=recipe.admm_refit_iters)
-    if recipe.method == "obc":
-        return common_options(recipe) | dict(max_cols=recipe.obc_max_cols)
-    return common_options(recipe)
-
-
 def solve_linear(
-    full: str, mod: nn.Module, H: Tensor | None, recipe: Recipe, sparsity: float, hessian_of: str | None,
+    full: str, mod: nn.Module, H: Tensor | None, spec: SolveSpec, sparsity: float, hessian_of: str | None,
     grids: dict[str, QuantParams] | None = None, tokens: int | None = None, method: str | None = None,
 ) -> LayerReport:
     """One solver call on one linear: its new weights written back, its grid kept, its report returned.
 
-    ``method`` overrides the recipe's (an expert with too few calibration tokens is pruned by magnitude; its
+    ``method`` overrides the spec's (an expert with too few calibration tokens is pruned by magnitude; its
     few-token Hessian, when there is one, still measures the error); ``tokens``: the Hessian's token count.
     """
-    method = method or recipe.method
+    method = method or spec.method
     W = get_weight(mod)
     H = H.to(W.device) if H is not None else None
     if H is not None and not bool(torch.isfinite(H).all()):  # the inputs overflowed inside the block
@@ -183,13 +228,12 @@ def solve_linear(
     t0 = time.perf_counter()
     before = kernels.launches()
     try:
-        res = SOLVERS[method](W, H, sparsity, recipe.nm, recipe.quant, **solver_options(recipe))
-        if recipe.refit and H is not None and method == recipe.method:
-            if recipe.quant is None:
-                res = refit_result(W, H, res, recipe.refit_iters, res.damp_frac or recipe.damp_frac)
+        res = SOLVERS[method](W, H, sparsity, spec.pattern, spec.quant, **spec.kwargs())
+        if spec.refit_iters is not None and H is not None and method == spec.method:
+            if spec.quant is None:
+                res = refit_result(W, H, res, spec.refit_iters, res.damp_frac or spec.sweep.damp_frac)
             else:  # rounding would undo a real-valued refit: the GPTQ sweep compensates on the mask instead
-                res = SOLVERS["sparsegpt"](W, H, sparsity, None, recipe.quant, **common_options(recipe),
-                                           mask=res.mask)
+                res = SOLVERS["sparsegpt"](W, H, sparsity, None, spec.quant, **spec.sweep.kwargs(), mask=res.mask)
     except CholeskyError as exc:
         raise CholeskyError(f"{full}: {exc}") from None
     except NonFiniteError as exc:
@@ -253,58 +297,43 @@ def _sweep_error(Wp: Tensor, mean_diag: float, res) -> float:
     return max(res.obs_loss - lam * float((Wp - res.weight.float()).square().sum()), 0.0)
 
 
-def needs_data(recipe: Recipe) -> bool:
-    """Whether the run needs calibration data: magnitude and rtn alone do not (no windows, no forwards)."""
-    return not (recipe.method in ("magnitude", "rtn") and not recipe.refit and recipe.allocation == "uniform"
-                and not recipe.drop_experts and not recipe.reconstruct)
-
-
-def diagonal_only(recipe: Recipe) -> bool:
-    """Whether the solver reads only the Hessian's diagonal (Wanda's ‖X_j‖²): then only that is collected, and
-    the layer reports carry no output error (it needs the whole Hessian)."""
-    return recipe.method == "wanda" and not recipe.refit
-
-
-def fallback_method(recipe: Recipe) -> str:
-    """What prunes an expert that got too few calibration tokens for its Hessian: the data-free solver."""
-    return "rtn" if recipe.target_sparsity == 0 and recipe.nm is None else "magnitude"
-
-
 def compress_block(
-    block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, recipe: Recipe,
+    block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, spec: CompressSpec,
     grids: dict[str, QuantParams] | None = None, sparsities: dict[str, float] | None = None,
 ) -> tuple[list[LayerReport], str | None]:
-    """Compress one block's linears; return their reports and, when the recipe asked for a sequential pass
+    """Compress one block's linears; return their reports and, when the spec asked for a sequential pass
     that could not be had, why not (then the Hessians came from the dense block, as in the two-pass order).
 
-    Sequential (``recipe.sequential``): one pass, sublayer by sublayer (``sequential_block``). Two-pass:
+    Sequential (``spec.sequential``): one pass, sublayer by sublayer (``sequential_block``). Two-pass:
     Hessians of every linear in one pass over the calibration data, then one solver call per linear (the
     engine then runs the block again for the next block's inputs). ``grids``, when given, receives each
     quantized linear's grid under its full name (checkpoint writers need it to store integer codes);
-    ``sparsities`` overrides the recipe's sparsity per full name. Experts (views named ``...experts.E....``)
-    that received fewer than ``recipe.min_expert_tokens`` tokens, none included, are pruned by magnitude.
+    ``sparsities`` overrides the spec's sparsity per full name. Experts (views named ``...experts.E....``)
+    that received fewer than ``spec.min_expert_tokens`` tokens, none included, are pruned by the fallback.
     """
-    def sparsity(name: str) -> float:
-        return (sparsities or {}).get(f"{block_prefix}.{name}", recipe.target_sparsity)
+    solve = spec.solve
 
-    if recipe.method in ("magnitude", "rtn") and not recipe.refit:  # no data needed: the engine's one forward
-        return [solve_linear(f"{block_prefix}.{n}", m, None, recipe, sparsity(n), None, grids)
+    def sparsity(name: str) -> float:
+        return (sparsities or {}).get(f"{block_prefix}.{name}", spec.sparsity)
+
+    if solve.data_free:  # no data needed: the engine's one forward
+        return [solve_linear(f"{block_prefix}.{n}", m, None, solve, sparsity(n), None, grids)
                 for n, m in linears.items()], None
     fallback = None
-    if recipe.sequential:
+    if spec.sequential:
         fallback = block_pass.sequential_fits(linears)
         if distributed.active():  # every rank takes the same path, or the collectives would not pair up
             if any(experts.expert_of(n) is not None for n in linears):
                 fallback = "torchrun: experts are reached in a different order on each rank's tokens"
             fallback = next((f for f in distributed.gather_objects(fallback) if f), None)
         if fallback is None:
-            return sequential_block(block_prefix, linears, block_pass, recipe, sparsity, grids), None
+            return sequential_block(block_prefix, linears, block_pass, spec, sparsity, grids), None
         log.warning("%s: two passes instead of one: %s", block_prefix, fallback)
-    collector = HessianCollector(linears, hessian_dtype=recipe.hessian_dtype, diagonal=diagonal_only(recipe))
+    collector = HessianCollector(linears, hessian_dtype=spec.hessian_dtype, diagonal=solve.diagonal_only)
     with collector:
         block_pass()
     if distributed.active():
-        return _compress_block_ranks(block_prefix, linears, collector, recipe, sparsity, grids), fallback
+        return _compress_block_ranks(block_prefix, linears, collector, spec, sparsity, grids), fallback
     reports = []
     # how many linears still need each Hessian: it is freed after the last one's solve, so the widest
     # layer's solve does not run beside the whole block's Hessians
@@ -312,15 +341,15 @@ def compress_block(
     for name, mod in linears.items():
         if name not in collector.leader:
             if experts.expert_of(name) is not None:  # routed no token: pruned without data, reported
-                reports.append(solve_linear(f"{block_prefix}.{name}", mod, None, recipe, sparsity(name), None,
-                                            grids, tokens=0, method=fallback_method(recipe)))
+                reports.append(solve_linear(f"{block_prefix}.{name}", mod, None, solve, sparsity(name), None,
+                                            grids, tokens=0, method=solve.fallback))
             continue  # never called on calibration data: nothing to calibrate on, left dense
         lead = collector.leader[name]
         tokens = collector.n[lead]
-        few = experts.expert_of(name) is not None and tokens < recipe.min_expert_tokens
-        reports.append(solve_linear(f"{block_prefix}.{name}", mod, collector.hessian(name), recipe, sparsity(name),
+        few = experts.expert_of(name) is not None and tokens < spec.min_expert_tokens
+        reports.append(solve_linear(f"{block_prefix}.{name}", mod, collector.hessian(name), solve, sparsity(name),
                                     f"{block_prefix}.{lead}" if lead != name else None, grids, tokens=tokens,
-                                    method=fallback_method(recipe) if few else None))
+                                    method=solve.fallback if few else None))
         uses[lead] -= 1
         if not uses[lead]:
             collector.drop(lead)
@@ -350,7 +379,7 @@ def shared_hessians(linears: dict[str, nn.Module], collector: HessianCollector
 
 
 def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], collector: HessianCollector,
-                          recipe: Recipe, sparsity: Callable[[str], float],
+                          spec: CompressSpec, sparsity: Callable[[str], float],
                           grids: dict[str, QuantParams] | None) -> list[LayerReport]:
     """torchrun, two-pass: the all-ranks Hessians, each linear solved on the rank that owns it (balanced by
     estimated cost, rows x cols²), its new weights (and grid) broadcast from there, the reports gathered."""
@@ -367,14 +396,14 @@ def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], coll
             continue
         mod, full = linears[name], f"{block_prefix}.{name}"
         if name not in leader:  # an expert no rank routed a token to
-            mine[name] = solve_linear(full, mod, None, recipe, sparsity(name), None, my_grids, tokens=0,
-                                      method=fallback_method(recipe))
+            mine[name] = solve_linear(full, mod, None, spec.solve, sparsity(name), None, my_grids, tokens=0,
+                                      method=spec.solve.fallback)
             continue
         lead = leader[name]
-        few = experts.expert_of(name) is not None and n[lead] < recipe.min_expert_tokens
-        mine[name] = solve_linear(full, mod, H[lead], recipe, sparsity(name),
+        few = experts.expert_of(name) is not None and n[lead] < spec.min_expert_tokens
+        mine[name] = solve_linear(full, mod, H[lead], spec.solve, sparsity(name),
                                   f"{block_prefix}.{lead}" if lead != name else None, my_grids, tokens=n[lead],
-                                  method=fallback_method(recipe) if few else None)
+                                  method=spec.solve.fallback if few else None)
     H.clear()
     for name in todo:
         distributed.broadcast_(get_weight(linears[name]), owner[name])
@@ -387,7 +416,7 @@ def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], coll
 
 
 def sequential_block(
-    block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, recipe: Recipe,
+    block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, spec: CompressSpec,
     sparsity: Callable[[str], float], grids: dict[str, QuantParams] | None = None,
 ) -> list[LayerReport]:
     """True-sequential: each linear's Hessian from its inputs as the block's already-compressed sublayers
@@ -407,53 +436,52 @@ def sequential_block(
         else:
             last.clear()  # the previous group's Hessian is not needed any more
             cols = layer_input_width(mod)
-            diag = diagonal_only(recipe)
-            H = torch.zeros((cols,) if diag else (cols, cols), dtype=accumulator_dtype(recipe.hessian_dtype),
+            diag = spec.solve.diagonal_only
+            H = torch.zeros((cols,) if diag else (cols, cols), dtype=accumulator_dtype(spec.hessian_dtype),
                             device=xs[0].device)
             n = 0
             for x in xs:
                 if diag:
                     H, n = diagonal_update(H, n, x.reshape(-1, cols))
                 else:
-                    H, n = hessian_update(H, n, x.reshape(-1, cols), recipe.hessian_dtype)
+                    H, n = hessian_update(H, n, x.reshape(-1, cols), spec.hessian_dtype)
             H, n = distributed.sum_mean(H, n, tuple(H.shape), H.device)  # torchrun: every rank's tokens
             lead = name
             last.update(xs=xs, H=H, lead=name, n=n)
-        few = experts.expert_of(name) is not None and n < recipe.min_expert_tokens
-        reports[name] = solve_linear(f"{block_prefix}.{name}", mod, H, recipe, sparsity(name),
+        few = experts.expert_of(name) is not None and n < spec.min_expert_tokens
+        reports[name] = solve_linear(f"{block_prefix}.{name}", mod, H, spec.solve, sparsity(name),
                                      f"{block_prefix}.{lead}" if lead != name else None, grids, tokens=n,
-                                     method=fallback_method(recipe) if few else None)
+                                     method=spec.solve.fallback if few else None)
         distributed.broadcast_(get_weight(mod), 0)  # torchrun: every rank solved it alike; rank 0's stands
 
     block_pass.sequential(linears, on_group)
     last.clear()
     for name, mod in linears.items():  # experts routed no token: pruned without data, reported
         if name not in reports and experts.expert_of(name) is not None:
-            reports[name] = solve_linear(f"{block_prefix}.{name}", mod, None, recipe, sparsity(name), None, grids,
-                                         tokens=0, method=fallback_method(recipe))
+            reports[name] = solve_linear(f"{block_prefix}.{name}", mod, None, spec.solve, sparsity(name), None,
+                                         grids, tokens=0, method=spec.solve.fallback)
     return [reports[n] for n in linears if n in reports]  # linears never called: left dense
 
 
-def calibration_set(tokenizer, model: nn.Module, recipe: Recipe) -> tuple[torch.Tensor, dict]:
-    """The calibration windows the recipe asks for, and their description for the report."""
+def calibration_set(tokenizer, model: nn.Module, spec: CalibSpec) -> tuple[torch.Tensor, dict]:
+    """The calibration windows the spec asks for, and their description for the report."""
     if tokenizer is None:
         raise UsageError("no tokenizer to cut calibration windows with: pass --tokenizer ID_OR_DIR")
-    docs, description = load_documents(recipe.calib, recipe.split, recipe.text_field)
-    seqlen, bos, width = window_layout(tokenizer, recipe.seqlen, context_length(model), recipe.bos)
-    by_document = recipe.by_document if recipe.by_document is not None else recipe.calib == "c4"
-    if by_document:
-        windows = document_windows(docs, tokenizer, recipe.nsamples, width, recipe.seed, source=recipe.calib)
+    docs, description = load_documents(spec.source, spec.split, spec.text_field)
+    seqlen, bos, width = window_layout(tokenizer, spec.seqlen, context_length(model), spec.bos)
+    if spec.by_document:
+        windows = document_windows(docs, tokenizer, spec.nsamples, width, spec.seed, source=spec.source)
     else:
         ids = tokenize(tokenizer, joined_text(docs, tokenizer))
-        windows = calibration_windows(ids, recipe.nsamples, width, recipe.seed, source=recipe.calib)
+        windows = calibration_windows(ids, spec.nsamples, width, spec.seed, source=spec.source)
     windows = with_bos(windows, bos)
     info = {
         "source": description,
-        "nsamples": recipe.nsamples,
+        "nsamples": spec.nsamples,
         "seqlen": seqlen,
-        "seed": recipe.seed,
+        "seed": spec.seed,
         "bos": bos is not None,
-        "by_document": by_document,
+        "by_document": spec.by_document,
         "tokens": int(windows.numel()),
         "sha256": windows_hash(windows),
     }
@@ -465,19 +493,19 @@ LEVELS_BYTES = 256 << 20
 
 
 def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
-                 recipe: Recipe) -> list[tuple[float, Tensor, float]]:
-    """The recipe's solver on one linear at each of ``sparsities`` (unstructured): [(sparsity, weights,
+                 spec: SolveSpec) -> list[tuple[float, Tensor, float]]:
+    """The spec's solver on one linear at each of ``sparsities`` (unstructured): [(sparsity, weights,
     relative output error ||WX - ŴX||² / ||WX||²)]. SparseGPT solves several sparsities per sweep
     (``sparsegpt_levels``, stacked up to LEVELS_BYTES) and its error comes from the sweep's own OBS losses,
     tr(D (H + λI) Dᵀ) for D = W - Ŵ, less λ||D||²: the same number ``relative_error`` gives, without one
     (rows x cols²) product per level. What SPDY's plan pass spent most of its time on (one sweep and one
     error product per level) costs about one sweep on small layers. Other solvers: one call and one error
     per sparsity."""
-    if recipe.method != "sparsegpt":
-        solver = SOLVERS[recipe.method]
+    if spec.method != "sparsegpt":
+        solver = SOLVERS[spec.method]
         out = []
         for s in sparsities:
-            res = solver(W, H, s, None, recipe.quant, **solver_options(recipe))
+            res = solver(W, H, s, None, spec.quant, **spec.kwargs())
             out.append((s, res.weight, relative_error(W, res.weight, H)))
         return out
     Wp, mean_diag = _swept(W, H)  # once for every level
@@ -486,25 +514,27 @@ def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
     out = []
     for a in range(0, len(sparsities), per):
         chunk = sparsities[a : a + per]
-        for s, r in zip(chunk, sparsegpt_levels(W, H, chunk, recipe.quant, **common_options(recipe)), strict=True):
+        for s, r in zip(chunk, sparsegpt_levels(W, H, chunk, spec.quant, **spec.sweep.kwargs()), strict=True):
             num = _sweep_error(Wp, mean_diag, r)
             out.append((s, r.weight, num / den if den > 0 else 0.0))
     return out
 
 
 def plan_sparsities(
-    model: nn.Module, windows: torch.Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
-    device: torch.device, reuse: dict | None = None, progress: Progress = True,
+    model: nn.Module, windows: torch.Tensor, alloc: AllocationSpec, spec: CompressSpec,
+    linears: dict[str, dict[str, nn.Module]], device: torch.device, batch_size: int, reuse: dict | None = None,
+    progress: Progress = True,
 ) -> dict:
     """Per-layer sparsities for a non-uniform allocation, from one streamed pass over the dense model.
 
     owl: each block's outlier ratio of Wanda scores -> block sparsities. spdy: each linear's relative error at
-    every candidate sparsity (the recipe's solver on that linear's Hessian, the solved versions kept) -> a
-    dynamic program whose sensitivities are searched on the calibration loss (``_spdy``). ``reuse``: the
-    ``allocation`` of an earlier spdy run's report for the same target, which skips the pass and the search.
-    Returns the report's ``allocation`` entry; its ``sparsities`` maps full linear names to sparsities.
+    every candidate sparsity (``spec``'s solver on that linear's Hessian, the solved versions kept) -> a
+    dynamic program whose sensitivities are searched on the calibration loss (``spdy.search``). ``reuse``:
+    the ``allocation`` of an earlier spdy run's report for the same target, which skips the pass and the
+    search. ``batch_size``: calibration windows per forward. Returns the report's ``allocation`` entry; its
+    ``sparsities`` maps full linear names to sparsities.
     """
-    target = recipe.target_sparsity
+    target = alloc.target
     numel = {f"{p}.{n}": get_weight(m).numel() for p, lin in linears.items() for n, m in lin.items()}
     if reuse is not None:
         tables = reuse.get("tables")
@@ -522,12 +552,12 @@ def plan_sparsities(
     prefixes = list(linears)
     ratios: list[float] = []
     tables: dict[str, dict] = {}
-    cands = allocate.candidates(target, recipe.dp_radius)
-    store = spdy.VersionStore() if recipe.allocation == "spdy" else None
+    cands = allocate.candidates(target, alloc.dp_radius)
+    store = spdy.VersionStore() if alloc.method == "spdy" else None
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
         with on_device(block, linears[prefixes[i]]) as lin:
-            collector = HessianCollector(lin, hessian_dtype=recipe.hessian_dtype,
+            collector = HessianCollector(lin, hessian_dtype=spec.hessian_dtype,
                                          diagonal=store is None)  # owl: Wanda scores only
             with collector:
                 if block_pass.sequential_fits(lin) is None:  # one forward: its outputs feed the next block
@@ -537,7 +567,7 @@ def plan_sparsities(
         leader, hessians, _ = shared_hessians(lin, collector)
         reached = [n for n in lin if n in leader]
         pairs = [(get_weight(lin[n]), hessians[leader[n]]) for n in reached]
-        ratios.append(allocate.outlier_ratio(pairs, recipe.owl_m) if pairs else 0.0)
+        ratios.append(allocate.outlier_ratio(pairs, alloc.owl_m) if pairs else 0.0)
         if store is None:
             return
         versions: dict[str, Tensor] = {}
@@ -546,7 +576,7 @@ def plan_sparsities(
             full = f"{prefixes[i]}.{name}"
             if getattr(model, "block_source", None) is None:
                 versions[f"{full}@dense"] = W
-            for s, weight, err in solve_levels(W, H, cands, recipe):
+            for s, weight, err in solve_levels(W, H, cands, spec.solve):
                 errors[str(s)] = err
                 versions[f"{full}@{s}"] = weight
             tables[full] = {"numel": W.numel(), "errors": errors}
@@ -559,26 +589,29 @@ def plan_sparsities(
         return {f"{p}.{n}": s for p, s in zip(prefixes, per_block, strict=True) for n in linears[p]}
 
     try:
-        Stream(model, batched(distributed.shard(windows), recipe.batch_size), device,
-               progress=progress).run(on_block, desc=f"{recipe.allocation} plan")
+        Stream(model, batched(distributed.shard(windows), batch_size), device,
+               progress=progress).run(on_block, desc=f"{alloc.method} plan")
         if store is not None:  # OWL's allocations for a few λ, rounded to the grid, are further starting points
             owls = {f"owl lambda={lam:g}": allocate.snap({n: a[n] for n in tables}, tables, target)
-                    for lam in allocate.owl_lambdas(recipe.dp_radius) for a in [owl_at(lam)]}
-            return spdy.search(model, windows, recipe, linears, device, tables, store, progress, starts=owls)
+                    for lam in allocate.owl_lambdas(alloc.dp_radius) for a in [owl_at(lam)]}
+            return spdy.search(model, windows, alloc, batch_size, linears, device, tables, store, progress,
+                               starts=owls)
     finally:
         if store is not None:
             store.close()
-    report = {"method": "owl", "target": target, "owl_lambda": recipe.owl_lambda,
+    report = {"method": "owl", "target": target, "owl_lambda": alloc.owl_lambda,
               "block_outlier_ratios": dict(zip(prefixes, ratios, strict=True))}
-    if recipe.owl_lambda == "auto":
-        report["lambda_search"] = _owl_trials(model, windows, recipe, linears, device, owl_at, progress)
+    if alloc.owl_lambda == "auto":
+        report["lambda_search"] = _owl_trials(model, windows, alloc, spec, linears, device, batch_size, owl_at,
+                                              progress)
         report["owl_lambda"] = min(report["lambda_search"], key=lambda c: c["loss"])["owl_lambda"]
     return report | {"sparsities": owl_at(report["owl_lambda"])}
 
 
-def _owl_trials(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
-                device: torch.device, owl_at: Callable[[float], dict[str, float]], progress: Progress) -> list[dict]:
-    """--owl-lambda auto: the model compressed for real (the recipe's solver and order) with OWL's allocation
+def _owl_trials(model: nn.Module, windows: Tensor, alloc: AllocationSpec, spec: CompressSpec,
+                linears: dict[str, dict[str, nn.Module]], device: torch.device, batch_size: int,
+                owl_at: Callable[[float], dict[str, float]], progress: Progress) -> list[dict]:
+    """--owl-lambda auto: the model compressed for real (``spec``'s solver and order) with OWL's allocation
     at each λ of ``allocate.OWL_AUTO`` on the first ``owl_samples`` windows, and scored by the calibration
     loss of those windows through it (streamed in the same pass). Each block's dense weights are put back
     once the next block has run, so the model is whole again after every trial. Returns [{owl_lambda,
@@ -586,11 +619,11 @@ def _owl_trials(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict
     chose λ > 0 where these real runs chose uniform: SmolLM2 70% calibrated on docstrings, 1.47x uniform's
     held-out perplexity.)"""
     prefixes = list(linears)
-    batches = batched(distributed.shard(windows[: recipe.owl_samples]), recipe.batch_size)
+    batches = batched(distributed.shard(windows[: alloc.owl_samples]), batch_size)
     lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew on every pass
     captured: dict = {}
 
-    def trial(alloc: dict[str, float]) -> float:
+    def trial(sparsities: dict[str, float]) -> float:
         saved: list[tuple[int, nn.Module, dict[str, Tensor]]] = []
 
         def restore() -> None:
@@ -605,7 +638,7 @@ def _owl_trials(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict
             with on_device(block, linears[prefixes[i]]) as lin:
                 if not lazy:
                     saved.append((i, block, {n: get_weight(m).detach().to("cpu", copy=True) for n, m in lin.items()}))
-                compress_block(prefixes[i], lin, block_pass, recipe, None, alloc)
+                compress_block(prefixes[i], lin, block_pass, spec, None, sparsities)
 
         try:
             return spdy.calibration_loss(model, batches, device, on_block, captured)
@@ -617,11 +650,6 @@ def _owl_trials(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict
         out.append({"owl_lambda": lam, "loss": trial(owl_at(lam))})
         log.info("owl lambda %g: calibration loss %.4f", lam, out[-1]["loss"])
     return out
-
-
-def solve_any(recipe: Recipe) -> bool:
-    """Whether the recipe changes any linear (else it only drops experts)."""
-    return recipe.target_sparsity > 0 or recipe.quant is not None or recipe.nm is not None
 
 
 def reconstruction_targets(block: nn.Module, chosen: dict[str, nn.Module], block_pass: BlockPass,
@@ -721,11 +749,11 @@ def reconstruction_summary(spec: ReconstructSpec, rebuilt: dict[str, dict], stre
 
 
 def compress_model(
-    model: nn.Module, tokenizer, recipe: Recipe, windows: torch.Tensor | None = None,
+    model: nn.Module, tokenizer, run: RunSpec, windows: torch.Tensor | None = None,
     grids: dict[str, QuantParams] | None = None, reuse_errors: dict | None = None, sink=None,
     progress: Progress = True, captured: dict | None = None, calibration: dict | None = None,
 ) -> dict:
-    """Prune (and quantize) ``model`` in place as the recipe says; return the run report.
+    """Prune (and quantize) ``model`` in place as the run's specs say; return the run report.
 
     ``grids``, when given, receives the quantization grid of every quantized linear by full name;
     ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables;
@@ -737,16 +765,17 @@ def compress_model(
     """
     t_start = time.perf_counter()
     kernels.reset()  # each run tries the Triton kernels again
-    device = distributed.device() or resolve_device(recipe.device)
-    linears = prunable_linears(model, recipe)
-    keep = experts_kept(model, recipe) if recipe.drop_experts else None
-    data_free = not needs_data(recipe)
+    spec = run.compress
+    device = distributed.device() or resolve_device(run.device)
+    linears = prunable_linears(model, spec, run.output)
+    keep = experts_kept(model, spec.drop_experts) if spec.drop_experts else None
+    data_free = not run.needs_data
     if data_free:
         windows, calib = torch.empty(0, 0, dtype=torch.long), None
-        log.info("%s: %d linears in %d blocks, no calibration data needed", recipe.label,
+        log.info("%s: %d linears in %d blocks, no calibration data needed", run.label,
                  sum(map(len, linears.values())), len(linears))
     elif windows is None:
-        windows, calib = calibration_set(tokenizer, model, recipe)
+        windows, calib = calibration_set(tokenizer, model, run.calibration)
     elif calibration is not None:
         calib = calibration
     else:
@@ -754,22 +783,23 @@ def compress_model(
                  "sha256": windows_hash(windows), "tokens": int(windows.numel())}
     t_calib = time.perf_counter()
     if calib is not None:
-        log.info("%s: %d linears in %d blocks, calibrated on %d x %d tokens (%s)", recipe.label,
+        log.info("%s: %d linears in %d blocks, calibrated on %d x %d tokens (%s)", run.label,
                  sum(map(len, linears.values())), len(linears), windows.shape[0], windows.shape[1],
                  calib["source"])
     allocation = None
-    if recipe.allocation != "uniform":
+    if run.allocation is not None:
         allocation = sink.allocation if sink is not None else None
         if allocation is None:
-            allocation = plan_sparsities(model, windows, recipe, linears, device, reuse_errors, progress)
+            allocation = plan_sparsities(model, windows, run.allocation, spec, linears, device,
+                                         run.calibration.batch_size, reuse_errors, progress)
             if sink is not None:
                 sink.set_allocation(allocation)
     t_plan = time.perf_counter()
     if distributed.active() and not data_free and windows.shape[0] < distributed.world():
         raise UsageError(f"{windows.shape[0]} calibration windows cannot be shared by {distributed.world()} torchrun"
                          f" processes: raise --nsamples to at least {distributed.world()} or launch fewer")
-    rspec = recipe.reconstruction if solve_any(recipe) else None
-    stream = Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
+    rspec = run.reconstruction if spec.changes_weights else None
+    stream = Stream(model, batched(distributed.shard(windows), run.calibration.batch_size), device, progress=progress,
                     captured=captured, carry_dense=rspec is not None and rspec.target == "dense")
     rebuilt: dict[str, dict] = {}  # block prefix -> its reconstruction entry
     source = getattr(model, "block_source", None)
@@ -784,7 +814,7 @@ def compress_model(
     two_pass: dict[str, str] = {}  # blocks a sequential run had to compress in two passes, and why
     kept_peak = [0]
     dropped: dict[str, dict] = {}  # --drop-experts: experts path -> dropped indices and REAP scores
-    solve = solve_any(recipe)
+    solve = spec.changes_weights
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass | None) -> None:  # None: no data needed
         if sink is not None and sink.done(i):
@@ -805,16 +835,16 @@ def compress_model(
         targets = reconstruction_targets(block, linears[prefixes[i]], block_pass, rspec) if rspec else None
         if solve:  # else only dropping experts: the engine's forward feeds the next block
             with on_device(block, linears[prefixes[i]]) as lin:
-                reports, fallback = compress_block(prefixes[i], lin, block_pass, recipe, block_grids,
+                reports, fallback = compress_block(prefixes[i], lin, block_pass, spec, block_grids,
                                                    allocation["sparsities"] if allocation else None)
                 if targets is not None:
                     entry = _reconstruct(prefixes[i], block, lin, block_pass, rspec, targets, reports,
-                                         block_grids, masked=recipe.target_sparsity > 0)
+                                         block_grids, masked=spec.sparsity > 0)
                     rebuilt[prefixes[i]] = entry
-        few = [r for r in reports if r.method != recipe.method and experts.expert_of(r.name) is not None]
+        few = [r for r in reports if r.method != spec.solve.method and experts.expert_of(r.name) is not None]
         if few:
             log.warning("%s: %d expert matrices got fewer than %d calibration tokens and were pruned by %s: %s",
-                        prefixes[i], len(few), recipe.min_expert_tokens, few[0].method,
+                        prefixes[i], len(few), spec.min_expert_tokens, few[0].method,
                         ", ".join(f"{r.name.removeprefix(prefixes[i] + '.')} ({r.tokens})" for r in few[:6])
                         + (" ..." if len(few) > 6 else ""))
         if fallback is not None:
@@ -838,9 +868,9 @@ def compress_model(
 
     after = write_block if sink is not None else None
     if data_free:  # each block's weights on the device, nothing run through it
-        stream.visit(on_block, desc=recipe.label, after_block=after)
+        stream.visit(on_block, desc=run.label, after_block=after)
     else:
-        stream.run(on_block, desc=recipe.label, after_block=after)
+        stream.run(on_block, desc=run.label, after_block=after)
     t_done = time.perf_counter()
     if keep is not None:  # the new expert count, for the saved config (every MoE layer kept as many)
         setattr(model.config, keep[0], keep[2])
@@ -866,18 +896,18 @@ def compress_model(
                     " are left dense: %s", len(unsupported), ", ".join(unsupported[:4]))
     moe = any(is_moe(model.get_submodule(p)) for p in linears)
     return {
-        "recipe": recipe.to_dict(),
+        "recipe": copy.deepcopy(run.recipe),
         "device": str(device),
         "calibration": calib,
         "global_sparsity": zeros / total if total else 0.0,
-        "target_sparsity": recipe.target_sparsity,
+        "target_sparsity": spec.sparsity,
         "pruned_params": total,
         "layers": [asdict(r) for r in layers],
         # what was left dense, and why: skipped (--skip), never called, routers, unsupported experts.
         # global_sparsity counts the never-called ones as dense; skipped layers and routers are not in it
         "left_dense": {"skipped": skipped, "never_called": never, "routers": routers,
                        "unsupported_experts": unsupported},
-        "experts": (_experts_summary(layers, recipe) | ({"experts_before": keep[1], "experts_after": keep[2],
+        "experts": (_experts_summary(layers, spec) | ({"experts_before": keep[1], "experts_after": keep[2],
                                                          "dropped": dropped} if keep else {})) if moe else None,
         "allocation": allocation,
         # linears by the implementation of their sweep's column loop (journaled per block, so a resumed run
@@ -885,39 +915,40 @@ def compress_model(
         "kernels_used": dict(Counter(r.kernel for r in layers if r.kernel is not None)),
         "kernel_fallbacks": kernels.failures(),
         "reconstruction": reconstruction_summary(rspec, rebuilt, stream, len(prefixes)) if rspec else None,
-        "sequential": {"requested": recipe.sequential, "two_pass_blocks": two_pass,
+        "sequential": {"requested": spec.sequential, "two_pass_blocks": two_pass,
                        "kept_inputs_peak_bytes": kept_peak[0],
-                       "kept_on": str(stream.store)} if recipe.sequential else None,
+                       "kept_on": str(stream.store)} if spec.sequential else None,
         "timings": {"calibration_s": round(t_calib - t_start, 3), "plan_s": round(t_plan - t_calib, 3),
                     "prune_s": round(t_done - t_plan, 3)},
     }
 
 
-def experts_kept(model: nn.Module, recipe: Recipe) -> tuple[str, int, int]:
+def experts_kept(model: nn.Module, drop_experts: float) -> tuple[str, int, int]:
     """(config key, experts now, experts kept) for --drop-experts, checked against the model."""
     path, blocks = find_blocks(model)
-    counts = experts.kept_count(model.config, recipe.drop_experts)
+    counts = experts.kept_count(model.config, drop_experts)
     if counts is None or not any(experts.find_experts(b) for b in blocks):
         raise UsageError("--drop-experts removes experts of a mixture-of-experts model; this one has none:"
                          " drop the option")
     key, n, kept = counts
     top_k = getattr(model.config, "num_experts_per_tok", 1) or 1
     if kept == n:
-        raise UsageError(f"--drop-experts {recipe.drop_experts} removes none of {n} experts: raise it to at least"
+        raise UsageError(f"--drop-experts {drop_experts} removes none of {n} experts: raise it to at least"
                          f" {0.5 / n:.3g}")
     if kept < top_k:
-        raise UsageError(f"--drop-experts {recipe.drop_experts} keeps {kept} of {n} experts, fewer than the {top_k}"
+        raise UsageError(f"--drop-experts {drop_experts} keeps {kept} of {n} experts, fewer than the {top_k}"
                          f" each token is routed to: lower it to at most {(n - top_k) / n:.3g}")
     return key, n, kept
 
 
-def _experts_summary(layers: list[LayerReport], recipe: Recipe) -> dict:
+def _experts_summary(layers: list[LayerReport], spec: CompressSpec) -> dict:
     """Per-expert calibration: how many matrices, the tokens they got, and which fell back to magnitude."""
     ex = [r for r in layers if experts.expert_of(r.name) is not None]
     tokens = [r.tokens or 0 for r in ex]
-    return {"matrices": len(ex), "min_tokens": recipe.min_expert_tokens,
+    method = spec.solve.method
+    return {"matrices": len(ex), "min_tokens": spec.min_expert_tokens,
             "tokens_min": min(tokens, default=0), "tokens_max": max(tokens, default=0),
-            "fallback": {r.name: {"method": r.method, "tokens": r.tokens} for r in ex if r.method != recipe.method}}
+            "fallback": {r.name: {"method": r.method, "tokens": r.tokens} for r in ex if r.method != method}}
 
 
 def check_output_dir(out: Path, overwrite: bool, source: Path | None) -> None:

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -40,6 +41,21 @@ BUILTIN_TEST_FRACTION = 0.1  # the last 10% of the text is the test split, disjo
 LOCAL_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".json", ".parquet")
 LOCAL_SPLITS = ("train", "test", "all")  # local files: the first 90%, the last 10%, everything
 Doc = Union[str, list]  # noqa: UP007 (a runtime alias): a text, or a chat (a list of {"role", "content"})
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """The calibration set a run cuts (``compression.calibration_set``) and how it is fed through the blocks."""
+
+    source: str = "wikitext2"  # a source load_documents reads (see the module docstring)
+    split: str | None = None  # of the source: None = its training split (local files: all)
+    text_field: str = "text"  # the rows' text field
+    by_document: bool = False  # one random document per window, instead of the text joined
+    bos: bool | None = None  # windows start with BOS (None: when the tokenizer adds one; False: never)
+    nsamples: int = 128
+    seqlen: int = 2048  # capped by the model's context length
+    seed: int = 0
+    batch_size: int = 8  # windows per forward pass through a block
 
 
 def builtin_text_path() -> Path:

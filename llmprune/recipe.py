@@ -20,6 +20,7 @@ from llmprune.errors import UsageError
 from llmprune.pattern import Pattern, n_pruned, parse_pattern
 
 if TYPE_CHECKING:
+    from llmprune.compression import RunSpec
     from llmprune.quant import QuantSpec
 
 __all__ = ["Pattern", "Recipe", "load_recipe", "n_pruned", "parse_pattern", "recipe_from_dict"]
@@ -302,6 +303,57 @@ class Recipe:
         if self.reconstruct:
             parts.append(f"+ reconstruct {self.reconstruct}")
         return " ".join(parts)
+
+    def resolve(self) -> RunSpec:
+        """The run this recipe describes, as the small specs each stage takes (compression.RunSpec): what the
+        recipe's fields mean for each stage is decided here, once. Imports torch (the stages' modules)."""
+        from llmprune.allocate import AllocationSpec
+        from llmprune.checkpoint import OutputSpec
+        from llmprune.compression import CompressSpec, RunSpec, SolveSpec
+        from llmprune.data import CalibSpec
+        from llmprune.solvers.admm import AdmmOptions
+        from llmprune.solvers.obc import ObcOptions
+        from llmprune.solvers.sparsegpt import SparseGPTOptions
+
+        sweep = SparseGPTOptions(block_size=self.block_size, damp_frac=self.damp_frac, act_order=self.act_order,
+                                 kernels=self.kernels)
+        options = {
+            "sparsegpt": sweep,
+            "admm": AdmmOptions(**sweep.kwargs(), iters=self.admm_iters, rho0=self.admm_rho0,
+                                rho_growth=self.admm_rho_growth, refit_iters=self.admm_refit_iters),
+            "obc": ObcOptions(**sweep.kwargs(), max_cols=self.obc_max_cols),
+        }.get(self.method)  # wanda, magnitude and rtn have no options
+        pattern, quant, target = self.nm, self.quant, self.target_sparsity
+        solve = SolveSpec(
+            method=self.method, options=options, pattern=pattern, quant=quant, sweep=sweep,
+            refit_iters=self.refit_iters if self.refit else None,
+            fallback="rtn" if target == 0 and pattern is None else "magnitude",
+            diagonal_only=self.method == "wanda" and not self.refit,
+            data_free=self.method in ("magnitude", "rtn") and not self.refit,
+        )
+        compress = CompressSpec(
+            solve=solve, sparsity=target, sequential=self.sequential, hessian_dtype=self.hessian_dtype,
+            min_expert_tokens=self.min_expert_tokens, skip=tuple(self.skip), drop_experts=self.drop_experts,
+            changes_weights=target > 0 or quant is not None or pattern is not None,
+            obc_max_cols=self.obc_max_cols if self.method == "obc" else None,
+        )
+        calibration = CalibSpec(
+            source=self.calib, split=self.split, text_field=self.text_field,
+            by_document=self.by_document if self.by_document is not None else self.calib == "c4", bos=self.bos,
+            nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed, batch_size=self.batch_size,
+        )
+        allocation = None if self.allocation == "uniform" else AllocationSpec(
+            method=self.allocation, target=target, owl_m=self.owl_m, owl_lambda=self.owl_lambda,
+            owl_samples=self.owl_samples, dp_radius=self.dp_radius, spdy_steps=self.spdy_steps,
+            spdy_samples=self.spdy_samples, seed=self.seed,
+        )
+        return RunSpec(
+            compress=compress, calibration=calibration,
+            needs_data=not (solve.data_free and allocation is None and not self.drop_experts and not self.reconstruct),
+            allocation=allocation, reconstruction=self.reconstruction,
+            output=OutputSpec(format=self.format, act_order=self.act_order),
+            device=self.device, dtype=self.dtype, label=self.label, recipe=self.to_dict(),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmprune import allocate, distributed
+from llmprune.allocate import AllocationSpec
 from llmprune.arch import get_weight, set_weight
 from llmprune.data import batched
 from llmprune.engine import Stream
 from llmprune.progress import Progress, track
-from llmprune.recipe import Recipe
 from llmprune.targets import on_device
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,11 @@ class Assembler:
     their calibration loss on the first ``spdy_samples`` windows, streamed; ``restore`` puts an in-memory
     model's weights back to dense (a lazily loaded one reads its blocks anew on every pass)."""
 
-    def __init__(self, model: nn.Module, windows: Tensor, recipe: Recipe,
+    def __init__(self, model: nn.Module, windows: Tensor, alloc: AllocationSpec, batch_size: int,
                  linears: dict[str, dict[str, nn.Module]], device: torch.device, store: VersionStore):
         self.model, self.linears, self.device, self.store = model, linears, device, store
         self.prefixes = list(linears)
-        self.batches = batched(distributed.shard(windows[: recipe.spdy_samples]), recipe.batch_size)
+        self.batches = batched(distributed.shard(windows[: alloc.spdy_samples]), batch_size)
         self.captured: dict = {}
         self.lazy = getattr(model, "block_source", None) is not None
 
@@ -109,14 +109,14 @@ class Assembler:
             Stream(self.model, [], self.device, progress=False).visit(dense)
 
 
-def search(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str, dict[str, nn.Module]],
-          device: torch.device, tables: dict[str, dict], store: VersionStore, progress: Progress,
-          starts: dict[str, dict[str, float]] | None = None) -> dict:
+def search(model: nn.Module, windows: Tensor, alloc: AllocationSpec, batch_size: int,
+           linears: dict[str, dict[str, nn.Module]], device: torch.device, tables: dict[str, dict],
+           store: VersionStore, progress: Progress, starts: dict[str, dict[str, float]] | None = None) -> dict:
     """SPDY's search over the measured tables: each candidate allocation assembled from the stored versions
     and scored by its calibration loss on the first ``spdy_samples`` windows (allocate.spdy_search);
     ``starts``: further named starting allocations (OWL's)."""
-    assembler = Assembler(model, windows, recipe, linears, device, store)
-    n = recipe.spdy_steps + 2 + len(starts or {})
+    assembler = Assembler(model, windows, alloc, batch_size, linears, device, store)
+    n = alloc.spdy_steps + 2 + len(starts or {})
     it = iter(track(range(n), n, "spdy search", progress, unit="candidate"))
 
     def score(alloc: dict[str, float]) -> float:
@@ -124,12 +124,12 @@ def search(model: nn.Module, windows: Tensor, recipe: Recipe, linears: dict[str,
         return assembler.loss(alloc)
 
     try:
-        found = allocate.spdy_search(tables, recipe.target_sparsity, score, recipe.spdy_steps, seed=recipe.seed,
+        found = allocate.spdy_search(tables, alloc.target, score, alloc.spdy_steps, seed=alloc.seed,
                                      starts=starts)
     finally:
         assembler.restore()  # every weight back to dense before the compression run
     kept = sum(1 for h in found["history"] if h.get("kept") and h["step"] > 0)
     log.info("spdy: calibration loss %.4f after %d candidates (%d improvements; started from %s)", found["loss"],
              len(found["history"]), kept, found["anchor"])
-    return {"method": "spdy", "target": recipe.target_sparsity, "tables": tables, **found}
+    return {"method": "spdy", "target": alloc.target, "tables": tables, **found}
 

@@ -13,6 +13,7 @@ has one of each) and channel counts are rounded to a multiple of ``align``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from llmprune import distributed, experts
 from llmprune.arch import LAYOUTS, Layout, find_blocks, get_weight
 from llmprune.compression import (
+    RunSpec,
     calibration_set,
     dense_outputs_of_original,
     experts_kept,
@@ -38,7 +40,6 @@ from llmprune.engine import BlockPass, Stream
 from llmprune.errors import UsageError
 from llmprune.hessian import HessianCollector
 from llmprune.progress import Progress
-from llmprune.recipe import Recipe
 from llmprune.solvers.result import relative_error
 from llmprune.solvers.structured import METHODS, channel_chunk, obs_remove, score_remove
 from llmprune.targets import block_targets
@@ -92,8 +93,7 @@ def plan(model: nn.Module, spec: ShrinkSpec) -> Plan:
                              " (--drop-experts) and blocks (--drop-blocks); drop --mlp and --heads")
         if not (0 <= spec.drop_blocks < len(blocks)):
             raise UsageError(f"--drop-blocks {spec.drop_blocks}: the model has {len(blocks)} blocks; drop fewer")
-        kept = experts_kept(model, Recipe(drop_experts=spec.drop_experts, sparsity=0.0)) if spec.drop_experts \
-            else None
+        kept = experts_kept(model, spec.drop_experts) if spec.drop_experts else None
         return Plan(None, 0, 0, 0, 0, 0, 0, 0, kept)
     if spec.drop_experts:
         raise UsageError("--drop-experts removes experts of a mixture-of-experts model; this one has none:"
@@ -157,11 +157,11 @@ def _bias(mod: nn.Module) -> Tensor | None:
     return mod.bias.data if getattr(mod, "bias", None) is not None else None
 
 
-def _remove_groups(W: Tensor, H: Tensor, groups: Tensor, n: int, spec: ShrinkSpec, recipe: Recipe,
+def _remove_groups(W: Tensor, H: Tensor, groups: Tensor, n: int, spec: ShrinkSpec, damp_frac: float,
                    producers: list[Tensor], allowed=None, chunk: int = 1) -> tuple[Tensor, Tensor, float | None]:
     """(removed group indices, the consumer's new full-width weight (removed columns zero), relative error)."""
     if spec.method == "obs":
-        removed, W_new = obs_remove(W, H, groups, n, damp_frac=recipe.damp_frac, chunk=chunk, allowed=allowed)
+        removed, W_new = obs_remove(W, H, groups, n, damp_frac=damp_frac, chunk=chunk, allowed=allowed)
     else:
         removed = score_remove(W, H, producers, groups, n, spec.method, allowed)
         W_new = W.float().clone()
@@ -209,7 +209,7 @@ def _cut_channels(block: nn.Module, p: Plan, removed: Tensor, W_down: Tensor) ->
         _replace(block, name, get_weight(mod)[keep], None if _bias(mod) is None else _bias(mod)[keep])
 
 
-def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_mlp: Tensor | None,
+def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, damp_frac: float, H_mlp: Tensor | None,
                  H_attn: Tensor | None) -> dict:
     """Remove this block's heads and channels in place (smaller modules); return what was removed."""
     lay, info = p.layout, {}
@@ -224,7 +224,7 @@ def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_
                 return (removed.view(p.kv_heads, group).sum(1) < p.remove_per_group).repeat_interleave(group)
         else:
             n, allowed = p.whole_groups, None
-        removed, W_new, err = _remove_groups(W_o, H_attn, groups, n, spec, recipe, [W_q], allowed)
+        removed, W_new, err = _remove_groups(W_o, H_attn, groups, n, spec, damp_frac, [W_q], allowed)
         _cut_heads(block, p, removed, W_new)
         info.update(heads_removed=removed.tolist(), attn_rel_error=err)
     if p.keep_channels < p.channels:
@@ -232,7 +232,7 @@ def shrink_block(block: nn.Module, p: Plan, spec: ShrinkSpec, recipe: Recipe, H_
         producers = [get_weight(block.get_submodule(n)) for n in lay.mlp_in]
         groups = torch.arange(p.channels, device=W_down.device).unsqueeze(1)
         n = p.channels - p.keep_channels
-        removed, W_new, err = _remove_groups(W_down, H_mlp, groups, n, spec, recipe, producers,
+        removed, W_new, err = _remove_groups(W_down, H_mlp, groups, n, spec, damp_frac, producers,
                                              chunk=channel_chunk(n))
         _cut_channels(block, p, removed, W_new)
         info.update(channels_removed=removed.tolist(), mlp_rel_error=err)
@@ -320,10 +320,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, progress: Progress = True,
+def shrink_model(model: nn.Module, tokenizer, run: RunSpec, spec: ShrinkSpec, progress: Progress = True,
                  on_block_done: Callable[[int, nn.Module, dict], None] | None = None,
                  done: dict[int, dict] | None = None, calibration: tuple[Tensor, dict] | None = None) -> dict:
-    """Shrink ``model`` in place as ``spec`` says (calibration as in ``recipe``); return the run report.
+    """Shrink ``model`` in place as ``spec`` says (calibration, Hessians, damping and reconstruction as in
+    ``run``); return the run report.
 
     ``on_block_done(i, block, info)``: called with each shrunk block while its weights are loaded (a lazily
     loaded model's are dropped right after: that is where they get written). ``done``: blocks shrunk by an
@@ -332,9 +333,9 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     """
     t0 = time.perf_counter()
     p = plan(model, spec)
-    device = distributed.device() or resolve_device(recipe.device)
+    device = distributed.device() or resolve_device(run.device)
     before = count_params(model)
-    windows, calib = calibration or calibration_set(tokenizer, model, recipe)
+    windows, calib = calibration or calibration_set(tokenizer, model, run.calibration)
     done = done or {}
     _, all_blocks = find_blocks(model)
     for i, info in done.items():  # expert counts follow the tensors when they are read (lazy.BlockSource)
@@ -345,7 +346,8 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     channels_go = p.keep_channels < p.channels
     dropped: dict[str, dict] = {}
 
-    rspec = recipe.reconstruction
+    rspec = run.reconstruction
+    hessian_dtype, damp_frac = run.compress.hessian_dtype, run.compress.solve.sweep.damp_frac
     rebuilt: dict[str, dict] = {}
 
     def reconstructed(i: int, block: nn.Module, block_pass: BlockPass, targets: dict | None, info: dict) -> None:
@@ -374,7 +376,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         if heads_go and spec.method != "l1":
             watch["attn"] = block.get_submodule(lay.o)
         similarity = _Similarity(block)
-        collector = HessianCollector(watch, hessian_dtype=recipe.hessian_dtype)
+        collector = HessianCollector(watch, hessian_dtype=hessian_dtype)
         mine: dict[str, dict] = {}
 
         def run() -> None:
@@ -393,7 +395,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         if lay is not None:
             _, H, _ = shared_hessians(watch, collector)  # every rank's tokens; l1: none
             H = {k: H.get(k) for k in ("mlp", "attn")}
-            info |= shrink_block(block, p, spec, recipe, H["mlp"], H["attn"])
+            info |= shrink_block(block, p, spec, damp_frac, H["mlp"], H["attn"])
             _same_on_every_rank(block)
         reconstructed(i, block, block_pass, targets, info)
         per_block.append({"block": i, "cosine": cos, **info})
@@ -405,20 +407,20 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         the MLP channels on down_proj's Hessian with those heads already gone (one more pass over the block),
         so the MLP's update also absorbs what removing the heads changed in its input."""
         similarity = _Similarity(block)
-        attn = HessianCollector({"attn": block.get_submodule(lay.o)}, hessian_dtype=recipe.hessian_dtype)
+        attn = HessianCollector({"attn": block.get_submodule(lay.o)}, hessian_dtype=hessian_dtype)
         try:
             with attn:
                 block_pass()
         finally:
             cos = similarity.close()
-        info = shrink_block(block, replace(p, keep_channels=p.channels), spec, recipe, None,
+        info = shrink_block(block, replace(p, keep_channels=p.channels), spec, damp_frac, None,
                             shared_hessians(attn.linears, attn)[1]["attn"])
         _same_on_every_rank(block)
         del attn
-        mlp = HessianCollector({"mlp": block.get_submodule(lay.mlp_out)}, hessian_dtype=recipe.hessian_dtype)
+        mlp = HessianCollector({"mlp": block.get_submodule(lay.mlp_out)}, hessian_dtype=hessian_dtype)
         with mlp:
             block_pass()
-        info |= shrink_block(block, replace(p, remove_per_group=0, whole_groups=0), spec, recipe,
+        info |= shrink_block(block, replace(p, remove_per_group=0, whole_groups=0), spec, damp_frac,
                              shared_hessians(mlp.linears, mlp)[1]["mlp"], None)
         _same_on_every_rank(block)
         reconstructed(i, block, block_pass, targets, info)
@@ -431,7 +433,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
         raise UsageError(f"{windows.shape[0]} calibration windows cannot be shared by {distributed.world()} torchrun"
                          f" processes: raise --nsamples to at least {distributed.world()} or launch fewer")
     source = getattr(model, "block_source", None)
-    stream = Stream(model, batched(distributed.shard(windows), recipe.batch_size), device, progress=progress,
+    stream = Stream(model, batched(distributed.shard(windows), run.calibration.batch_size), device, progress=progress,
                     carry_dense=rspec is not None and rspec.target == "dense")
     stream.run(on_block, desc="shrink")
     drop = sorted(sorted(range(len(per_block)), key=lambda i: per_block[i]["cosine"], reverse=True)
@@ -442,7 +444,7 @@ def shrink_model(model: nn.Module, tokenizer, recipe: Recipe, spec: ShrinkSpec, 
     log.info("shrink: %d -> %d parameters (%.1f%% fewer)", before, after, 100 * (1 - after / before))
     return {
         "shrink": asdict(spec),
-        "recipe": recipe.to_dict(),
+        "recipe": copy.deepcopy(run.recipe),
         "calibration": calib,
         "sizes": {"mlp_channels": [p.channels, p.keep_channels] if lay is not None else None,
                   "heads": [p.heads, model.config.num_attention_heads] if heads_go else None,

@@ -10,6 +10,7 @@ written from all the cells at the end.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -26,12 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.compression import calibration_set, compress_model, resolve_device
+from llmprune.compression import RunSpec, calibration_set, compress_model, resolve_device
 from llmprune.errors import UsageError
 from llmprune.pattern import parse_pattern
 from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.progress import Progress, track
-from llmprune.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,6 @@ class Cell:
     @property
     def label(self) -> str:
         return f"{self.method} {self.sparsity}" + (f" w{self.wbits}" if self.wbits else "")
-
-    def recipe(self, base: Recipe) -> Recipe:
-        pattern = parse_pattern(self.sparsity) if ":" in self.sparsity else None
-        try:
-            return base.replace(method=self.method, wbits=self.wbits,
-                                pattern=str(pattern) if pattern else "unstructured",
-                                sparsity=None if pattern else float(self.sparsity))
-        except UsageError as exc:
-            raise UsageError(f"sweep cell '{self.label}': {exc}") from None
 
 
 def _split(value: str | list | tuple | None) -> list[str]:
@@ -120,7 +111,7 @@ def _peak_mib(device: torch.device) -> float:
 
 
 def run_sweep(
-    model: nn.Module, tokenizer, base: Recipe, cells: list[Cell], evals: list[str], out: Path, *,
+    model: nn.Module, tokenizer, base: RunSpec, cells: list[tuple[Cell, RunSpec]], evals: list[str], out: Path, *,
     model_name: str, eval_seqlen: int | None = None, max_windows: int | None = None, eval_batch_size: int = 4,
     save: Callable[[Cell, nn.Module, dict], None] | None = None,
     extra: Callable[[Cell | None, nn.Module], dict] | None = None, extra_key: object = None,
@@ -128,16 +119,18 @@ def run_sweep(
 ) -> list[dict]:
     """Compress and evaluate every cell; return the rows (dense first) and write the tables and the plot.
 
+    ``base``: the shared run (its calibration, device, evaluation length); ``cells``: each with its run
+    (api.sweep resolves them from the shared recipe).
+
     ``save(cell, model, report)``, when given, keeps each cell's checkpoint (the caller writes it);
     ``extra(cell, model)`` adds further scores to each row (zero-shot accuracies: ``zero_shot``), and
     ``extra_key`` (e.g. the task names) is part of every cell's key.
     """
-    recipes = [c.recipe(base) for c in cells]  # every cell's recipe is valid before any work
     device = resolve_device(base.device)
-    windows, calib = calibration_set(tokenizer, model, base)
+    windows, calib = calibration_set(tokenizer, model, base.calibration)
     eval_sets = {}
     for name in evals:
-        w, info = evaluation_windows(tokenizer, model, name, eval_seqlen or base.seqlen, max_windows)
+        w, info = evaluation_windows(tokenizer, model, name, eval_seqlen or base.calibration.seqlen, max_windows)
         eval_sets[name] = (w, info)
     eval_spec = {n: {"sha": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16], **i}
                  for n, (w, i) in eval_sets.items()}
@@ -160,20 +153,20 @@ def run_sweep(
         store.put(dense_key, dense)
     rows = [dense]
     todo = []
-    for cell, recipe in zip(cells, recipes, strict=True):
-        key = _key(model_name, recipe.to_dict(), calib["sha256"], eval_spec, extra_key, dtype_bits)
+    for cell, run in cells:
+        key = _key(model_name, run.recipe, calib["sha256"], eval_spec, extra_key, dtype_bits)
         row = store.get(key)
         if row is None:
-            todo.append((cell, recipe, key))
+            todo.append((cell, run, key))
         rows.append(row or {"key": key})
     if len(todo) < len(cells):
         log.info("sweep: %d of %d cells already done in %s", len(cells) - len(todo), len(cells), out)
     done: dict[str, dict] = {}
     try:
-        for cell, recipe, key in track(todo, len(todo), "sweep", progress, unit="cell"):
+        for cell, run, key in track(todo, len(todo), "sweep", progress, unit="cell"):
             model.load_state_dict(pristine)
             t0 = time.perf_counter()
-            report = compress_model(model, tokenizer, recipe, windows, progress=False, captured=captured,
+            report = compress_model(model, tokenizer, run, windows, progress=False, captured=captured,
                                     calibration=calib)
             seconds = time.perf_counter() - t0
             row = {"method": cell.method, "sparsity": cell.sparsity, "wbits": cell.wbits, "label": cell.label,
@@ -181,7 +174,7 @@ def run_sweep(
                    "global_sparsity": report["global_sparsity"], "ppl": evaluate_all(),
                    "compress_s": round(seconds, 3), "peak_mib": round(_peak_mib(device), 1),
                    "scores": extra(cell, model) if extra else {},
-                   "recipe": recipe.to_dict(), "report": {k: report[k] for k in ("calibration", "timings",
+                   "recipe": copy.deepcopy(run.recipe), "report": {k: report[k] for k in ("calibration", "timings",
                                                                                  "sequential", "allocation")}}
             if save is not None:
                 save(cell, model, report)

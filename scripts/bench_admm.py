@@ -119,7 +119,7 @@ def main() -> None:
         solvers = {"admm": reference} if name.startswith("alps-ref") else {}
         t0 = time.perf_counter()
         with unittest.mock.patch.dict(SOLVERS, solvers):
-            report = compress_model(model, tokenizer, recipe, windows, progress=False)
+            report = compress_model(model, tokenizer, recipe.resolve(), windows, progress=False)
         if name.endswith("then rtn w4g64"):
             round_after(model, report, QuantSpec(4, 64, True, "minmax"))
         seconds = time.perf_counter() - t0

@@ -65,7 +65,7 @@ def main() -> None:
     model, tokenizer, pristine, base, shakespeare, held_out = setup(args.nsamples, args.seqlen, args.eval_count)
     docs = Path(tempfile.mkdtemp()) / "stdlib_docstrings.txt"
     docs.write_text(docstrings_text())
-    other, info = calibration_set(tokenizer, model, base.replace(calib=str(docs)))
+    other, info = calibration_set(tokenizer, model, base.replace(calib=str(docs)).resolve().calibration)
     settings = {"shakespeare train": shakespeare, f"stdlib docstrings ({info['tokens']} tokens drawn)": other}
     lines = [f"# bench_allocation: SmolLM2-135M, sparsegpt, calibration {args.nsamples} x {args.seqlen},"
              f" held-out built-in text {args.eval_count} x {args.seqlen}; spdy {args.spdy_steps} steps scored on"
@@ -83,7 +83,7 @@ def main() -> None:
                                       owl_lambda="auto" if auto else base.owl_lambda, spdy_steps=args.spdy_steps,
                                       spdy_samples=args.spdy_samples)
                 t0 = time.perf_counter()
-                compress_model(model, tokenizer, recipe, windows=windows, progress=False)
+                compress_model(model, tokenizer, recipe.resolve(), windows=windows, progress=False)
                 wall = time.perf_counter() - t0
                 ppl = perplexity(model, held_out, CPU, progress=False)
                 if allocation == "uniform":

@@ -64,7 +64,7 @@ def main() -> None:
     pristine = copy.deepcopy(model.state_dict())
     recipe = Recipe(calib="shakespeare", nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
                     device=args.device)
-    windows, _ = calibration_set(tokenizer, model, recipe)
+    windows, _ = calibration_set(tokenizer, model, recipe.resolve().calibration)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
 
@@ -88,7 +88,7 @@ def main() -> None:
     for method in args.methods.split(","):
         model.load_state_dict(pristine)
         t0 = time.perf_counter()
-        report = compress_model(model, tokenizer, variant(recipe, method), windows)
+        report = compress_model(model, tokenizer, variant(recipe, method).resolve(), windows)
         wall = time.perf_counter() - t0
         solve_s = sum(layer["seconds"] for layer in report["layers"])
         rows.append((method, wall, solve_s, wall / dense_pass_s, report["global_sparsity"]))

@@ -46,8 +46,8 @@ def one(family: str, args: argparse.Namespace) -> dict:
             model(input_ids=windows[b:b + 8], use_cache=False)
     forward = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = compress_model(model, None, Recipe(sparsity=0.5, device="cpu", min_expert_tokens=1), windows=windows,
-                            progress=False)
+    run = Recipe(sparsity=0.5, device="cpu", min_expert_tokens=1).resolve()
+    report = compress_model(model, None, run, windows=windows, progress=False)
     wall = time.perf_counter() - t0
     experts = [r for r in report["layers"] if ".experts." in r["name"]]
     return {"family": family, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,

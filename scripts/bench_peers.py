@@ -97,7 +97,7 @@ def main() -> None:
 
         lazy, _ = load_lazy(model_dir, "auto")
         windows, calib = calibration_set(tok, lazy, Recipe(calib="shakespeare", nsamples=args.nsamples,
-                                                           seqlen=args.seqlen))
+                                                           seqlen=args.seqlen).resolve().calibration)
         torch.save(windows, work / "windows.pt")
         ev, _ = evaluation_windows(tok, lazy, "shakespeare", args.seqlen, args.eval_windows)
         torch.save(ev, work / "eval.pt")

@@ -100,11 +100,11 @@ def main() -> None:
         t0 = time.perf_counter()
         if row in SHRINK:
             m = copy.deepcopy(model)
-            report = shrink_model(m, tokenizer, base.replace(**opts), SHRINK[row], progress=False,
+            report = shrink_model(m, tokenizer, base.replace(**opts).resolve(), SHRINK[row], progress=False,
                                   calibration=(windows, {"source": "bench"}))
         else:
             m = model
-            report = compress_model(m, tokenizer, base.replace(**BASE[row], **opts), windows, progress=False)
+            report = compress_model(m, tokenizer, base.replace(**BASE[row], **opts).resolve(), windows, progress=False)
         seconds = time.perf_counter() - t0
         ppl = perplexity(m, held_out, CPU, progress=False)
         rec = report.get("reconstruction")

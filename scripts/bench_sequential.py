@@ -48,7 +48,7 @@ def main() -> None:
             model.load_state_dict(pristine)
             recipe = base.replace(sequential=sequential, **SETTINGS[name])
             t0 = time.perf_counter()
-            report = compress_model(model, tokenizer, recipe, windows, progress=False)
+            report = compress_model(model, tokenizer, recipe.resolve(), windows, progress=False)
             seconds = time.perf_counter() - t0
             ppl = perplexity(model, held_out, cpu, progress=False)
             kept = (report["sequential"] or {}).get("kept_inputs_peak_bytes", 0)

@@ -77,7 +77,7 @@ def main() -> None:
     model, tokenizer, _ = load_model("smollm2-135m")
     pristine = copy.deepcopy(model)
     recipe = Recipe(calib="shakespeare", nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
-    windows, _ = calibration_set(tokenizer, model, recipe)
+    windows, _ = calibration_set(tokenizer, model, recipe.resolve().calibration)
     held_out = eval_windows(tokenize(tokenizer, load_text("shakespeare", "test")[0]), args.seqlen,
                             max_windows=args.eval_windows)
     cpu = torch.device("cpu")
@@ -96,7 +96,7 @@ def main() -> None:
                 m = copy.deepcopy(pristine)
                 s = ShrinkSpec(spec.mlp, spec.heads, spec.drop_blocks, method, spec.align)
                 t0 = time.perf_counter()
-                report = shrink_model(m, tokenizer, recipe, s, progress=False)
+                report = shrink_model(m, tokenizer, recipe.resolve(), s, progress=False)
                 seconds = time.perf_counter() - t0
                 removed = 1 - (count_params(m) - (count_params(pristine) - blocks_total)) / blocks_total
                 ppl = perplexity(m, held_out, cpu, progress=False)

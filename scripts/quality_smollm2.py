@@ -65,7 +65,7 @@ def main() -> None:
         recipe = base.replace(**changes)
         t0 = time.perf_counter()
         grids: dict = {}
-        report = compress_model(model, tokenizer, recipe, windows, grids=grids)
+        report = compress_model(model, tokenizer, recipe.resolve(), windows, grids=grids)
         seconds = time.perf_counter() - t0
         if recipe.wbits is None:
             rows.append((name, report["global_sparsity"], "16/32", perplexity(model, held_out, cpu), seconds))

@@ -18,7 +18,7 @@ def setup(nsamples: int, seqlen: int, eval_count: int = 16):
     model, tokenizer, _ = load_model("smollm2-135m")
     pristine = copy.deepcopy(model.state_dict())
     base = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device="cpu")
-    windows, _ = calibration_set(tokenizer, model, base)
+    windows, _ = calibration_set(tokenizer, model, base.resolve().calibration)
     held_out = eval_windows(tokenize(tokenizer, load_text("shakespeare", "test")[0]), seqlen, max_windows=eval_count)
     return model, tokenizer, pristine, base, windows, held_out
 

@@ -59,7 +59,7 @@ def test_compress_with_allocation_keeps_the_global_target(allocation, monkeypatc
     model = tiny_model("llama")
     windows = torch.randint(0, model.config.vocab_size, (4, 32))
     recipe = Recipe(sparsity=0.6, allocation=allocation, device="cpu", owl_m=2.0, spdy_steps=3, spdy_samples=4)
-    report = compress_model(model, None, recipe, windows)
+    report = compress_model(model, None, recipe.resolve(), windows)
     layers = report["layers"]
     assert report["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
     alloc = report["allocation"]
@@ -70,11 +70,12 @@ def test_compress_with_allocation_keeps_the_global_target(allocation, monkeypatc
         passes = []
         real_run = Stream.run
         monkeypatch.setattr(Stream, "run", lambda self, *a, **k: passes.append(1) or real_run(self, *a, **k))
-        again = compress_model(tiny_model("llama"), None, recipe, windows, reuse_errors=alloc)
+        again = compress_model(tiny_model("llama"), None, recipe.resolve(), windows, reuse_errors=alloc)
         assert again["allocation"]["sparsities"] == alloc["sparsities"]
         assert len(passes) == 1  # the compression pass only
         with pytest.raises(UsageError, match="searched for sparsity 0.6"):
-            compress_model(tiny_model("llama"), None, recipe.replace(sparsity=0.55), windows, reuse_errors=alloc)
+            compress_model(tiny_model("llama"), None, recipe.replace(sparsity=0.55).resolve(), windows,
+                           reuse_errors=alloc)
 
 
 def test_an_unknown_allocation_names_the_choices():

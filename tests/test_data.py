@@ -83,11 +83,13 @@ def test_windows_start_with_bos_when_the_tokenizer_adds_one(bos_model_dir, bos_t
     from llmprune.recipe import Recipe
 
     model, tok = llmprune.load(bos_model_dir)
-    windows, info = calibration_set(tok, model, Recipe(calib=str(files["txt"]), nsamples=4, seqlen=32))
+    calib = Recipe(calib=str(files["txt"]), nsamples=4, seqlen=32).resolve().calibration
+    windows, info = calibration_set(tok, model, calib)
     assert windows.shape == (4, 32) and bool((windows[:, 0] == tok.bos_token_id).all())
     assert not bool((windows[:, 1:] == tok.bos_token_id).any())
     assert info["sha256"] == report.calibration["sha256"]
-    plain, info = calibration_set(tok, model, Recipe(calib=str(files["txt"]), nsamples=4, seqlen=32, bos=False))
+    calib = Recipe(calib=str(files["txt"]), nsamples=4, seqlen=32, bos=False).resolve().calibration
+    plain, info = calibration_set(tok, model, calib)
     assert info["bos"] is False and not bool((plain == tok.bos_token_id).any())
     # evaluation alike: every window BOS + 31 text tokens; --no-bos is the plain protocol
     with_bos = llmprune.evaluate(bos_model_dir, str(files["txt"]), seqlen=32, max_windows=4, device="cpu",

@@ -37,7 +37,7 @@ def test_compress_prunes_linears_and_leaves_the_rest_bit_identical(family, metho
     linear_weights = {f"{path}.{i}.{n}.weight" for i, b in enumerate(blocks) for n in find_linears(b)}
     windows = torch.randint(0, VOCAB, (6, 16))
     recipe = Recipe(method=method, pattern=pattern, batch_size=4, device="cpu")
-    report = compress_model(model, None, recipe, windows)
+    report = compress_model(model, None, recipe.resolve(), windows)
     after = model.state_dict()
     for key, value in after.items():
         if key in linear_weights:
@@ -139,7 +139,7 @@ def test_a_hessian_is_freed_once_the_last_linear_reading_it_is_solved(monkeypatc
         return real(W, H, *a, **k)
 
     monkeypatch.setitem(compress.SOLVERS, "sparsegpt", solver)
-    compress_model(model, None, Recipe(method="sparsegpt", batch_size=4, device="cpu"),
+    compress_model(model, None, Recipe(method="sparsegpt", batch_size=4, device="cpu").resolve(),
                    torch.randint(0, VOCAB, (4, 16)))
     assert len(seen) == 4 * model.config.num_hidden_layers  # q/k/v, o, gate/up, down: four Hessians a block
     assert alive_at_down == []

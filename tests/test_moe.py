@@ -72,7 +72,7 @@ def test_streamed_routed_forward_equals_the_model(family):
 def test_every_expert_matrix_has_exactly_the_sparsity(family, sequential):
     model = tiny_model(family)
     report = compress_model(model, None, Recipe(sparsity=0.5, sequential=sequential, device="cpu",
-                                                min_expert_tokens=1), windows=windows(), progress=False)
+                                                min_expert_tokens=1).resolve(), windows=windows(), progress=False)
     mats = expert_matrices(model)
     assert len(mats) == 2 * 4 * 3  # blocks x experts x (gate, up, down)
     for name, W in mats.items():
@@ -95,7 +95,7 @@ def test_every_expert_matrix_has_exactly_the_sparsity(family, sequential):
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 def test_nm_pattern_holds_in_every_expert(family):
     model = tiny_model(family)
-    compress_model(model, None, Recipe(pattern="2:4", device="cpu", min_expert_tokens=1), windows=windows(),
+    compress_model(model, None, Recipe(pattern="2:4", device="cpu", min_expert_tokens=1).resolve(), windows=windows(),
                    progress=False)
     for name, W in expert_matrices(model).items():
         assert ((W.reshape(W.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
@@ -124,7 +124,7 @@ def test_an_experts_hessian_is_from_exactly_the_tokens_routed_to_it():
 def test_experts_with_too_few_tokens_are_pruned_by_magnitude_and_named(caplog):
     model = tiny_model("qwen3_moe")
     with caplog.at_level(logging.WARNING, logger="llmprune"):
-        report = compress_model(model, None, Recipe(sparsity=0.5, device="cpu", min_expert_tokens=10**6),
+        report = compress_model(model, None, Recipe(sparsity=0.5, device="cpu", min_expert_tokens=10**6).resolve(),
                                 windows=windows(), progress=False)
     fallback = report["experts"]["fallback"]
     assert len(fallback) == 2 * 4 * 3
@@ -161,7 +161,7 @@ def test_saved_moe_loads_in_transformers_with_the_pruned_logits(family, lazy, mo
     ids = windows(2, 16, seed=1)
     in_memory = tiny_model(family)
     compress_model(in_memory, None, Recipe(sparsity=0.5, device="cpu", min_expert_tokens=1, calib="shakespeare",
-                                           nsamples=8, seqlen=32), windows=_calib(src), progress=False)
+                                           nsamples=8, seqlen=32).resolve(), windows=_calib(src), progress=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, in_memory(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
@@ -173,7 +173,8 @@ def _calib(src):
     from llmprune.loading import load_tokenizer
 
     tok = load_tokenizer(str(src))
-    return calibration_set(tok, tiny_model("llama"), Recipe(calib="shakespeare", nsamples=8, seqlen=32))[0]
+    calib = Recipe(calib="shakespeare", nsamples=8, seqlen=32).resolve().calibration
+    return calibration_set(tok, tiny_model("llama"), calib)[0]
 
 
 def test_compressed_tensors_output_of_fused_experts_is_refused(moe_dirs, tmp_path):

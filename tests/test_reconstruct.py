@@ -32,7 +32,7 @@ def windows(n: int, seed: int) -> torch.Tensor:
 
 def compressed(family: str = "llama", **kw) -> tuple[torch.nn.Module, dict]:
     model = tiny_model(family)
-    report = compress_model(model, None, Recipe(**SMALL, **kw), windows=windows(8, 0), progress=False)
+    report = compress_model(model, None, Recipe(**SMALL, **kw).resolve(), windows=windows(8, 0), progress=False)
     return model, report
 
 
@@ -105,7 +105,7 @@ def test_sublayer_granularity_trains_both_groups():
 def test_quantized_weights_stay_on_their_grid(kw):
     model = tiny_model("llama")
     grids: dict = {}
-    report = compress_model(model, None, Recipe(**SMALL, reconstruct=16, **kw), windows=windows(8, 0),
+    report = compress_model(model, None, Recipe(**SMALL, reconstruct=16, **kw).resolve(), windows=windows(8, 0),
                             grids=grids, progress=False)
     weights = linear_weights(model, report)
     assert grids.keys() == weights.keys()
@@ -132,7 +132,7 @@ def test_moe_experts_are_trained_only_on_their_routed_tokens():
 
     def run_it(**kw):
         m = build()
-        compress_model(m, None, Recipe(**SMALL, sparsity=0.5, **kw), windows=windows(8, 0), progress=False)
+        compress_model(m, None, Recipe(**SMALL, sparsity=0.5, **kw).resolve(), windows=windows(8, 0), progress=False)
         return m.model.layers[0].mlp.experts
 
     plain, rec = run_it(), run_it(reconstruct=12)

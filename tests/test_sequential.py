@@ -78,7 +78,7 @@ def test_sequential_equals_the_slow_reference(family):
     rec = recipe()
     ids = windows()
     model = tiny_model(family)
-    report = compress_model(model, None, rec, ids, progress=False)
+    report = compress_model(model, None, rec.resolve(), ids, progress=False)
     assert report["sequential"]["two_pass_blocks"] == {}
     assert report["sequential"]["kept_inputs_peak_bytes"] > 0
     ref = tiny_model(family)
@@ -88,7 +88,7 @@ def test_sequential_equals_the_slow_reference(family):
         assert torch.equal(got[k], want[k]), k
     # and it is not the two-pass result: the Hessians really came from the compressed sublayers
     two = tiny_model(family)
-    compress_model(two, None, recipe(sequential=False), ids, progress=False)
+    compress_model(two, None, recipe(sequential=False).resolve(), ids, progress=False)
     assert any(not torch.equal(got[k], v) for k, v in state(two).items())
 
 
@@ -98,7 +98,7 @@ def test_sequential_equals_the_slow_reference_for_patterns_and_joint_quantizatio
     rec = recipe(**kw)
     ids = windows()
     model, ref = tiny_model("llama"), tiny_model("llama")
-    compress_model(model, None, rec, ids, progress=False)
+    compress_model(model, None, rec.resolve(), ids, progress=False)
     slow_reference(ref, ids, rec)
     got, want = state(model), state(ref)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -110,7 +110,7 @@ def test_one_linear_per_block_equals_the_two_pass_result():
     results = []
     for sequential in (True, False):
         model = tiny_model("llama")
-        compress_model(model, None, recipe(skip=skip, sequential=sequential), ids, progress=False)
+        compress_model(model, None, recipe(skip=skip, sequential=sequential).resolve(), ids, progress=False)
         results.append(state(model))
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
@@ -124,11 +124,11 @@ def test_streamed_output_equals_a_plain_forward_of_the_compressed_model(family):
     rec = recipe()
     ids = windows()
     model = tiny_model(family)
-    linears = prunable_linears(model, rec)
+    linears = prunable_linears(model, rec.resolve().compress)
     prefixes = list(linears)
 
     def on_block(i, block, block_pass):
-        sequential_block(prefixes[i], linears[prefixes[i]], block_pass, rec, lambda n: 0.5)
+        sequential_block(prefixes[i], linears[prefixes[i]], block_pass, rec.resolve().compress, lambda n: 0.5)
 
     streamed = Stream(model, batched(ids, 2), "cpu", progress=False).run(on_block)
     plain = Stream(model, batched(ids, 2), "cpu", progress=False).run()
@@ -153,7 +153,7 @@ def test_an_error_in_a_solve_leaves_no_thread_behind(monkeypatch):
     monkeypatch.setitem(compression.SOLVERS, "sparsegpt", failing)
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="solver broke"):
-        compress_model(tiny_model("llama"), None, recipe(), windows(), progress=False)
+        compress_model(tiny_model("llama"), None, recipe().resolve(), windows(), progress=False)
     assert threading.active_count() == before
 
 
@@ -169,7 +169,7 @@ def test_a_forward_error_is_raised_once_and_no_thread_is_left(monkeypatch):
     monkeypatch.setattr(blocks[1].mlp, "forward", broken)
     before = threading.active_count()
     with pytest.raises(ValueError, match="mlp broke"):
-        compress_model(model, None, recipe(), windows(), progress=False)
+        compress_model(model, None, recipe().resolve(), windows(), progress=False)
     assert threading.active_count() == before
 
 
@@ -182,12 +182,12 @@ def test_too_little_memory_falls_back_to_two_passes_and_says_so(monkeypatch, cap
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
     ids = windows()
     model = tiny_model("llama")
-    report = compress_model(model, None, recipe(), ids, progress=False)
+    report = compress_model(model, None, recipe().resolve(), ids, progress=False)
     reasons = report["sequential"]["two_pass_blocks"]
     assert set(reasons) == {"model.layers.0", "model.layers.1"}
     assert "MiB of activations" in reasons["model.layers.0"]
     assert "two passes instead of one" in caplog.text
     monkeypatch.undo()
     two = tiny_model("llama")
-    compress_model(two, None, recipe(sequential=False), ids, progress=False)
+    compress_model(two, None, recipe(sequential=False).resolve(), ids, progress=False)
     assert all(torch.equal(v, state(two)[k]) for k, v in state(model).items())

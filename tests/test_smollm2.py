@@ -33,11 +33,11 @@ def ppl(smollm2, held_out):
     """method/pattern -> held-out perplexity after pruning (the model is restored after each run)."""
     model, tokenizer, pristine = smollm2
     recipe = Recipe(calib="shakespeare", nsamples=16, seqlen=SEQLEN, device="cpu")
-    windows, _ = calibration_set(tokenizer, model, recipe)
+    windows, _ = calibration_set(tokenizer, model, recipe.resolve().calibration)
     results = {"dense": perplexity(model, held_out, torch.device("cpu"))}
     for method in ("sparsegpt", "magnitude"):
         for pattern in ("unstructured", "2:4"):
-            report = compress_model(model, tokenizer, recipe.replace(method=method, pattern=pattern), windows)
+            report = compress_model(model, tokenizer, recipe.replace(method=method, pattern=pattern).resolve(), windows)
             # the dequantized Q4_1 weights hold exact zeros of their own: a magnitude 2:4 group may keep one
             assert 0.5 <= report["global_sparsity"] < 0.5 + 1e-4
             results[f"{method} {pattern}"] = perplexity(model, held_out, torch.device("cpu"))
@@ -61,7 +61,7 @@ def test_saved_directory_loads_and_gives_the_same_logits(smollm2, tmp_path):
     model, tokenizer, pristine = smollm2
     recipe = Recipe(calib="shakespeare", nsamples=4, seqlen=128, device="cpu", pattern="2:4")
     try:
-        report = compress_model(model, tokenizer, recipe)
+        report = compress_model(model, tokenizer, recipe.resolve())
         save_hf(model, tokenizer, tmp_path, report)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
         ids = torch.randint(0, model.config.vocab_size, (2, 64))
@@ -89,10 +89,10 @@ QUANT = {  # 4-bit, groups of 64 (SmolLM2's hidden size 576 is not a multiple of
 def quant_ppl(smollm2, held_out):
     model, tokenizer, pristine = smollm2
     recipe = Recipe(calib="shakespeare", nsamples=16, seqlen=SEQLEN, device="cpu")
-    windows, _ = calibration_set(tokenizer, model, recipe)
+    windows, _ = calibration_set(tokenizer, model, recipe.resolve().calibration)
     results = {}
     for name, changes in QUANT.items():
-        compress_model(model, tokenizer, recipe.replace(**changes), windows)
+        compress_model(model, tokenizer, recipe.replace(**changes).resolve(), windows)
         results[name] = perplexity(model, held_out, torch.device("cpu"))
         model.load_state_dict(pristine)
     print("\nheld-out perplexity (quantized):", {k: round(v, 2) for k, v in results.items()})
@@ -119,7 +119,7 @@ def test_compressed_tensors_checkpoint_loads_with_the_same_logits(smollm2, tmp_p
                     format="compressed-tensors")
     grids: dict = {}
     try:
-        report = compress_model(model, tokenizer, recipe, grids=grids)
+        report = compress_model(model, tokenizer, recipe.resolve(), grids=grids)
         info = save_compressed_tensors(model, tokenizer, tmp_path, report, grids)
         assert len(grids) == 30 * 7 and info["bits_per_weight"] == pytest.approx(4 + 32 / 64)  # fp32 scales
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -171,11 +171,11 @@ def test_owl_beats_uniform_at_70_percent(smollm2, held_out):
     (its sparsity is checked on tiny models in test_allocate)."""
     model, tokenizer, pristine = smollm2
     base = Recipe(calib="shakespeare", nsamples=16, seqlen=SEQLEN, device="cpu", sparsity=0.7)
-    windows, _ = calibration_set(tokenizer, model, base)
+    windows, _ = calibration_set(tokenizer, model, base.resolve().calibration)
     ppl = {}
     try:
         for allocation in ("uniform", "owl"):
-            report = compress_model(model, tokenizer, base.replace(allocation=allocation), windows)
+            report = compress_model(model, tokenizer, base.replace(allocation=allocation).resolve(), windows)
             assert abs(report["global_sparsity"] - 0.7) <= 1e-3
             ppl[allocation] = perplexity(model, held_out, torch.device("cpu"))
             model.load_state_dict(pristine)

@@ -280,6 +280,6 @@ def test_the_reported_error_from_the_sweeps_losses_equals_the_measured_one(quant
     lin.weight.data = torch.randn(48, 64, generator=g)
     W = lin.weight.detach().clone()
     rec = Recipe(sparsity=0.5, wbits=4 if quant else None, group_size=32 if quant else -1, calib="shakespeare")
-    report = solve_linear("layer", lin, H, rec, 0.5, None)
+    report = solve_linear("layer", lin, H, rec.resolve().compress.solve, 0.5, None)
     assert report.rel_error == pytest.approx(relative_error(W, lin.weight.detach(), H), rel=1e-5)
     assert report.error_seconds is not None and report.error_seconds >= 0

@@ -13,6 +13,13 @@ from llmprune.recipe import Recipe
 from llmprune.spdy import calibration_loss
 
 
+def plan_of(model, windows, recipe: Recipe, linears, device, reuse=None, progress=False) -> dict:
+    """plan_sparsities for the recipe's allocation and compression specs."""
+    run = recipe.resolve()
+    return plan_sparsities(model, windows, run.allocation, run.compress, linears, device, run.calibration.batch_size,
+                           reuse=reuse, progress=progress)
+
+
 def test_with_equal_tables_and_coefficients_it_is_uniform():
     errors = {str(s): s**2 for s in allocate.candidates(0.7)}
     tables = {f"model.layers.{i}.mlp.down_proj": {"numel": 4096, "errors": errors} for i in range(6)}
@@ -92,11 +99,11 @@ def test_spdy_spares_the_sensitive_layer_and_lowers_the_calibration_loss(sensiti
     model, windows = sensitive
     recipe = Recipe(sparsity=0.7, allocation="spdy", device="cpu", spdy_steps=16, spdy_samples=16, seed=0)
     spdy_model, uniform_model = copy.deepcopy(model), copy.deepcopy(model)
-    report = compress_model(spdy_model, None, recipe, windows=windows, progress=False)
+    report = compress_model(spdy_model, None, recipe.resolve(), windows=windows, progress=False)
     alloc = report["allocation"]["sparsities"]
     assert report["global_sparsity"] == pytest.approx(0.7, abs=1e-3)
     assert alloc["model.layers.1.mlp.down_proj"] < 0.7
-    compress_model(uniform_model, None, recipe.replace(allocation="uniform"), windows=windows, progress=False)
+    compress_model(uniform_model, None, recipe.replace(allocation="uniform").resolve(), windows=windows, progress=False)
     batches = batched(windows, 8)
     spdy_loss = calibration_loss(spdy_model, batches, torch.device("cpu"), lambda i, b, p: None)
     uniform_loss = calibration_loss(uniform_model, batches, torch.device("cpu"), lambda i, b, p: None)
@@ -114,10 +121,10 @@ def test_the_search_leaves_an_in_memory_model_dense_and_reuse_reproduces_it(sens
     model = copy.deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = Recipe(sparsity=0.6, allocation="spdy", device="cpu", spdy_steps=4, spdy_samples=8)
-    linears = prunable_linears(model, recipe)
-    plan = plan_sparsities(model, windows, recipe, linears, torch.device("cpu"), progress=False)
+    linears = prunable_linears(model, recipe.resolve().compress)
+    plan = plan_of(model, windows, recipe, linears, torch.device("cpu"), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    again = plan_sparsities(model, windows, recipe, linears, torch.device("cpu"), reuse=plan, progress=False)
+    again = plan_of(model, windows, recipe, linears, torch.device("cpu"), reuse=plan, progress=False)
     assert again["sparsities"] == plan["sparsities"]
 
 
@@ -128,21 +135,21 @@ def test_owl_lambda_auto_takes_the_lambda_of_lowest_calibration_loss_of_real_run
     model = copy.deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", owl_samples=8)
-    linears = prunable_linears(model, recipe)
-    plan = plan_sparsities(model, windows, recipe, linears, torch.device("cpu"), progress=False)
+    linears = prunable_linears(model, recipe.resolve().compress)
+    plan = plan_of(model, windows, recipe, linears, torch.device("cpu"), progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # dense again after the trials
     scored = plan["lambda_search"]
     assert [c["owl_lambda"] for c in scored] == list(allocate.OWL_AUTO)
     assert plan["owl_lambda"] == min(scored, key=lambda c: c["loss"])["owl_lambda"]
     # each trial is a real compression scored on its windows: lambda 0 is a uniform run on the first 8
     uniform = copy.deepcopy(model)
-    compress_model(uniform, None, recipe.replace(allocation="uniform"), windows=windows[:8], progress=False)
+    compress_model(uniform, None, recipe.replace(allocation="uniform").resolve(), windows=windows[:8], progress=False)
     loss = calibration_loss(uniform, batched(windows[:8], recipe.batch_size), torch.device("cpu"),
                             lambda i, b, p: None)
     assert scored[0]["loss"] == pytest.approx(loss, rel=1e-5)
     # the allocation is OWL's own at the chosen lambda
     lam = plan["owl_lambda"]
-    fixed = plan_sparsities(model, windows, recipe.replace(owl_lambda=lam or 0.05), linears, torch.device("cpu"),
+    fixed = plan_of(model, windows, recipe.replace(owl_lambda=lam or 0.05), linears, torch.device("cpu"),
                             progress=False)
     want = fixed["sparsities"] if lam else dict.fromkeys(fixed["sparsities"], 0.6)
     assert plan["sparsities"] == pytest.approx(want)
@@ -166,7 +173,7 @@ def test_owl_lambda_trials_leave_fused_experts_whole():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
     recipe = Recipe(sparsity=0.6, allocation="owl", owl_lambda="auto", owl_m=2.0, device="cpu", owl_samples=8)
-    plan = plan_sparsities(model, windows, recipe, prunable_linears(model, recipe), torch.device("cpu"),
+    plan = plan_of(model, windows, recipe, prunable_linears(model, recipe.resolve().compress), torch.device("cpu"),
                            progress=False)
     assert len(plan["lambda_search"]) == len(allocate.OWL_AUTO)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -186,7 +193,7 @@ def test_plan_versions_are_the_solvers_own_with_their_relative_errors(method):
     H[:, 5] = H[5, :] = 0  # a dead input
     W = torch.randn(64, 192, generator=g)
     levels = allocate.candidates(0.7)
-    got = solve_levels(W, H, levels, Recipe(method=method, sparsity=0.7))
+    got = solve_levels(W, H, levels, Recipe(method=method, sparsity=0.7).resolve().compress.solve)
     assert [s for s, _, _ in got] == levels
     for s, weight, err in got:
         ref = SOLVERS[method](W, H, s)
@@ -212,7 +219,7 @@ def test_the_plan_pass_runs_each_block_once_with_the_tables_of_two_passes(sensit
         with monkeypatch.context() as mp:
             if not fits:
                 mp.setattr(BlockPass, "sequential_fits", lambda self, modules: "too big (test)")
-            out = plan_sparsities(m, windows, recipe, prunable_linears(m, recipe), torch.device("cpu"),
+            out = plan_of(m, windows, recipe, prunable_linears(m, recipe.resolve().compress), torch.device("cpu"),
                                   progress=False)
         return out, counter[0]
 

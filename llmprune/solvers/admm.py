@@ -23,6 +23,8 @@ moves and ADMM ends at magnitude pruning with the kept weights unchanged, which 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -32,7 +34,7 @@ from llmprune.solvers.hinv import dead_inputs, prepare_weight, shared_factor
 from llmprune.solvers.masks import magnitude_mask
 from llmprune.solvers.refit import damped, refit
 from llmprune.solvers.result import SolveResult, output_error
-from llmprune.solvers.sparsegpt import sparsegpt
+from llmprune.solvers.sparsegpt import SparseGPTOptions, sparsegpt
 
 # Defaults chosen one change at a time against the ALPS authors' code (docs/admm.md has the measurements).
 # Every CHECK_EVERY iterations ρ grows by RHO_GROWTH while over 10% of the support moved, by 2/3 of that step
@@ -46,6 +48,16 @@ CHECK_EVERY = 3
 SETTLE_AFTER = 30
 SETTLED = 3e-4
 RHO_MAX = 1e6
+
+
+@dataclass(frozen=True)
+class AdmmOptions(SparseGPTOptions):
+    """``admm``'s options: its SparseGPT warm start's (the sweep's), then its own."""
+
+    iters: int = ITERS  # at most this many iterations
+    rho0: float = RHO0  # the first penalty, in the problem scaled to a unit Hessian diagonal
+    rho_growth: float = RHO_GROWTH  # x this every CHECK_EVERY iterations while much of the support moves
+    refit_iters: int = REFIT_ITERS  # PCG steps of the refit on the support found
 
 
 def rho_step(moved: float, grown: bool, rho_growth: float) -> float | None:

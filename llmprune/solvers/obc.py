@@ -13,6 +13,8 @@ sweep quantizes the kept weights, as for ``admm``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -21,10 +23,17 @@ from llmprune.quant import QuantSpec
 from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight
 from llmprune.solvers.masks import split_counts
 from llmprune.solvers.result import SolveResult
-from llmprune.solvers.sparsegpt import sparsegpt
+from llmprune.solvers.sparsegpt import SparseGPTOptions, sparsegpt
 
 MAX_COLS = 1024  # rows × cols³ work: a 1024-wide layer of 1024 rows is ~5·10¹¹ flops
 ROW_BATCH_BYTES = 256 << 20  # the rows' inverse-Hessian copies held at once
+
+
+@dataclass(frozen=True)
+class ObcOptions(SparseGPTOptions):
+    """``obc``'s options: the sweep's (it quantizes on its mask with it), then its own."""
+
+    max_cols: int = MAX_COLS  # wider layers are refused (rows x cols³ work)
 
 
 def obc(

@@ -13,7 +13,9 @@ loop over blocks (mask selection, the lazy batch update) that calls one of them 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,6 +27,25 @@ from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
 from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight, shared_factor
 from llmprune.solvers.masks import nm_mask, smallest_k_mask, split_counts
 from llmprune.solvers.result import SolveResult
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    """SparseGPT's (and GPTQ's) sweep options, as ``sparsegpt`` takes them; the solvers built on the sweep
+    (admm's warm start, obc's and a refit's quantization on a fixed mask) take them too."""
+
+    block_size: int = 128  # columns solved together before the lazy trailing update
+    damp_frac: float = 0.01  # damping added to the Hessian's diagonal, as a fraction of its mean
+    act_order: bool = False  # GPTQ's column order by descending Hessian diagonal (quantizing, no N:M)
+    kernels: str = "auto"  # the column loop: auto (the fused Triton kernel on CUDA), triton or torch
+
+    def kwargs(self) -> dict:
+        """The solver's keyword arguments."""
+        return dataclasses.asdict(self)
+
+    def sweep(self) -> SparseGPTOptions:
+        """The sweep's own options (for a subclass: without the solver's further ones)."""
+        return SparseGPTOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SparseGPTOptions)})
 
 
 def check_quant_fit(cols: int, quant: QuantSpec, block_size: int) -> None:
