@@ -95,9 +95,11 @@ def write_grids(directory: Path, grids: dict[str, QuantParams]) -> None:
     for name, p in grids.items():
         tensors[f"{name}.weight_scale"] = p.scale.contiguous()
         tensors[f"{name}.weight_zero_point"] = p.zero.contiguous()
+        if p.global_scale is not None:
+            tensors[f"{name}.weight_global_scale"] = p.global_scale.contiguous()
     spec = next(iter(grids.values())).spec
     meta = {"wbits": str(spec.wbits), "group_size": str(spec.group_size), "sym": str(spec.sym),
-            "search": spec.search}
+            "search": spec.search, "grid": spec.grid}
     save_tensors(tensors, directory / GRIDS, metadata=meta)
 
 
@@ -108,9 +110,12 @@ def read_grids(directory: Path) -> dict[str, QuantParams]:
         return {}
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        spec = QuantSpec(int(meta["wbits"]), int(meta["group_size"]), meta["sym"] == "True", meta["search"])
-        names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
-        return {n: QuantParams(f.get_tensor(f"{n}.weight_scale"), f.get_tensor(f"{n}.weight_zero_point"), spec)
+        spec = QuantSpec(int(meta["wbits"]), int(meta["group_size"]), meta["sym"] == "True", meta["search"],
+                         meta.get("grid", "int"))
+        keys = set(f.keys())
+        names = sorted({k.rsplit(".", 1)[0] for k in keys})
+        return {n: QuantParams(f.get_tensor(f"{n}.weight_scale"), f.get_tensor(f"{n}.weight_zero_point"), spec,
+                               f.get_tensor(f"{n}.weight_global_scale") if f"{n}.weight_global_scale" in keys else None)
                 for n in names}
 
 

@@ -37,7 +37,7 @@ from llmprune.hessian import (
 )
 from llmprune.loading import context_length
 from llmprune.progress import Progress, track
-from llmprune.quant import QuantParams
+from llmprune.quant import QuantParams, stored_bits
 from llmprune.recipe import Recipe
 from llmprune.reconstruct import ReconstructSpec, module_outputs, reconstruct_block, split_first_group, trainables
 from llmprune.solvers import SOLVERS
@@ -140,14 +140,6 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
     return out
 
 
-def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -> float:
-    """Bits per weight on disk: the codes, plus each group's scale and (asymmetric) its packed zero point."""
-    rows, cols = shape
-    groups = params.spec.groups(cols)
-    extra = groups * rows * (8 * scale_bytes + (0 if params.spec.sym else params.spec.wbits))
-    return params.spec.wbits + extra / (rows * cols)
-
-
 def common_options(recipe: Recipe) -> dict:
     """The keyword arguments every solver takes, from the recipe."""
     return dict(block_size=recipe.block_size, damp_frac=recipe.damp_frac, act_order=recipe.act_order,
@@ -212,7 +204,7 @@ def solve_linear(
     q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
     zeros = int((res.weight == 0).sum())
     if res.quant is not None and grids is not None:
-        grids[full] = QuantParams(res.quant.scale.cpu(), res.quant.zero.cpu(), res.quant.spec)
+        grids[full] = res.quant.to("cpu")
     set_weight(mod, res.weight)
     if res.retries:
         log.warning("%s: the damped Hessian needed %d retries; solved with damping %g x its mean diagonal",

@@ -76,7 +76,7 @@ class Trainable:
         if self.grid is not None:
             W = w.t() if self.transposed else w
             scale, zero = self.grid.columns(W.shape[1])
-            W = fake_quant(W, scale.to(W.device), zero.to(W.device), self.grid.spec.maxq)
+            W = fake_quant(W, scale.to(W.device), zero.to(W.device), self.grid.spec)
             w = W.t() if self.transposed else W
         if self.mask is not None:
             w = w * self.mask
