@@ -59,6 +59,7 @@ from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
 from llmprune.report import Report
+from llmprune.schemes import activations
 from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
@@ -188,7 +189,8 @@ def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_s
     with atomic_dir(out) as tmp:
         if recipe["format"] == "compressed-tensors":
             report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids,
-                                                           act_order=recipe["act_order"])
+                                                           act_order=recipe["act_order"],
+                                                           act=activations(recipe.get("scheme")))
             report["checkpoint"]["dtype"] = str(dtype).removeprefix("torch.")  # of its scales and dense tensors
         else:
             save_hf(model, tokenizer, tmp, report, grids=grids)
@@ -456,7 +458,7 @@ def _compress_lazy(mref: ModelRef, out: Path, recipe: Recipe, overwrite: bool, r
     rest = model.block_source.rest_state() if distributed.is_main() else {}
     t_save = time.perf_counter()
     compressed = recipe.format == "compressed-tensors"
-    writer = PackQuantizedWriter()
+    writer = PackQuantizedWriter(recipe.activations)
 
     def convert(i: int, tensors: dict, grids: dict) -> dict:
         """Block ``i``'s quantized linears in compressed-tensors' pack-quantized layout."""

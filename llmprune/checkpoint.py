@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from llmprune.arch import causal_lm_class, find_blocks, find_linears
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.errors import UsageError
-from llmprune.quant import QuantParams, QuantSpec, codes, dequantize, sym_zero
+from llmprune.quant import E2M1, QuantParams, QuantSpec, codes, dequantize, sym_zero
+from llmprune.schemes import ActSpec
 
 REPORT = "llmprune.json"
 GRIDS = "llmprune-grids.safetensors"  # dense checkpoints of quantized runs: each layer's scales and zero points
@@ -403,42 +404,116 @@ def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def pack_quantized(name: str, W: Tensor, params: QuantParams) -> dict[str, Tensor]:
-    """One linear in compressed-tensors' pack-quantized layout (codes offset-binary, packed along inputs)."""
+def ct_format(spec: QuantSpec, act: ActSpec | None = None) -> str:
+    """The compressed-tensors format a scheme is written in, as compressed-tensors infers it
+    (``compressors.format.infer_module_format``): integer weights with quantized activations as int8 tensors
+    (int-quantized), without as packed int32 words (pack-quantized); FP8 as float8 tensors (float-quantized with
+    quantized activations, naive-quantized without); the FP4 grids as two codes per byte."""
+    if spec.grid in ("nvfp4", "mxfp4"):
+        return f"{spec.grid}-pack-quantized"
+    if spec.grid == "fp8":
+        return "float-quantized" if act is not None else "naive-quantized"
+    return "int-quantized" if act is not None else "pack-quantized"
+
+
+def pack_fp4(values: Tensor) -> Tensor:
+    """E2M1 code values (rows, cols) as compressed-tensors packs them: a code is the index of the magnitude
+    (0, 0.5, ..., 6 -> 0..7) with the sign in bit 3, two per byte, the even column in the low nibble."""
+    table = torch.tensor(E2M1, device=values.device)
+    sign = torch.signbit(values).to(torch.uint8) << 3
+    idx = torch.searchsorted(table, values.abs().contiguous()).to(torch.uint8) | sign
+    idx = idx.reshape(values.shape[0], -1, 2)
+    return (idx[..., 0] | (idx[..., 1] << 4)).contiguous()
+
+
+def unpack_fp4(packed: Tensor) -> Tensor:
+    """``pack_fp4``'s inverse: the code values as float32 (rows, 2 * bytes)."""
+    table = torch.tensor(E2M1, device=packed.device)
+    idx = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return table[(idx & 7).long()] * torch.where((idx & 8).bool(), -1.0, 1.0)
+
+
+def mx_exponents(scale: Tensor) -> Tensor:
+    """Power-of-two scales as E8M0 (uint8 biased exponents, 2**(e - 127))."""
+    return (127 + torch.log2(scale.float())).round().to(torch.uint8)
+
+
+def pack_quantized(name: str, W: Tensor, params: QuantParams, act: ActSpec | None = None) -> dict[str, Tensor]:
+    """One linear in its compressed-tensors layout (``ct_format``): pack-quantized (codes offset-binary, packed
+    along inputs), int-quantized (signed int8 codes), naive/float-quantized (FP8 weights), nvfp4/mxfp4 (E2M1
+    codes two per byte, FP8 or E8M0 scales, nvfp4's FP32 global scale). Scales are (rows, groups), (rows, 1)
+    per channel, (1,) per tensor."""
     spec = params.spec
     c = codes(W, params)
     scale, zero = params.columns(W.shape[1])
     if not torch.equal(dequantize(c.float(), scale, zero).to(W.dtype), W):
         raise RuntimeError(f"{name}: weights are not on their quantization grid; cannot store integer codes")
-    out = {
-        f"{name}.weight_packed": pack_int32(c, spec.wbits),
-        f"{name}.weight_scale": params.scale.to(W.dtype),  # (rows, groups): dequantized = (c - zero) * scale
-        f"{name}.weight_shape": torch.tensor(list(W.shape), dtype=torch.int64),
-    }
-    if not spec.sym:  # packed along the output dimension
-        out[f"{name}.weight_zero_point"] = pack_int32(params.zero.t().contiguous(), spec.wbits).t().contiguous()
+    fmt = ct_format(spec, act)
+    s = params.scale[:1, :1].reshape(1) if spec.group_size == 0 else params.scale
+    if fmt == "pack-quantized":
+        out = {
+            f"{name}.weight_packed": pack_int32(c, spec.wbits),
+            f"{name}.weight_scale": params.scale.to(W.dtype),  # (rows, groups): dequantized = (c - zero) * scale
+            f"{name}.weight_shape": torch.tensor(list(W.shape), dtype=torch.int64),
+        }
+        if not spec.sym:  # packed along the output dimension
+            out[f"{name}.weight_zero_point"] = pack_int32(params.zero.t().contiguous(), spec.wbits).t().contiguous()
+        return out
+    if fmt == "int-quantized":
+        half = 2 ** (spec.wbits - 1)
+        out = {f"{name}.weight": (c.to(torch.int16) - half).to(torch.int8), f"{name}.weight_scale": s.to(W.dtype)}
+        if not spec.sym:
+            out[f"{name}.weight_zero_point"] = (params.zero.to(torch.int16) - half).to(torch.int8)
+        return out
+    if spec.grid == "fp8":
+        return {f"{name}.weight": c.to(torch.float8_e4m3fn), f"{name}.weight_scale": s.to(W.dtype)}
+    out = {f"{name}.weight_packed": pack_fp4(c)}
+    if spec.grid == "mxfp4":
+        out[f"{name}.weight_scale"] = mx_exponents(params.scale)
+        return out
+    gs = params.global_scale.float().reshape(1)
+    local = (params.scale.float() * gs).to(torch.float8_e4m3fn)  # exact: the scale is fp8 / gs in fp32
+    if not torch.equal(local.float() / gs, params.scale.float()):
+        raise RuntimeError(f"{name}: nvfp4 scales are not FP8 values over the global scale")
+    out[f"{name}.weight_scale"] = local
+    out[f"{name}.weight_global_scale"] = gs
     return out
 
 
-def compressed_tensors_config(spec: QuantSpec, act_order: bool, ignore: list[str]) -> dict:
-    """The ``quantization_config`` transformers and vLLM read to rebuild pack-quantized linears."""
-    weights = {
+def weights_args(spec: QuantSpec, act_order: bool = False) -> dict:
+    """The ``weights`` QuantizationArgs of a grid, as compressed-tensors serialises them."""
+    strategy = {-1: "channel", 0: "tensor"}.get(spec.group_size, "group")
+    if spec.grid == "nvfp4":
+        strategy = "tensor_group"
+    out = {
         "num_bits": spec.wbits,
-        "type": "int",
+        "type": "float" if spec.is_float else "int",
         "symmetric": spec.sym,
-        "strategy": "channel" if spec.group_size == -1 else "group",
-        "group_size": None if spec.group_size == -1 else spec.group_size,
+        "group_size": spec.group_size if spec.group_size > 0 else None,
+        "strategy": strategy,
         "dynamic": False,
         "actorder": "weight" if act_order else None,  # static groups: same layout as without act-order
         "observer": "mse" if spec.search == "mse" else "minmax",
     }
+    if spec.grid == "nvfp4":
+        out["scale_dtype"] = "torch.float8_e4m3fn"
+    elif spec.grid == "mxfp4":
+        out["scale_dtype"] = "torch.uint8"
+    return out
+
+
+def compressed_tensors_config(spec: QuantSpec, act_order: bool, ignore: list[str], act: ActSpec | None = None) -> dict:
+    """The ``quantization_config`` transformers and vLLM read to rebuild the quantized linears (and, with
+    ``act``, to quantize their inputs at run time). Never a ``sparsity_config``: runtimes dropped sparse formats."""
+    fmt = ct_format(spec, act)
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                        "output_activations": None, "format": "pack-quantized"},
+            "group_0": {"targets": ["Linear"], "weights": weights_args(spec, act_order),
+                        "input_activations": act.config() if act is not None else None,
+                        "output_activations": None, "format": fmt},
         },
         "ignore": ignore,
         "kv_cache_scheme": None,
@@ -449,19 +524,21 @@ class PackQuantizedWriter:
     """The one compressed-tensors writer, for both ways a run writes: an in-memory run packs every linear of
     its state dict at once (``save_compressed_tensors``), a streamed one each finished block's file as it is
     published. ``pack`` each quantized linear in the tensors to be written, then ``write_config`` once the
-    directory holds the model's config, and ``info`` for the report."""
+    directory holds the model's config, and ``info`` for the report. ``act``: the activations' quantization
+    the scheme declares."""
 
-    def __init__(self) -> None:
+    def __init__(self, act: ActSpec | None = None) -> None:
         self.numel = 0  # weights packed
         self.packed_bytes = 0  # of their codes, scales and zero points
         self.quantized: set[str] = set()  # module names
         self.spec: QuantSpec | None = None
+        self.act = act
 
     def pack(self, tensors: dict[str, Tensor], key: str, module: str, params: QuantParams) -> None:
         """Replace ``tensors[key + ".weight"]`` (linear ``module``'s weight, stored as ``key``) by its
-        pack-quantized entries."""
+        compressed entries."""
         W = tensors.pop(f"{key}.weight")
-        layer = pack_quantized(key, W, params)
+        layer = pack_quantized(key, W, params, self.act)
         tensors.update(layer)
         self.numel += W.numel()
         self.packed_bytes += sum(t.numel() * t.element_size() for k, t in layer.items() if not k.endswith("shape"))
@@ -475,7 +552,7 @@ class PackQuantizedWriter:
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in self.quantized)
         cfg_path = directory / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["quantization_config"] = compressed_tensors_config(self.spec, act_order, ignore)
+        cfg["quantization_config"] = compressed_tensors_config(self.spec, act_order, ignore, self.act)
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def info(self, total_bytes: int, dtype: str | None = None) -> dict:
@@ -486,14 +563,14 @@ class PackQuantizedWriter:
 
 def save_compressed_tensors(
     model: nn.Module, tokenizer, directory: Path, report: dict, grids: dict[str, QuantParams],
-    act_order: bool = False, max_shard_bytes: int = 2 * 1024**3,
+    act_order: bool = False, max_shard_bytes: int = 2 * 1024**3, act: ActSpec | None = None,
 ) -> dict:
     """A model directory whose quantized linears are pack-quantized ints; every other linear (lm_head,
     skipped ones) is listed in ``ignore`` and stays dense. Returns size figures for the report."""
     if not grids:
         raise ValueError("no quantized layers to store as compressed-tensors")
     tensors = unique_state_dict(model)
-    writer = PackQuantizedWriter()
+    writer = PackQuantizedWriter(act)
     for name, params in grids.items():
         writer.pack(tensors, name, name, params)
     write_shards(tensors, directory, max_shard_bytes)

@@ -112,6 +112,11 @@ def prunable_linears(model: nn.Module, recipe: Recipe) -> dict[str, dict[str, nn
                     f"layer {full} has {cols} inputs, not a multiple of {pattern.m}, so it cannot hold"
                     f" {pattern}: skip it with --skip '{re.escape(name)}$' or use another pattern"
                 )
+            if quant is not None and quant.grid in ("nvfp4", "mxfp4") and cols % quant.group_size:
+                raise UsageError(
+                    f"layer {full} has {cols} inputs, not a multiple of {quant.group_size}, so {quant.grid}'s groups of"
+                    f" {quant.group_size} cannot tile it: --skip '{re.escape(name)}$' or use another --grid"
+                )
             if quant is not None and quant.group_size > 0 and cols % quant.group_size:
                 fits = " or ".join([str(g) for g in (128, 64, 32, 16, 8) if cols % g == 0][:2])
                 raise UsageError(
