@@ -221,20 +221,65 @@ def decode_pack_quantized(reader: TensorReader, name: str, spec: QuantSpec) -> t
     return dequantize(c.float(), s, z).to(scale.dtype), params
 
 
+CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",
+              "mxfp4-pack-quantized")
+
+
 def quant_spec_from_config(config: dict) -> QuantSpec | None:
-    """The weights' QuantSpec of a compressed-tensors ``quantization_config`` (pack-quantized, int)."""
+    """The weights' QuantSpec of a compressed-tensors ``quantization_config`` (one weight group, in a format
+    llmprune writes)."""
     qc = config.get("quantization_config")
     if not qc:
         return None
-    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") not in CT_FORMATS:
         raise UsageError(f"unsupported quantization_config ({qc.get('quant_method')}/{qc.get('format')}):"
-                         " llmprune reads dense and compressed-tensors pack-quantized checkpoints")
+                         f" llmprune reads dense and compressed-tensors {', '.join(CT_FORMATS)} checkpoints")
     groups = list(qc["config_groups"].values())
     w = groups[0]["weights"]
-    if len(groups) != 1 or w.get("type") != "int":
-        raise UsageError("unsupported compressed-tensors scheme: one int weight group is supported")
-    return QuantSpec(int(w["num_bits"]), int(w["group_size"] or -1), bool(w["symmetric"]),
-                     "mse" if w.get("observer") == "mse" else "minmax")
+    if len(groups) != 1 or w.get("type") not in ("int", "float"):
+        raise UsageError("unsupported compressed-tensors scheme: one int or float weight group is supported")
+    bits, group = int(w["num_bits"]), int(w["group_size"] or -1)
+    grid = "int"
+    if w["type"] == "float":
+        grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group, "?")
+        if grid == "?":
+            raise UsageError(f"unsupported compressed-tensors float scheme ({bits} bits, group {group})")
+    if w.get("strategy") == "tensor":
+        group = 0
+    return QuantSpec(bits, group, bool(w["symmetric"]), "mse" if w.get("observer") == "mse" else "minmax", grid)
+
+
+def decode_layer(reader: TensorReader, name: str, spec: QuantSpec, fmt: str) -> tuple[Tensor, QuantParams]:
+    """One compressed linear of any format ``pack_quantized`` writes back to (dense weight, its grid)."""
+    if fmt == "pack-quantized":
+        return decode_pack_quantized(reader, name, spec)
+    scale = reader.get(f"{name}.weight_scale")
+    gs = None
+    if fmt in ("int-quantized", "naive-quantized", "float-quantized"):
+        q = reader.get(f"{name}.weight")
+        rows = q.shape[0]
+        dtype = scale.dtype
+        if spec.group_size == 0:
+            scale = scale.reshape(1, 1).expand(rows, 1).contiguous()
+        if spec.grid == "int":
+            half = 2 ** (spec.wbits - 1)
+            c = q.to(torch.int16) + half
+            zero = (reader.get(f"{name}.weight_zero_point").to(torch.int16) + half).to(torch.uint8) if not spec.sym \
+                else sym_zero(scale, spec)
+        else:
+            c, zero = q.float(), sym_zero(scale, spec)
+    else:
+        c = unpack_fp4(reader.get(f"{name}.weight_packed"))
+        if spec.grid == "mxfp4":
+            scale = torch.exp2(scale.float() - 127)
+        else:
+            gs = reader.get(f"{name}.weight_global_scale").float()
+            scale = scale.float() / gs
+        dtype = torch.bfloat16  # as compressed-tensors decompresses the FP4 formats
+        zero = sym_zero(scale, spec)
+    params = QuantParams(scale, zero, spec, gs)
+    s, z = params.columns(c.shape[1])
+    return dequantize(c.float(), s, z).to(dtype), params
 
 
 def weights_bytes(directory: Path) -> int:
@@ -448,7 +493,12 @@ def pack_quantized(name: str, W: Tensor, params: QuantParams, act: ActSpec | Non
     scale, zero = params.columns(W.shape[1])
     if not torch.equal(dequantize(c.float(), scale, zero).to(W.dtype), W):
         raise RuntimeError(f"{name}: weights are not on their quantization grid; cannot store integer codes")
-    fmt = ct_format(spec, act)
+    out = _pack_layer(name, W, params, c, ct_format(spec, act))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _pack_layer(name: str, W: Tensor, params: QuantParams, c: Tensor, fmt: str) -> dict[str, Tensor]:
+    spec = params.spec
     s = params.scale[:1, :1].reshape(1) if spec.group_size == 0 else params.scale
     if fmt == "pack-quantized":
         out = {
@@ -608,6 +658,7 @@ class Source:
                              f" `llmprune unpack {directory}` first")
         raw = json.loads((self.directory / "config.json").read_text())
         self.spec = quant_spec_from_config(raw)
+        self.format = (raw.get("quantization_config") or {}).get("format")
         self.raw_config = {k: v for k, v in raw.items() if k != "quantization_config"}
         self.config = AutoConfig.for_model(**self.raw_config)
         self.reader = TensorReader(self.directory)
@@ -623,12 +674,13 @@ class Source:
 
     def weight(self, name: str) -> tuple[Tensor, QuantParams | None]:
         """(W as stored in the file's orientation, its grid or None)."""
-        if self.spec is not None and f"{name}.weight_packed" in self.reader:
-            return decode_pack_quantized(self.reader, name, self.spec)
+        if self.spec is not None and f"{name}.weight_scale" in self.reader:
+            return decode_layer(self.reader, name, self.spec, self.format)
         return self.reader.get(f"{name}.weight"), self.grids.get(name)
 
     def layer_keys(self, name: str) -> set[str]:
         """The checkpoint keys that make up ``name``'s weight."""
-        if self.spec is not None and f"{name}.weight_packed" in self.reader:
-            return {f"{name}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")}
+        if self.spec is not None and f"{name}.weight_scale" in self.reader:
+            return {f"{name}.{s}" for s in ("weight", "weight_packed", "weight_scale", "weight_shape",
+                                             "weight_zero_point", "weight_global_scale")}
         return {f"{name}.weight"}

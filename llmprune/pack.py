@@ -80,6 +80,9 @@ def pack_layer(name: str, W: Tensor, params: QuantParams | None, kernels: str) -
     if params is None:
         out[f"{name}.values"] = values.cpu()
         return out
+    if params.spec.is_float:
+        raise UsageError(f"{name}: its {params.spec.grid} grid has float codes, which the packed 2:4 format does not"
+                         " store: use the compressed-tensors checkpoint as it is")
     if params.spec.group_cols(W.shape[1]) % 4:
         raise UsageError(f"{name}: quantization groups of {params.spec.group_size} columns are not a multiple of"
                          " 4, so its 2:4 groups cannot keep their scales: pack without quantization")

@@ -33,7 +33,7 @@ def check_quant_fit(cols: int, quant: QuantSpec, block_size: int) -> None:
     g = quant.group_cols(cols)
     if cols % g:
         raise ValueError(f"group_size {g} does not divide the {cols} input columns")
-    if quant.group_size != -1 and block_size % g and g % block_size:
+    if quant.group_size > 0 and block_size % g and g % block_size:
         raise ValueError(f"group_size {g} and block_size {block_size}: one must be a multiple of the other")
 
 
