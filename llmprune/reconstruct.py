@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmprune.quant import QuantParams, fake_quant
+from llmprune.quant import QuantParams, codes, fake_quant, grid_step
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,11 @@ class Trainable:
         """A quantized weight's grid step per entry (param's layout): its master is trained in these units."""
         if self.grid is None:
             return None
-        rows_cols = self.param.shape[::-1] if self.transposed else self.param.shape
-        scale, _ = self.grid.columns(rows_cols[1])
+        W = self.param.detach().t() if self.transposed else self.param.detach()
+        scale, _ = self.grid.columns(W.shape[1])
         scale = scale.to(self.param.device)
+        if self.grid.spec.is_float:  # float grids are finer near zero: each weight's unit is its own step
+            scale = scale * grid_step(codes(W, self.grid.to(W.device)), self.grid.spec)
         return scale.t() if self.transposed else scale
 
     def project(self, master: Tensor) -> Tensor:

@@ -147,6 +147,7 @@ WEIGHT_ONLY = {
     "mxfp4-gptq": ["--grid", "mxfp4"],
     "fp8-channel-act-order": ["--grid", "fp8", "--act-order"],
     "fp8-tensor": ["--grid", "fp8", "--group-size", "0"],
+    "nvfp4-reconstruct": ["--grid", "nvfp4", "--sparsity", "0.5", "--reconstruct", "2"],  # stays on its grid
 }
 
 
