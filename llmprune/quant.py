@@ -301,3 +301,39 @@ def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -
     scales = 1 if spec.group_size == 0 else spec.groups(cols) * rows
     extra = scales * bits + (32 if spec.grid == "nvfp4" else 0)
     return spec.wbits + extra / (rows * cols)
+
+
+def fake_quant_activations(x: Tensor, act) -> Tensor:
+    """Inputs of a linear as a runtime quantizes them under a scheme's dynamic ``act`` (schemes.ActSpec), in
+    compressed-tensors' arithmetic and x's dtype: per token, scale = amax / (range / 2) (448 for FP8, 127.5
+    for int8), x / scale rounded (int: clamped to [-2**(b-1), 2**(b-1) - 1]; FP8: the nearest E4M3 value), times
+    the scale; per group of 32 (MXFP4), the power-of-two scale and E2M1 rounding of the weights' grid."""
+    if act.strategy == "group":
+        shape = x.shape
+        g = x.float().unflatten(-1, (-1, act.group_size))
+        scale = _mx_scale(g.abs().amax(-1, keepdim=True))
+        return (round_e2m1(g / scale) * scale).reshape(shape).to(x.dtype)
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
+    amax = torch.maximum(lo.abs(), hi.abs())
+    if act.type == "float":
+        qmin, qmax = -FP8_MAX, FP8_MAX
+    else:
+        qmin, qmax = -(2.0 ** (act.bits - 1)), 2.0 ** (act.bits - 1) - 1
+    half = torch.tensor(qmax - qmin, dtype=x.dtype, device=x.device) / 2
+    scale = amax / half
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(x.dtype).eps, dtype=x.dtype, device=x.device), scale)
+    q = torch.clamp(x / scale, qmin, qmax)
+    q = q.to(torch.float8_e4m3fn) if act.type == "float" else torch.round(q)
+    return q.to(scale.dtype) * scale
+
+
+def quantize_inputs(model: torch.nn.Module, names, act) -> list:
+    """Fake-quantize the inputs of the linears ``names`` of ``model`` as ``act`` declares (forward pre-hooks,
+    returned so they can be removed): the perplexity then is the one a runtime quantizing activations sees."""
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+        hooks.append(mod.register_forward_pre_hook(lambda m, args: (fake_quant_activations(args[0], act),
+                                                                     *args[1:])))
+    return hooks

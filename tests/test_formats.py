@@ -183,3 +183,40 @@ def test_streamed_nvfp4_equals_the_in_memory_run(tiny_model_dir, calib, tmp_path
     assert sum(k.endswith(".weight_global_scale") for k in a) == 14
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "lazy" / "config.json").read_bytes() == (tmp_path / "whole" / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W8A8", "MXFP4"])
+def test_activation_schemes_our_fake_quant_is_what_transformers_runs(scheme, tiny_model_dir, calib, tmp_path, capsys):
+    """Dynamic activation quantization declared in the config: transformers quantizes the inputs at run time,
+    and llmprune's dense output with ``quantize_inputs`` (what eval-ppl applies) gives the same logits and
+    perplexity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmprune.quant import quantize_inputs
+    from llmprune.schemes import activations
+
+    outs = {}
+    for fmt in ("dense", "compressed-tensors"):
+        outs[fmt] = tmp_path / fmt
+        code, _, err = run(compress_args(tiny_model_dir, outs[fmt], calib, "--format", fmt, "--scheme", scheme), capsys)
+        assert code == 0, err
+    qc = json.loads((outs["compressed-tensors"] / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["input_activations"]["dynamic"] is True and "sparsity_config" not in qc
+    a = AutoModelForCausalLM.from_pretrained(outs["dense"])
+    b = AutoModelForCausalLM.from_pretrained(outs["compressed-tensors"])
+    ids = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    report = json.loads((outs["dense"] / "llmprune.json").read_text())
+    with torch.no_grad():
+        plain = a(ids).logits
+        hooks = quantize_inputs(a, [layer["name"] for layer in report["layers"]], activations(scheme))
+        assert torch.equal(a(ids).logits, b(ids).logits)
+        assert not torch.equal(plain, b(ids).logits)  # the activations' rounding shows
+    for h in hooks:
+        h.remove()
+    code, stdout, err = run(["eval-ppl", outs["dense"], "--dataset", calib, "--seqlen", 32, "--max-windows", 2,
+                             "--json", "--device", "cpu"], capsys)
+    assert code == 0, err
+    from llmprune.perplexity import evaluation_windows, perplexity
+
+    windows, _ = evaluation_windows(AutoTokenizer.from_pretrained(outs["dense"]), b, str(calib), 32, 2)
+    assert json.loads(stdout)["ppl"] == perplexity(b, windows, torch.device("cpu"), progress=False)
