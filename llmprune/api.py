@@ -61,6 +61,7 @@ from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
 from llmprune.report import Report
+from llmprune.schemes import activations
 from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
@@ -190,7 +191,7 @@ def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_s
     with atomic_dir(out) as tmp:
         if output.compressed_tensors:
             report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids,
-                                                           act_order=output.act_order)
+                                                           act_order=output.act_order, act=output.activations)
             report["checkpoint"]["dtype"] = str(dtype).removeprefix("torch.")  # of its scales and dense tensors
         else:
             save_hf(model, tokenizer, tmp, report, grids=grids)
@@ -459,7 +460,7 @@ def _compress_lazy(mref: ModelRef, out: Path, run: RunSpec, overwrite: bool, reu
     rest = model.block_source.rest_state() if distributed.is_main() else {}
     t_save = time.perf_counter()
     compressed = run.output.compressed_tensors
-    writer = PackQuantizedWriter()
+    writer = PackQuantizedWriter(run.output.activations)
 
     def convert(i: int, tensors: dict, grids: dict) -> dict:
         """Block ``i``'s quantized linears in compressed-tensors' pack-quantized layout."""
@@ -534,6 +535,7 @@ def evaluate(
         if tok is None:
             raise UsageError(f"{model} has no tokenizer files: pass --tokenizer ID_OR_DIR (tokenizer=...)")
         _warn_if_calibrated_on(mref, description)
+        _quantize_activations_as_declared(m, mref)
     windows, info = evaluation_windows(tok, m, dataset, seqlen, max_windows, split, text_field, bos)
     t0 = time.perf_counter()
     ppl = perplexity(m, windows, dev, batch_size, progress=progress)
@@ -544,6 +546,21 @@ def _check_dist_read(dist_read: str) -> None:
     if dist_read not in ("all", "rank0"):
         raise UsageError(f"unknown dist_read {dist_read!r}: choose all (every rank reads the shards) or rank0"
                          " (rank 0 reads, the others receive)")
+
+
+def _quantize_activations_as_declared(m: nn.Module, mref: ModelRef) -> None:
+    """A dense llmprune output of a scheme with quantized activations (W8A8, FP8_DYNAMIC, MXFP4, ...): its
+    linears' inputs are fake-quantized as the scheme declares, so the perplexity is the one a runtime sees
+    (a compressed-tensors directory is quantized by transformers itself, from its config)."""
+    report = read_report(Path(mref.location)) if mref.kind == "dir" else None
+    act = activations(((report or {}).get("recipe") or {}).get("scheme"))
+    if act is None or json.loads((Path(mref.location) / "config.json").read_text()).get("quantization_config"):
+        return
+    from llmprune.quant import quantize_inputs
+
+    quantize_inputs(m, [layer["name"] for layer in report.get("layers", [])], act)
+    log.info("inputs of %d linears fake-quantized as %s declares (%s)", len(report.get("layers", [])),
+             report["recipe"]["scheme"], act.label)
 
 
 def _warn_if_calibrated_on(mref: ModelRef, description: str) -> None:

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 from llmprune.arch import causal_lm_class, find_blocks, find_linears
 from llmprune.bitpack import pack_int32, unpack_int32
 from llmprune.errors import UsageError
-from llmprune.quant import QuantParams, QuantSpec, codes, dequantize, sym_zero
+from llmprune.quant import E2M1, QuantParams, QuantSpec, codes, dequantize, sym_zero
+from llmprune.schemes import ActSpec
 
 REPORT = "llmprune.json"
 GRIDS = "llmprune-grids.safetensors"  # dense checkpoints of quantized runs: each layer's scales and zero points
@@ -40,6 +42,7 @@ class OutputSpec:
 
     format: str = "dense"  # dense (weights in the model dtype) or compressed-tensors (pack-quantized ints)
     act_order: bool = False  # the grids were chosen in act-order (compressed-tensors records it)
+    activations: Any = None  # schemes.ActSpec: the input activations' quantization the config declares
 
     @property
     def compressed_tensors(self) -> bool:
@@ -108,9 +111,11 @@ def write_grids(directory: Path, grids: dict[str, QuantParams]) -> None:
     for name, p in grids.items():
         tensors[f"{name}.weight_scale"] = p.scale.contiguous()
         tensors[f"{name}.weight_zero_point"] = p.zero.contiguous()
+        if p.global_scale is not None:
+            tensors[f"{name}.weight_global_scale"] = p.global_scale.contiguous()
     spec = next(iter(grids.values())).spec
     meta = {"wbits": str(spec.wbits), "group_size": str(spec.group_size), "sym": str(spec.sym),
-            "search": spec.search}
+            "search": spec.search, "grid": spec.grid}
     save_tensors(tensors, directory / GRIDS, metadata=meta)
 
 
@@ -121,9 +126,12 @@ def read_grids(directory: Path) -> dict[str, QuantParams]:
         return {}
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        spec = QuantSpec(int(meta["wbits"]), int(meta["group_size"]), meta["sym"] == "True", meta["search"])
-        names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
-        return {n: QuantParams(f.get_tensor(f"{n}.weight_scale"), f.get_tensor(f"{n}.weight_zero_point"), spec)
+        spec = QuantSpec(int(meta["wbits"]), int(meta["group_size"]), meta["sym"] == "True", meta["search"],
+                         meta.get("grid", "int"))
+        keys = set(f.keys())
+        names = sorted({k.rsplit(".", 1)[0] for k in keys})
+        return {n: QuantParams(f.get_tensor(f"{n}.weight_scale"), f.get_tensor(f"{n}.weight_zero_point"), spec,
+                               f.get_tensor(f"{n}.weight_global_scale") if f"{n}.weight_global_scale" in keys else None)
                 for n in names}
 
 
@@ -228,20 +236,65 @@ def decode_pack_quantized(reader: TensorReader, name: str, spec: QuantSpec) -> t
     return dequantize(c.float(), s, z).to(scale.dtype), params
 
 
+CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized", "nvfp4-pack-quantized",
+              "mxfp4-pack-quantized")
+
+
 def quant_spec_from_config(config: dict) -> QuantSpec | None:
-    """The weights' QuantSpec of a compressed-tensors ``quantization_config`` (pack-quantized, int)."""
+    """The weights' QuantSpec of a compressed-tensors ``quantization_config`` (one weight group, in a format
+    llmprune writes)."""
     qc = config.get("quantization_config")
     if not qc:
         return None
-    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") not in CT_FORMATS:
         raise UsageError(f"unsupported quantization_config ({qc.get('quant_method')}/{qc.get('format')}):"
-                         " llmprune reads dense and compressed-tensors pack-quantized checkpoints")
+                         f" llmprune reads dense and compressed-tensors {', '.join(CT_FORMATS)} checkpoints")
     groups = list(qc["config_groups"].values())
     w = groups[0]["weights"]
-    if len(groups) != 1 or w.get("type") != "int":
-        raise UsageError("unsupported compressed-tensors scheme: one int weight group is supported")
-    return QuantSpec(int(w["num_bits"]), int(w["group_size"] or -1), bool(w["symmetric"]),
-                     "mse" if w.get("observer") == "mse" else "minmax")
+    if len(groups) != 1 or w.get("type") not in ("int", "float"):
+        raise UsageError("unsupported compressed-tensors scheme: one int or float weight group is supported")
+    bits, group = int(w["num_bits"]), int(w["group_size"] or -1)
+    grid = "int"
+    if w["type"] == "float":
+        grid = "fp8" if bits == 8 else {16: "nvfp4", 32: "mxfp4"}.get(group, "?")
+        if grid == "?":
+            raise UsageError(f"unsupported compressed-tensors float scheme ({bits} bits, group {group})")
+    if w.get("strategy") == "tensor":
+        group = 0
+    return QuantSpec(bits, group, bool(w["symmetric"]), "mse" if w.get("observer") == "mse" else "minmax", grid)
+
+
+def decode_layer(reader: TensorReader, name: str, spec: QuantSpec, fmt: str) -> tuple[Tensor, QuantParams]:
+    """One compressed linear of any format ``pack_quantized`` writes back to (dense weight, its grid)."""
+    if fmt == "pack-quantized":
+        return decode_pack_quantized(reader, name, spec)
+    scale = reader.get(f"{name}.weight_scale")
+    gs = None
+    if fmt in ("int-quantized", "naive-quantized", "float-quantized"):
+        q = reader.get(f"{name}.weight")
+        rows = q.shape[0]
+        dtype = scale.dtype
+        if spec.group_size == 0:
+            scale = scale.reshape(1, 1).expand(rows, 1).contiguous()
+        if spec.grid == "int":
+            half = 2 ** (spec.wbits - 1)
+            c = q.to(torch.int16) + half
+            zero = (reader.get(f"{name}.weight_zero_point").to(torch.int16) + half).to(torch.uint8) if not spec.sym \
+                else sym_zero(scale, spec)
+        else:
+            c, zero = q.float(), sym_zero(scale, spec)
+    else:
+        c = unpack_fp4(reader.get(f"{name}.weight_packed"))
+        if spec.grid == "mxfp4":
+            scale = torch.exp2(scale.float() - 127)
+        else:
+            gs = reader.get(f"{name}.weight_global_scale").float()
+            scale = scale.float() / gs
+        dtype = torch.bfloat16  # as compressed-tensors decompresses the FP4 formats
+        zero = sym_zero(scale, spec)
+    params = QuantParams(scale, zero, spec, gs)
+    s, z = params.columns(c.shape[1])
+    return dequantize(c.float(), s, z).to(dtype), params
 
 
 def weights_bytes(directory: Path) -> int:
@@ -411,42 +464,121 @@ def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def pack_quantized(name: str, W: Tensor, params: QuantParams) -> dict[str, Tensor]:
-    """One linear in compressed-tensors' pack-quantized layout (codes offset-binary, packed along inputs)."""
+def ct_format(spec: QuantSpec, act: ActSpec | None = None) -> str:
+    """The compressed-tensors format a scheme is written in, as compressed-tensors infers it
+    (``compressors.format.infer_module_format``): integer weights with quantized activations as int8 tensors
+    (int-quantized), without as packed int32 words (pack-quantized); FP8 as float8 tensors (float-quantized with
+    quantized activations, naive-quantized without); the FP4 grids as two codes per byte."""
+    if spec.grid in ("nvfp4", "mxfp4"):
+        return f"{spec.grid}-pack-quantized"
+    if spec.grid == "fp8":
+        return "float-quantized" if act is not None else "naive-quantized"
+    return "int-quantized" if act is not None else "pack-quantized"
+
+
+def pack_fp4(values: Tensor) -> Tensor:
+    """E2M1 code values (rows, cols) as compressed-tensors packs them: a code is the index of the magnitude
+    (0, 0.5, ..., 6 -> 0..7) with the sign in bit 3, two per byte, the even column in the low nibble."""
+    table = torch.tensor(E2M1, device=values.device)
+    sign = torch.signbit(values).to(torch.uint8) << 3
+    idx = torch.searchsorted(table, values.abs().contiguous()).to(torch.uint8) | sign
+    idx = idx.reshape(values.shape[0], -1, 2)
+    return (idx[..., 0] | (idx[..., 1] << 4)).contiguous()
+
+
+def unpack_fp4(packed: Tensor) -> Tensor:
+    """``pack_fp4``'s inverse: the code values as float32 (rows, 2 * bytes)."""
+    table = torch.tensor(E2M1, device=packed.device)
+    idx = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return table[(idx & 7).long()] * torch.where((idx & 8).bool(), -1.0, 1.0)
+
+
+def mx_exponents(scale: Tensor) -> Tensor:
+    """Power-of-two scales as E8M0 (uint8 biased exponents, 2**(e - 127))."""
+    return (127 + torch.log2(scale.float())).round().to(torch.uint8)
+
+
+def pack_quantized(name: str, W: Tensor, params: QuantParams, act: ActSpec | None = None) -> dict[str, Tensor]:
+    """One linear in its compressed-tensors layout (``ct_format``): pack-quantized (codes offset-binary, packed
+    along inputs), int-quantized (signed int8 codes), naive/float-quantized (FP8 weights), nvfp4/mxfp4 (E2M1
+    codes two per byte, FP8 or E8M0 scales, nvfp4's FP32 global scale). Scales are (rows, groups), (rows, 1)
+    per channel, (1,) per tensor."""
     spec = params.spec
     c = codes(W, params)
     scale, zero = params.columns(W.shape[1])
     if not torch.equal(dequantize(c.float(), scale, zero).to(W.dtype), W):
         raise RuntimeError(f"{name}: weights are not on their quantization grid; cannot store integer codes")
-    out = {
-        f"{name}.weight_packed": pack_int32(c, spec.wbits),
-        f"{name}.weight_scale": params.scale.to(W.dtype),  # (rows, groups): dequantized = (c - zero) * scale
-        f"{name}.weight_shape": torch.tensor(list(W.shape), dtype=torch.int64),
-    }
-    if not spec.sym:  # packed along the output dimension
-        out[f"{name}.weight_zero_point"] = pack_int32(params.zero.t().contiguous(), spec.wbits).t().contiguous()
+    out = _pack_layer(name, W, params, c, ct_format(spec, act))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _pack_layer(name: str, W: Tensor, params: QuantParams, c: Tensor, fmt: str) -> dict[str, Tensor]:
+    spec = params.spec
+    s = params.scale[:1, :1].reshape(1) if spec.group_size == 0 else params.scale
+    if fmt == "pack-quantized":
+        out = {
+            f"{name}.weight_packed": pack_int32(c, spec.wbits),
+            f"{name}.weight_scale": params.scale.to(W.dtype),  # (rows, groups): dequantized = (c - zero) * scale
+            f"{name}.weight_shape": torch.tensor(list(W.shape), dtype=torch.int64),
+        }
+        if not spec.sym:  # packed along the output dimension
+            out[f"{name}.weight_zero_point"] = pack_int32(params.zero.t().contiguous(), spec.wbits).t().contiguous()
+        return out
+    if fmt == "int-quantized":
+        half = 2 ** (spec.wbits - 1)
+        out = {f"{name}.weight": (c.to(torch.int16) - half).to(torch.int8), f"{name}.weight_scale": s.to(W.dtype)}
+        if not spec.sym:
+            out[f"{name}.weight_zero_point"] = (params.zero.to(torch.int16) - half).to(torch.int8)
+        return out
+    if spec.grid == "fp8":
+        return {f"{name}.weight": c.to(torch.float8_e4m3fn), f"{name}.weight_scale": s.to(W.dtype)}
+    out = {f"{name}.weight_packed": pack_fp4(c)}
+    if spec.grid == "mxfp4":
+        out[f"{name}.weight_scale"] = mx_exponents(params.scale)
+        return out
+    gs = params.global_scale.float().reshape(1)
+    local = (params.scale.float() * gs).to(torch.float8_e4m3fn)  # exact: the scale is fp8 / gs in fp32
+    if not torch.equal(local.float() / gs, params.scale.float()):
+        raise RuntimeError(f"{name}: nvfp4 scales are not FP8 values over the global scale")
+    out[f"{name}.weight_scale"] = local
+    out[f"{name}.weight_global_scale"] = gs
     return out
 
 
-def compressed_tensors_config(spec: QuantSpec, act_order: bool, ignore: list[str]) -> dict:
-    """The ``quantization_config`` transformers and vLLM read to rebuild pack-quantized linears."""
-    weights = {
+def weights_args(spec: QuantSpec, act_order: bool = False) -> dict:
+    """The ``weights`` QuantizationArgs of a grid, as compressed-tensors serialises them."""
+    strategy = {-1: "channel", 0: "tensor"}.get(spec.group_size, "group")
+    if spec.grid == "nvfp4":
+        strategy = "tensor_group"
+    out = {
         "num_bits": spec.wbits,
-        "type": "int",
+        "type": "float" if spec.is_float else "int",
         "symmetric": spec.sym,
-        "strategy": "channel" if spec.group_size == -1 else "group",
-        "group_size": None if spec.group_size == -1 else spec.group_size,
+        "group_size": spec.group_size if spec.group_size > 0 else None,
+        "strategy": strategy,
         "dynamic": False,
         "actorder": "weight" if act_order else None,  # static groups: same layout as without act-order
         "observer": "mse" if spec.search == "mse" else "minmax",
     }
+    if spec.grid == "nvfp4":
+        out["scale_dtype"] = "torch.float8_e4m3fn"
+    elif spec.grid == "mxfp4":
+        out["scale_dtype"] = "torch.uint8"
+    return out
+
+
+def compressed_tensors_config(spec: QuantSpec, act_order: bool, ignore: list[str], act: ActSpec | None = None) -> dict:
+    """The ``quantization_config`` transformers and vLLM read to rebuild the quantized linears (and, with
+    ``act``, to quantize their inputs at run time). Never a ``sparsity_config``: runtimes dropped sparse formats."""
+    fmt = ct_format(spec, act)
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                        "output_activations": None, "format": "pack-quantized"},
+            "group_0": {"targets": ["Linear"], "weights": weights_args(spec, act_order),
+                        "input_activations": act.config() if act is not None else None,
+                        "output_activations": None, "format": fmt},
         },
         "ignore": ignore,
         "kv_cache_scheme": None,
@@ -457,19 +589,21 @@ class PackQuantizedWriter:
     """The one compressed-tensors writer, for both ways a run writes: an in-memory run packs every linear of
     its state dict at once (``save_compressed_tensors``), a streamed one each finished block's file as it is
     published. ``pack`` each quantized linear in the tensors to be written, then ``write_config`` once the
-    directory holds the model's config, and ``info`` for the report."""
+    directory holds the model's config, and ``info`` for the report. ``act``: the activations' quantization
+    the scheme declares."""
 
-    def __init__(self) -> None:
+    def __init__(self, act: ActSpec | None = None) -> None:
         self.numel = 0  # weights packed
         self.packed_bytes = 0  # of their codes, scales and zero points
         self.quantized: set[str] = set()  # module names
         self.spec: QuantSpec | None = None
+        self.act = act
 
     def pack(self, tensors: dict[str, Tensor], key: str, module: str, params: QuantParams) -> None:
         """Replace ``tensors[key + ".weight"]`` (linear ``module``'s weight, stored as ``key``) by its
-        pack-quantized entries."""
+        compressed entries."""
         W = tensors.pop(f"{key}.weight")
-        layer = pack_quantized(key, W, params)
+        layer = pack_quantized(key, W, params, self.act)
         tensors.update(layer)
         self.numel += W.numel()
         self.packed_bytes += sum(t.numel() * t.element_size() for k, t in layer.items() if not k.endswith("shape"))
@@ -483,7 +617,7 @@ class PackQuantizedWriter:
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in self.quantized)
         cfg_path = directory / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["quantization_config"] = compressed_tensors_config(self.spec, act_order, ignore)
+        cfg["quantization_config"] = compressed_tensors_config(self.spec, act_order, ignore, self.act)
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def info(self, total_bytes: int, dtype: str | None = None) -> dict:
@@ -494,14 +628,14 @@ class PackQuantizedWriter:
 
 def save_compressed_tensors(
     model: nn.Module, tokenizer, directory: Path, report: dict, grids: dict[str, QuantParams],
-    act_order: bool = False, max_shard_bytes: int = 2 * 1024**3,
+    act_order: bool = False, max_shard_bytes: int = 2 * 1024**3, act: ActSpec | None = None,
 ) -> dict:
     """A model directory whose quantized linears are pack-quantized ints; every other linear (lm_head,
     skipped ones) is listed in ``ignore`` and stays dense. Returns size figures for the report."""
     if not grids:
         raise ValueError("no quantized layers to store as compressed-tensors")
     tensors = unique_state_dict(model)
-    writer = PackQuantizedWriter()
+    writer = PackQuantizedWriter(act)
     for name, params in grids.items():
         writer.pack(tensors, name, name, params)
     write_shards(tensors, directory, max_shard_bytes)
@@ -539,6 +673,7 @@ class Source:
                              f" `llmprune unpack {directory}` first")
         raw = json.loads((self.directory / "config.json").read_text())
         self.spec = quant_spec_from_config(raw)
+        self.format = (raw.get("quantization_config") or {}).get("format")
         self.raw_config = {k: v for k, v in raw.items() if k != "quantization_config"}
         self.config = AutoConfig.for_model(**self.raw_config)
         self.reader = TensorReader(self.directory)
@@ -554,12 +689,13 @@ class Source:
 
     def weight(self, name: str) -> tuple[Tensor, QuantParams | None]:
         """(W as stored in the file's orientation, its grid or None)."""
-        if self.spec is not None and f"{name}.weight_packed" in self.reader:
-            return decode_pack_quantized(self.reader, name, self.spec)
+        if self.spec is not None and f"{name}.weight_scale" in self.reader:
+            return decode_layer(self.reader, name, self.spec, self.format)
         return self.reader.get(f"{name}.weight"), self.grids.get(name)
 
     def layer_keys(self, name: str) -> set[str]:
         """The checkpoint keys that make up ``name``'s weight."""
-        if self.spec is not None and f"{name}.weight_packed" in self.reader:
-            return {f"{name}.{s}" for s in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")}
+        if self.spec is not None and f"{name}.weight_scale" in self.reader:
+            return {f"{name}.{s}" for s in ("weight", "weight_packed", "weight_scale", "weight_shape",
+                                             "weight_zero_point", "weight_global_scale")}
         return {f"{name}.weight"}

@@ -115,6 +115,12 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--sym/--asym", default=None, help="Symmetric grid (default) or asymmetric with zero points."),
         click.option("--quant-search", type=click.Choice(["minmax", "mse"]), default=None,
                      help="Grid range: minmax (default) or mse (shrink the range to minimise rounding error)."),
+        click.option("--grid", type=click.Choice(["int", "fp8", "nvfp4", "mxfp4"]), default=None,
+                     help="Weight grid: int (default), fp8 (E4M3, --wbits 8; --group-size 0 = per tensor), nvfp4"
+                          " (E2M1, FP8 scale per 16), mxfp4 (E2M1, power-of-two scale per 32); docs/formats.md."),
+        click.option("--scheme", default=None, metavar="NAME",
+                     help="llm-compressor preset: W4A16, W8A16, W4A16_ASYM, W8A8, W4AFP8, FP8_DYNAMIC, NVFP4A16,"
+                          " MXFP4A16, MXFP4, ... (sets --wbits, --grid, --group-size and activation quantization)."),
         click.option("--act-order", is_flag=True, default=None,
                      help="GPTQ's column order by descending Hessian diagonal (sparsegpt; not with N:M)."),
         click.option("--allocation", type=click.Choice(["uniform", "owl", "spdy"]), default=None,
@@ -190,8 +196,8 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
 # the options most runs set, listed first in every command's help, and the rarely used ones, listed last; the
 # rest follow in definition order
 COMMON = ("out", "method", "methods", "sparsity", "sparsities", "pattern", "mlp", "heads", "drop_blocks",
-          "shrink_method", "wbits", "grid_wbits", "group_size", "dataset", "calib", "evals", "nsamples", "seqlen",
-          "max_windows", "device", "dtype", "overwrite", "config")
+          "shrink_method", "scheme", "wbits", "grid_wbits", "grid", "group_size", "dataset", "calib", "evals",
+          "nsamples", "seqlen", "max_windows", "device", "dtype", "overwrite", "config")
 LATE = ("lazy", "reuse_errors", "kernels", "dist_read", "log_file")
 
 

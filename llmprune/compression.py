@@ -42,7 +42,7 @@ from llmprune.hessian import (
 from llmprune.loading import context_length
 from llmprune.pattern import Pattern
 from llmprune.progress import Progress, track
-from llmprune.quant import QuantParams, QuantSpec
+from llmprune.quant import QuantParams, QuantSpec, stored_bits
 from llmprune.reconstruct import ReconstructSpec, module_outputs, reconstruct_block, split_first_group, trainables
 from llmprune.solvers import SOLVERS
 from llmprune.solvers.hinv import dead_inputs, prepare_weight
@@ -173,6 +173,11 @@ def prunable_linears(model: nn.Module, spec: CompressSpec, output: OutputSpec | 
                     f"layer {full} has {cols} inputs, not a multiple of {pattern.m}, so it cannot hold"
                     f" {pattern}: skip it with --skip '{re.escape(name)}$' or use another pattern"
                 )
+            if quant is not None and quant.grid in ("nvfp4", "mxfp4") and cols % quant.group_size:
+                raise UsageError(
+                    f"layer {full} has {cols} inputs, not a multiple of {quant.group_size}, so {quant.grid}'s groups of"
+                    f" {quant.group_size} cannot tile it: --skip '{re.escape(name)}$' or use another --grid"
+                )
             if quant is not None and quant.group_size > 0 and cols % quant.group_size:
                 fits = " or ".join([str(g) for g in (128, 64, 32, 16, 8) if cols % g == 0][:2])
                 raise UsageError(
@@ -201,12 +206,6 @@ def prunable_linears(model: nn.Module, spec: CompressSpec, output: OutputSpec | 
     return out
 
 
-def stored_bits(params: QuantParams, shape: tuple[int, int], scale_bytes: int) -> float:
-    """Bits per weight on disk: the codes, plus each group's scale and (asymmetric) its packed zero point."""
-    rows, cols = shape
-    groups = params.spec.groups(cols)
-    extra = groups * rows * (8 * scale_bytes + (0 if params.spec.sym else params.spec.wbits))
-    return params.spec.wbits + extra / (rows * cols)
 
 
 def solve_linear(
@@ -256,7 +255,7 @@ def solve_linear(
     q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
     zeros = int((res.weight == 0).sum())
     if res.quant is not None and grids is not None:
-        grids[full] = QuantParams(res.quant.scale.cpu(), res.quant.zero.cpu(), res.quant.spec)
+        grids[full] = res.quant.to("cpu")
     set_weight(mod, res.weight)
     if res.retries:
         log.warning("%s: the damped Hessian needed %d retries; solved with damping %g x its mean diagonal",

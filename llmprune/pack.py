@@ -80,12 +80,15 @@ def pack_layer(name: str, W: Tensor, params: QuantParams | None, kernels: str) -
     if params is None:
         out[f"{name}.values"] = values.cpu()
         return out
+    if params.spec.is_float:
+        raise UsageError(f"{name}: its {params.spec.grid} grid has float codes, which the packed 2:4 format does not"
+                         " store: use the compressed-tensors checkpoint as it is")
     if params.spec.group_cols(W.shape[1]) % 4:
         raise UsageError(f"{name}: quantization groups of {params.spec.group_size} columns are not a multiple of"
                          " 4, so its 2:4 groups cannot keep their scales: pack without quantization")
     scale, zero = kept_grid(params, W.shape[1])
     scale, zero = scale.to(values.device), zero.to(values.device)
-    c = quantize(values.float(), scale, zero, params.spec.maxq)
+    c = quantize(values.float(), scale, zero, params.spec)
     if not torch.equal(dequantize(c, scale, zero).to(W.dtype), values):
         raise UsageError(f"{name}: weights are not on their quantization grid; re-run `llmprune compress`")
     out[f"{name}.codes"] = pack_int32(c.to(torch.uint8), params.spec.wbits).cpu()
@@ -147,7 +150,7 @@ def pack_checkpoint(src: Path, out: Path, pattern: str, skip_nonconforming: bool
             extra = " (it holds 4:8, but the packed format stores 2:4 only)" if pat.m == 8 else ""
             raise UsageError(f"{exc}{extra}: prune it 2:4, or pass --skip-nonconforming to keep it dense") from None
         if params is not None:
-            params = QuantParams(params.scale.to(device), params.zero.to(device), params.spec)
+            params = params.to(device)
         tensors = pack_layer(name, W, params, kernels)
         packed.update(tensors)
         dense_keys -= source.layer_keys(name)

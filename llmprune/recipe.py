@@ -87,6 +87,12 @@ class Recipe:
     group_size: int = -1  # input columns sharing a scale; -1 = one scale per output channel
     sym: bool = True  # symmetric grid (no zero point) or asymmetric
     quant_search: str = "minmax"  # minmax, or mse: shrink each grid's range to minimise the rounding error
+    # int (uniform codes), fp8 (E4M3; --wbits 8), nvfp4 (E2M1, FP8 scale per 16, FP32 global), mxfp4 (E2M1, E8M0
+    # scale per 32; --wbits 4); docs/formats.md
+    grid: str = "int"
+    # an llm-compressor preset name (W4A16, W8A8, FP8_DYNAMIC, NVFP4A16, MXFP4, ...): sets wbits, grid,
+    # group_size, sym and the activations' quantization the checkpoint declares
+    scheme: str | None = None
     act_order: bool = False  # GPTQ's column order by descending Hessian diagonal (sparsegpt, no N:M pattern)
     # dense: dequantized weights in the model dtype; compressed-tensors: pack-quantized ints (vLLM, transformers)
     format: str = "dense"
@@ -188,9 +194,70 @@ class Recipe:
             except re.error as exc:
                 raise UsageError(f"skip pattern {rx!r} is not a valid regex: {exc}") from None
 
+    def _resolve_scheme(self) -> None:
+        """``scheme`` and ``grid`` into the fields they imply (wbits, grid, group_size, sym), so the resolved recipe
+        says what runs; a flag contradicting them is an error."""
+        from llmprune.schemes import SCHEMES, scheme_error
+
+        if self.scheme is not None:
+            if not isinstance(self.scheme, str) or scheme_error(self.scheme):
+                raise UsageError(scheme_error(str(self.scheme)))
+            name = self.scheme.upper()
+            sc = SCHEMES[name]
+            if self.wbits is not None and self.wbits != sc.wbits:
+                raise UsageError(f"--scheme {name} has {sc.wbits}-bit weights: drop --wbits {self.wbits}")
+            if self.grid not in ("int", sc.grid):
+                raise UsageError(f"--scheme {name} has a {sc.grid} grid: drop --grid {self.grid}")
+            fixed = sc.grid in ("nvfp4", "mxfp4")
+            if fixed and self.group_size not in (-1, sc.group_size):
+                raise UsageError(f"--scheme {name} has one scale per {sc.group_size} weights: drop --group-size"
+                                 f" {self.group_size}")
+            if sc.act is not None and not self.sym:
+                raise UsageError(f"--scheme {name} is symmetric (its activations are quantized around 0): drop --asym")
+            object.__setattr__(self, "scheme", name)
+            object.__setattr__(self, "wbits", sc.wbits)
+            object.__setattr__(self, "grid", sc.grid)
+            if self.group_size == -1:
+                object.__setattr__(self, "group_size", sc.group_size)
+            if not sc.sym:
+                object.__setattr__(self, "sym", False)
+        from llmprune.quant import GRID_BITS, GRID_GROUP, GRIDS  # torch, only once a recipe is made
+
+        if self.grid not in GRIDS:
+            raise UsageError(f"unknown grid {self.grid!r}: choose {', '.join(GRIDS)}")
+        if self.grid == "int":
+            if self.group_size == 0:
+                raise UsageError("--group-size 0 (one scale per tensor) is for --grid fp8: use -1 (per channel)"
+                                 " or a group size such as 128")
+            return
+        bits = GRID_BITS[self.grid]
+        if self.wbits is None:
+            object.__setattr__(self, "wbits", bits)
+        elif self.wbits != bits:
+            raise UsageError(f"--grid {self.grid} stores {bits}-bit weights: pass --wbits {bits} (or drop --wbits)")
+        if not self.sym:
+            raise UsageError(f"--grid {self.grid} is symmetric (no zero point): drop --asym")
+        g = GRID_GROUP.get(self.grid)
+        if g is not None and self.group_size == -1:
+            object.__setattr__(self, "group_size", g)
+        elif g is not None and self.group_size != g:
+            raise UsageError(f"--grid {self.grid} has one scale per {g} weights: drop --group-size {self.group_size}"
+                             f" (or pass {g})")
+        if self.kernels == "triton":
+            raise UsageError(f"--kernels triton runs the fused kernel, which rounds to integer grids only: use"
+                             f" --kernels auto with --grid {self.grid}")
+
+    @property
+    def activations(self):  # -> schemes.ActSpec | None
+        """The input activations' quantization the scheme declares (None: weights only)."""
+        from llmprune.schemes import SCHEMES
+
+        return SCHEMES[self.scheme].act if self.scheme is not None else None
+
     def _check_quant(self) -> None:
         if self.format not in FORMATS:
             raise UsageError(f"unknown format {self.format!r}: choose {' or '.join(FORMATS)}")
+        self._resolve_scheme()
         if self.wbits is None:
             if self.format != "dense":
                 raise UsageError(f"--format {self.format} stores quantized weights: add --wbits (e.g. --wbits 4)")
@@ -203,7 +270,7 @@ class Recipe:
             return
         if isinstance(self.wbits, bool) or not isinstance(self.wbits, int) or not (2 <= self.wbits <= 8):
             raise UsageError(f"wbits {self.wbits!r} is outside 2..8: pass e.g. --wbits 4")
-        if self.group_size != -1 and self.group_size < 1:
+        if self.group_size != -1 and self.group_size < 0:
             raise UsageError(f"group_size {self.group_size} must be -1 (per channel) or positive, e.g. 128")
         if self.group_size > 0 and self.block_size % self.group_size and self.group_size % self.block_size:
             raise UsageError(
@@ -276,7 +343,7 @@ class Recipe:
             return None
         from llmprune.quant import QuantSpec
 
-        return QuantSpec(self.wbits, self.group_size, self.sym, self.quant_search)
+        return QuantSpec(self.wbits, self.group_size, self.sym, self.quant_search, self.grid)
 
     @property
     def target_sparsity(self) -> float:
@@ -298,8 +365,7 @@ class Recipe:
             if self.allocation != "uniform":
                 parts.append(self.allocation)
         if self.wbits is not None:
-            g = "channel" if self.group_size == -1 else f"g{self.group_size}"
-            parts.append(f"+ {self.wbits}-bit {g}{'' if self.sym else ' asym'}")
+            parts.append(f"+ {self.scheme or self.quant.label}")
         if self.reconstruct:
             parts.append(f"+ reconstruct {self.reconstruct}")
         return " ".join(parts)
@@ -351,7 +417,7 @@ class Recipe:
             compress=compress, calibration=calibration,
             needs_data=not (solve.data_free and allocation is None and not self.drop_experts and not self.reconstruct),
             allocation=allocation, reconstruction=self.reconstruction,
-            output=OutputSpec(format=self.format, act_order=self.act_order),
+            output=OutputSpec(format=self.format, act_order=self.act_order, activations=self.activations),
             device=self.device, dtype=self.dtype, label=self.label, recipe=self.to_dict(),
         )
 
@@ -364,7 +430,7 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-OPTIONAL = {"split": str, "by_document": bool, "bos": bool}  # fields whose default None means "decide"
+OPTIONAL = {"split": str, "by_document": bool, "bos": bool, "scheme": str}  # fields whose default None means "decide"
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmprune.quant import QuantParams, codes
+from llmprune.quant import QuantParams, codes, grid_step, round_codes, stored_scale
 
 log = logging.getLogger(__name__)
 
@@ -145,33 +145,38 @@ class _Dense:
 
 class _Quantized:
     """A weight on a grid, trained as its grid's scales: one log-offset per (row, group), the codes fixed, so
-    the weight is always ``(code − zero) · scale`` with the scale in the checkpoint's dtype: on a grid the
-    checkpoint stores exactly. With ``rounding``, the codes also move (AutoRound's rounding offsets, a
-    straight-through estimator, lr 1/steps so an offset moves about one step at most)."""
+    the weight is always ``(code − zero) · scale`` with the scale rounded to what the checkpoint stores for
+    the grid (quant.stored_scale): on a grid the checkpoint holds exactly. With ``rounding``, the codes also
+    move (AutoRound's rounding offsets, straight through the rounding, in units of each code's own grid step,
+    lr 1/steps so an offset moves about one step at most)."""
 
     def __init__(self, t: Trainable, scale_lr: float, rounding: bool, steps: int):
         self.t, grid = t, t.grid
         W = t.rows_cols(t.param.detach())
         self.rows, self.cols = W.shape
         self.gcols = grid.spec.group_cols(self.cols)
-        self.codes = codes(W, grid).float().to(W.device)
-        _, zero = grid.columns(self.cols)
-        self.zero = zero.to(W.device)
-        self.scale0 = grid.scale.detach().float().to(W.device)
+        self.grid_here = grid.to(W.device)
+        self.codes = codes(W, self.grid_here).float()
+        _, zero = self.grid_here.columns(self.cols)
+        self.zero = zero
+        self.scale0 = self.grid_here.scale.detach().float()
         self.log_scale = torch.zeros_like(self.scale0)
         self.offset = torch.zeros_like(self.codes) if rounding else None
+        self.step = grid_step(self.codes, grid.spec)  # 1 on an int grid
         self.groups = [{"params": [self.log_scale], "lr": scale_lr}]
         if self.offset is not None:
             self.groups.append({"params": [self.offset], "lr": 1.0 / steps})
 
     def scale(self) -> Tensor:
-        """The scales as the checkpoint will store them (its dtype), as fp32 (rows, groups)."""
-        return (self.scale0 * self.log_scale.exp()).to(self.t.grid.scale.dtype).float()
+        """The scales as the checkpoint will store them, as fp32 (rows, groups)."""
+        return stored_scale(self.scale0 * self.log_scale.exp(), self.grid_here)
 
     def _codes(self) -> Tensor:
         if self.offset is None:
             return self.codes
-        return torch.clamp(torch.round(self.codes + self.offset), 0, self.t.grid.spec.maxq)
+        spec = self.t.grid.spec
+        q = round_codes(self.codes + self.offset * self.step, spec)
+        return q if spec.is_float else torch.clamp(q, 0, spec.maxq)
 
     def weight(self) -> Tensor:
         return (self._codes() - self.zero) * self.scale().repeat_interleave(self.gcols, dim=1)
@@ -179,8 +184,8 @@ class _Quantized:
     def backward(self, g: Tensor) -> None:
         W = self.weight()
         self.log_scale.grad = (g * W).reshape(self.rows, -1, self.gcols).sum(-1)  # dW/d log s = W
-        if self.offset is not None:
-            gq = g * self.scale().repeat_interleave(self.gcols, dim=1)  # straight through the rounding
+        if self.offset is not None:  # straight through the rounding
+            gq = g * self.scale().repeat_interleave(self.gcols, dim=1) * self.step
             self.offset.grad = gq if self.t.mask is None else gq * self.t.rows_cols(self.t.mask)
 
     def commit(self) -> None:

@@ -57,7 +57,7 @@ def reference_sparsegpt(W, H, sparsity, pattern=None, block_size=128, damp_frac=
             if quant is not None:
                 if quant.group_size != -1 and i % quant.group_size == 0:
                     scale, zero = find_params(W[:, i : i + quant.group_size], quant)
-                q = fake_quant(q, scale, zero, quant.maxq)
+                q = fake_quant(q, scale, zero, quant)
             q = torch.where(mask[:, i - i1], 0.0, q)
             err = (W[:, i] - q) / Hinv[i, i]
             W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]

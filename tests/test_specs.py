@@ -43,6 +43,8 @@ FIELD_CASES: dict[str, tuple[dict, object]] = {
     "quant_search": ({"wbits": 4}, "mse"),
     "act_order": ({"wbits": 4}, True),
     "format": ({"wbits": 4}, "compressed-tensors"),
+    "grid": ({"wbits": 8}, "fp8"),
+    "scheme": ({}, "W4A16"),
     "allocation": ({}, "owl"),
     "owl_m": ({"allocation": "owl"}, 3.0),
     "owl_lambda": ({"allocation": "owl"}, "auto"),

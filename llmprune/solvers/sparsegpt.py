@@ -23,7 +23,7 @@ from torch import Tensor
 
 from llmprune.kernels import fall_back, ran, runs_triton
 from llmprune.pattern import Pattern
-from llmprune.quant import QuantParams, QuantSpec, find_params, layer_params
+from llmprune.quant import QuantParams, QuantSpec, find_params, global_scale, layer_params, round_codes
 from llmprune.solvers.hinv import dead_inputs, inverse_hessian_cholesky, prepare_weight, shared_factor
 from llmprune.solvers.masks import nm_mask, smallest_k_mask, split_counts
 from llmprune.solvers.result import SolveResult
@@ -54,7 +54,7 @@ def check_quant_fit(cols: int, quant: QuantSpec, block_size: int) -> None:
     g = quant.group_cols(cols)
     if cols % g:
         raise ValueError(f"group_size {g} does not divide the {cols} input columns")
-    if quant.group_size != -1 and block_size % g and g % block_size:
+    if quant.group_size > 0 and block_size % g and g % block_size:
         raise ValueError(f"group_size {g} and block_size {block_size}: one must be a multiple of the other")
 
 
@@ -97,14 +97,18 @@ def _obs_block(W1: Tensor, Hinv1: Tensor, d1: Tensor, mask1: Tensor, pattern: Pa
     return W1.t(), mask1.t(), Err1.t(), Err1.square().sum(0), None
 
 
+# The layer's grids as the sweep holds them: (scaleT, zeroT) (groups, rows) in float32, and nvfp4's global scale.
+Grids = tuple[Tensor, Tensor, Tensor | None]
+
+
 def _open_group(group: Tensor, c: int, i: int, quant: QuantSpec, dtype: torch.dtype,
-                layer: tuple[Tensor, Tensor], block: tuple[Tensor, Tensor, Tensor]) -> slice:
+                layer: Grids, block: tuple[Tensor, Tensor, Tensor]) -> slice:
     """A dynamic group starts at layer column ``c`` (column ``i`` of the block): choose its grid from the group's
     current (updated) weights ``group``, store it in the layer's (scaleT, zeroT) and in the block's per-column
     rows (S1, LO1, HI1). Returns the block columns the group covers."""
     g = group.shape[1]
-    sc, zc = find_params(group, quant, dtype)
-    scaleT, zeroT = layer
+    scaleT, zeroT, gscale = layer
+    sc, zc = find_params(group, quant, quant.scale_dtype(dtype), gscale=gscale)
     scaleT[c // g], zeroT[c // g] = sc, zc
     S1, LO1, HI1 = block
     cover = slice(i, min(i + g, S1.shape[0]))
@@ -113,12 +117,13 @@ def _open_group(group: Tensor, c: int, i: int, quant: QuantSpec, dtype: torch.dt
 
 
 def _joint_block(W: Tensor, i1: int, W1: Tensor, Hinv1: Tensor, d1: Tensor, mask1: Tensor,
-                 pattern: Pattern | None, quant: QuantSpec, static: bool, layer: tuple[Tensor, Tensor],
+                 pattern: Pattern | None, quant: QuantSpec, static: bool, layer: Grids,
                  gidx: Tensor, dtype: torch.dtype) -> Block:
     """``_obs_block`` with joint quantization (the paper's section on joint sparsification and quantization;
     with nothing pruned, GPTQ's Algorithm 1): each kept weight is rounded to its group's grid and the rounding
     error is spread like a pruning error. Per column j: q = clamp(round(w / s), -z, maxq - z) · s (0 where
-    pruned), then W1[j:] −= (w − q) ⊗ H⁻¹[j, j:] / d_j. A dynamic group's grid is chosen from the updated
+    pruned; on a float grid round(·) is the nearest E4M3/E2M1 value and there is no zero point), then
+    W1[j:] −= (w − q) ⊗ H⁻¹[j, j:] / d_j. A dynamic group's grid is chosen from the updated
     weights when the sweep reaches its first column (``_open_group``); static grids are in ``layer`` already.
 
     The grids of the block's columns are laid out as rows S1/LO1/HI1 and the pruned ones folded into
@@ -130,7 +135,7 @@ def _joint_block(W: Tensor, i1: int, W1: Tensor, Hinv1: Tensor, d1: Tensor, mask
     Q1 = torch.zeros_like(W1)
     D1 = torch.zeros_like(W1)  # w - q, unscaled
     Hs1 = Hinv1 / d1.unsqueeze(1)
-    scaleT, zeroT = layer
+    scaleT, zeroT, _ = layer
     cols1 = gidx[i1 : i1 + count]
     S1, Z1 = scaleT[cols1], zeroT[cols1]  # (count, rows); groups not reached yet are filled below
     LO1, HI1 = -Z1, quant.maxq - Z1
@@ -147,7 +152,10 @@ def _joint_block(W: Tensor, i1: int, W1: Tensor, Hinv1: Tensor, d1: Tensor, mask
             group = W[:, c : c + g] if j == 0 else W1[j : j + g].t()
             cover = _open_group(group, c, j, quant, dtype, layer, (S1, LO1, HI1))
             K1[cover] = S1[cover] * ~mask1[cover]
-        torch.div(W1[j], S1[j], out=tmp).round_().clamp_(min=LO1[j], max=HI1[j])
+        if quant.is_float:
+            tmp = round_codes(W1[j] / S1[j], quant)
+        else:
+            torch.div(W1[j], S1[j], out=tmp).round_().clamp_(min=LO1[j], max=HI1[j])
         torch.mul(tmp, K1[j], out=Q1[j])
         torch.sub(W1[j], Q1[j], out=D1[j])
         W1[j:].addr_(Hs1[j, j:], D1[j], alpha=-1)
@@ -159,12 +167,12 @@ def _joint_block(W: Tensor, i1: int, W1: Tensor, Hinv1: Tensor, d1: Tensor, mask
 
 
 def _fused_block(W: Tensor, i1: int, i2: int, Hinv1: Tensor, d1: Tensor, mask1: Tensor, pattern: Pattern | None,
-                 quant: QuantSpec | None, static: bool, layer: tuple[Tensor, Tensor], gidx: Tensor | None,
+                 quant: QuantSpec | None, static: bool, layer: Grids, gidx: Tensor | None,
                  dtype: torch.dtype) -> Block:
     """Columns ``i1:i2`` of the sweep in the fused Triton kernel (``_obs_block``, or ``_joint_block`` with
     ``quant``, in one launch per stretch of columns that share their grids). Reads ``W`` and writes only the
     grids of the groups opening in the block into ``layer`` (the torch loop would write the same), so a block
-    that fails can be redone."""
+    that fails can be redone. Integer grids only (the kernel rounds to integers)."""
     from llmprune.kernels.obs_update import BlockState, obs_update
 
     count = i2 - i1
@@ -175,7 +183,7 @@ def _fused_block(W: Tensor, i1: int, i2: int, Hinv1: Tensor, d1: Tensor, mask1: 
     else:
         g = quant.group_cols(W.shape[1])
         Hs1 = Hinv1 / d1.unsqueeze(1)
-        scaleT, zeroT = layer
+        scaleT, zeroT, _ = layer
         cols1 = gidx[i1:i2]
         S1, Z1 = scaleT[cols1], zeroT[cols1]
         LO1, HI1 = -Z1, quant.maxq - Z1
@@ -274,9 +282,10 @@ def _sweep(
     if act_order and (quant is None or pattern is not None):
         raise ValueError("act_order needs quantization and no N:M pattern (the pattern is in the original order)")
 
-    static, scaleT, zeroT, gidx = True, None, None, None
+    static, scaleT, zeroT, gidx, gscale = True, None, None, None, None
     if quant is not None:
-        static, scaleT, zeroT, gidx = _grids(W, quant, block_size, act_order, dtype)
+        gscale = global_scale(W, quant)  # nvfp4: from W as given (the stacked copies are the same W)
+        static, scaleT, zeroT, gidx = _grids(W, quant, block_size, act_order, dtype, gscale)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H).masked_fill(dead, 1), descending=True, stable=True)
@@ -289,7 +298,8 @@ def _sweep(
     Hinv, damp_used, retries = shared_factor("sparsegpt", H, (damp_frac,),
                                              partial(inverse_hessian_cholesky, H, damp_frac))
     del H
-    fused = runs_triton("obs_update", kernels, W.device)
+    # the fused kernel rounds to integer grids: a float grid's sweep is the torch loop
+    fused = runs_triton("obs_update", kernels, W.device) and (quant is None or not quant.is_float)
 
     starts = list(range(0, cols, block_size))
     # per block, each copy's count of pruned weights
@@ -309,8 +319,8 @@ def _sweep(
         block = None
         if fused:
             try:
-                block = _fused_block(W, i1, i2, Hinv1, d1, mask1, pattern, quant, static, (scaleT, zeroT), gidx,
-                                     dtype)
+                block = _fused_block(W, i1, i2, Hinv1, d1, mask1, pattern, quant, static, (scaleT, zeroT, gscale),
+                                     gidx, dtype)
             except Exception as exc:  # compile or launch error: this block again, and the rest, in torch
                 fall_back("obs_update", kernels, W.device, exc)
                 fused = False
@@ -319,7 +329,7 @@ def _sweep(
         if block is None:
             ran("obs_update", "torch")
             block = _obs_block(W1, Hinv1, d1, mask1, pattern) if quant is None else _joint_block(
-                W, i1, W1, Hinv1, d1, mask1, pattern, quant, static, (scaleT, zeroT), gidx, dtype)
+                W, i1, W1, Hinv1, d1, mask1, pattern, quant, static, (scaleT, zeroT, gscale), gidx, dtype)
         Qb, Mb, Eb, total, rounding = block
         total_loss += total
         if rounding is not None:
@@ -331,7 +341,7 @@ def _sweep(
     if perm is not None:
         inv = torch.argsort(perm)
         W, M = W[:, inv], M[:, inv]
-    return [_result(W, M, slice(c * one, (c + 1) * one), quant, (scaleT, zeroT), total_loss, quant_loss,
+    return [_result(W, M, slice(c * one, (c + 1) * one), quant, (scaleT, zeroT, gscale), total_loss, quant_loss,
                     damp_used, retries, dtype) for c in range(levels)]
 
 
@@ -351,16 +361,16 @@ def _block_mask(W1: Tensor, d1: Tensor, given: Tensor | None, pattern: Pattern |
 
 
 def _grids(W: Tensor, quant: QuantSpec, block_size: int, act_order: bool,
-           dtype: torch.dtype) -> tuple[bool, Tensor, Tensor, Tensor]:
+           dtype: torch.dtype, gscale: Tensor | None) -> tuple[bool, Tensor, Tensor, Tensor]:
     """The sweep's quantization grids: (static, scaleT, zeroT (groups, rows), gidx: each column's group). Static
     (per channel, or with ``act_order``) grids are chosen from W now; dynamic ones are filled as the sweep
     reaches each group (in ``dtype``'s rounding, the weights' own)."""
     rows, cols = W.shape
     check_quant_fit(cols, quant, block_size)
     g = quant.group_cols(cols)
-    static = quant.group_size == -1 or act_order
+    static = quant.group_size <= 0 or act_order  # per channel or per tensor: from W as given
     if static:
-        p = layer_params(W, quant, dtype)  # the caller's dtype: W is its float32 copy
+        p = layer_params(W, quant, dtype, gscale)  # the caller's dtype: W is its float32 copy
         scaleT, zeroT = p.scale.t().float().contiguous(), p.zero.t().float().contiguous()  # (groups, rows)
     else:
         scaleT = torch.empty(cols // g, rows, device=W.device)
@@ -368,13 +378,14 @@ def _grids(W: Tensor, quant: QuantSpec, block_size: int, act_order: bool,
     return static, scaleT, zeroT, torch.arange(cols, device=W.device) // g  # in the sweep's order
 
 
-def _result(W: Tensor, M: Tensor, part: slice, quant: QuantSpec | None, grids: tuple[Tensor, Tensor],
+def _result(W: Tensor, M: Tensor, part: slice, quant: QuantSpec | None, grids: Grids,
             total_loss: Tensor, quant_loss: Tensor, damp_used: float, retries: int, dtype: torch.dtype) -> SolveResult:
     """The result of the stacked copy in rows ``part``."""
     params = None
     if quant is not None:
-        scaleT, zeroT = grids
-        params = QuantParams(scaleT[:, part].t().to(dtype), zeroT[:, part].t().to(torch.uint8), quant)
+        scaleT, zeroT, gscale = grids
+        params = QuantParams(scaleT[:, part].t().to(quant.scale_dtype(dtype)), zeroT[:, part].t().to(torch.uint8),
+                             quant, gscale)
     total, qloss = float(total_loss[part].sum()), float(quant_loss[part].sum())
     return SolveResult(
         weight=W[part].to(dtype),
