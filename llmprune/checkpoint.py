@@ -19,7 +19,6 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -42,7 +41,7 @@ class OutputSpec:
 
     format: str = "dense"  # dense (weights in the model dtype) or compressed-tensors (pack-quantized ints)
     act_order: bool = False  # the grids were chosen in act-order (compressed-tensors records it)
-    activations: Any = None  # schemes.ActSpec: the input activations' quantization the config declares
+    activations: ActSpec | None = None  # the input activations' quantization the config declares
 
     @property
     def compressed_tensors(self) -> bool:

@@ -172,7 +172,7 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                           " block's dense output; masks fixed, quantized weights on their grid (default: off)."),
         click.option("--reconstruct-lr", type=float, default=None,
                      help=f"--reconstruct: learning rate on the weights (default {Recipe.reconstruct_lr:g};"
-                          " quantized weights move in grid steps at 1/STEPS)."),
+                          " quantized weights keep their codes and their scales train)."),
         click.option("--reconstruct-target", type=click.Choice(["dense", "compressed"]), default=None,
                      help="--reconstruct: dense (default): the dense model's output, its stream carried beside;"
                           " compressed: the dense block on the compressed stream (one stream)."),

@@ -142,17 +142,6 @@ def fake_quant(x: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tenso
     return dequantize(quantize(x, scale, zero, spec), scale, zero)
 
 
-def grid_step(values: Tensor, spec: QuantSpec) -> Tensor:
-    """The distance from each code value to the next one up in magnitude (1 on an int grid): float grids are
-    finer near zero, so a weight moved "one step" moves by its own step."""
-    if spec.grid == "int":
-        return torch.ones_like(values)
-    a = values.abs()
-    if spec.grid == "fp8":  # 3 mantissa bits; subnormals (below 2**-6) step by 2**-9
-        return torch.exp2(torch.floor(torch.log2(a.clamp(min=2.0**-6))) - 3)
-    return torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
-
-
 def global_scale(W: Tensor, spec: QuantSpec) -> Tensor | None:
     """nvfp4's FP32 global scale of a tensor, 448 * 6 / amax (1 for an all-zero one), as compressed-tensors'
     ``generate_gparam``; None for the other grids."""

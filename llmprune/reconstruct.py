@@ -4,10 +4,11 @@ block's own output (EBFT, Guo et al. 2024; AutoRound for the quantized case).
 Every layer-wise solver minimises one linear's error on that linear's inputs; what the softmax, the gated
 activation, the norms and the residual make of those errors is left. Here the block as a whole is trained:
 ``min ‖block_Ŵ(x) − y‖² / ‖y‖²`` over the calibration windows, with Adam on fp32 master copies of the kept
-weights. Masks are fixed (a pruned weight stays zero, so N:M groups hold). Quantized weights stay on their
-grid by a straight-through estimator on fixed scales: the forward sees the master rounded to the grid, the
-gradient updates the master as if rounding were the identity; their masters move in grid steps at
-AutoRound's rate (lr = 1/steps), so a weight moves by about one step at most, whatever its scale.
+weights. Masks are fixed (a pruned weight stays zero, so N:M groups hold). A quantized weight keeps its
+codes and its grid's scales are trained instead (one per row and group, rounded each step to what the
+checkpoint stores), so it is always on a grid the checkpoint holds exactly. Moving the codes (AutoRound's
+rounding offsets, straight through the rounding) was measured worse: GPTQ's codes are already chosen with the
+error fed forward (docs/reconstruction.md).
 
 The target ``y`` is the dense model's output of this block on the dense stream (``dense``: the block also
 corrects the error it inherits) or the dense block on the compressed stream (``compressed``: one stream).
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmprune.quant import QuantParams, codes, grid_step, round_codes, stored_scale
+from llmprune.quant import QuantParams, codes, stored_scale
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ class ReconstructSpec:
     norms: bool = False  # also train norm weights and the linears' biases
     seed: int = 0  # the order the batches are visited in
     scale_lr: float = 5e-3  # Adam's rate on quantized weights' log-scales (relative: 5e-3 = 0.5% a step)
-    rounding: bool = False  # also move quantized weights' codes (straight-through, AutoRound's offsets)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Trainable:
     name: str
     param: nn.Parameter  # the leaf the block's forward reads
     mask: Tensor | None  # True where the weight may be nonzero (param's layout); None: dense
-    grid: QuantParams | None  # the fixed grid it must stay on; None: not quantized
+    grid: QuantParams | None  # the grid it stays on (codes fixed, scales trained); None: not quantized
     transposed: bool  # param stored (in, out) (GPT-2's Conv1D); grids are (out, in)
 
     def rows_cols(self, w: Tensor) -> Tensor:
@@ -146,47 +146,29 @@ class _Dense:
 class _Quantized:
     """A weight on a grid, trained as its grid's scales: one log-offset per (row, group), the codes fixed, so
     the weight is always ``(code − zero) · scale`` with the scale rounded to what the checkpoint stores for
-    the grid (quant.stored_scale): on a grid the checkpoint holds exactly. With ``rounding``, the codes also
-    move (AutoRound's rounding offsets, straight through the rounding, in units of each code's own grid step,
-    lr 1/steps so an offset moves about one step at most)."""
+    the grid (quant.stored_scale): on a grid the checkpoint holds exactly."""
 
-    def __init__(self, t: Trainable, scale_lr: float, rounding: bool, steps: int):
-        self.t, grid = t, t.grid
+    def __init__(self, t: Trainable, scale_lr: float):
+        self.t = t
+        self.grid = t.grid.to(t.param.device)
         W = t.rows_cols(t.param.detach())
         self.rows, self.cols = W.shape
-        self.gcols = grid.spec.group_cols(self.cols)
-        self.grid_here = grid.to(W.device)
-        self.codes = codes(W, self.grid_here).float()
-        _, zero = self.grid_here.columns(self.cols)
-        self.zero = zero
-        self.scale0 = self.grid_here.scale.detach().float()
+        self.gcols = self.grid.spec.group_cols(self.cols)
+        self.codes = codes(W, self.grid).float()
+        self.zero = self.grid.columns(self.cols)[1]
+        self.scale0 = self.grid.scale.detach().float()
         self.log_scale = torch.zeros_like(self.scale0)
-        self.offset = torch.zeros_like(self.codes) if rounding else None
-        self.step = grid_step(self.codes, grid.spec)  # 1 on an int grid
         self.groups = [{"params": [self.log_scale], "lr": scale_lr}]
-        if self.offset is not None:
-            self.groups.append({"params": [self.offset], "lr": 1.0 / steps})
 
     def scale(self) -> Tensor:
         """The scales as the checkpoint will store them, as fp32 (rows, groups)."""
-        return stored_scale(self.scale0 * self.log_scale.exp(), self.grid_here)
-
-    def _codes(self) -> Tensor:
-        if self.offset is None:
-            return self.codes
-        spec = self.t.grid.spec
-        q = round_codes(self.codes + self.offset * self.step, spec)
-        return q if spec.is_float else torch.clamp(q, 0, spec.maxq)
+        return stored_scale(self.scale0 * self.log_scale.exp(), self.grid)
 
     def weight(self) -> Tensor:
-        return (self._codes() - self.zero) * self.scale().repeat_interleave(self.gcols, dim=1)
+        return (self.codes - self.zero) * self.scale().repeat_interleave(self.gcols, dim=1)
 
     def backward(self, g: Tensor) -> None:
-        W = self.weight()
-        self.log_scale.grad = (g * W).reshape(self.rows, -1, self.gcols).sum(-1)  # dW/d log s = W
-        if self.offset is not None:  # straight through the rounding
-            gq = g * self.scale().repeat_interleave(self.gcols, dim=1) * self.step
-            self.offset.grad = gq if self.t.mask is None else gq * self.t.rows_cols(self.t.mask)
+        self.log_scale.grad = (g * self.weight()).reshape(self.rows, -1, self.gcols).sum(-1)  # dW/d log s = W
 
     def commit(self) -> None:
         """The trained scales into the grid (the checkpoint writer reads them there)."""
@@ -202,7 +184,7 @@ def train(run: Callable[[int], Tensor], targets: list[Tensor], params: list[Trai
 
     Under torchrun each rank runs its own batch b: the error is divided by the target's norm over every
     rank's batch and the gradients summed, which is the gradient of one process holding all those windows."""
-    masters = [_Dense(t, spec.lr) if t.grid is None else _Quantized(t, spec.scale_lr, spec.rounding, steps)
+    masters = [_Dense(t, spec.lr) if t.grid is None else _Quantized(t, spec.scale_lr)
                for t in params]
     opt = torch.optim.Adam([g for m in masters for g in m.groups])
     gen = torch.Generator().manual_seed(spec.seed)
