@@ -126,7 +126,7 @@ class LayerReport:
     vs_sparsegpt: float | None = None
     method: str | None = None  # the solver used (an expert with too few tokens: magnitude, not the recipe's)
     tokens: int | None = None  # calibration tokens its Hessian came from (an expert: those routed to it)
-    # the implementation of its sweep's column loop (kernels/obs_update.py): "triton" (the fused kernel),
+    # the implementation of its sweep's column loop (llmprune/kernels/obs_update.py): "triton" (the fused kernel),
     # "torch", or "torch+triton" (the kernel failed on the device mid-layer); None: the solver has no sweep
     kernel: str | None = None
     error_seconds: float | None = None  # measuring rel_error (after the solve's ``seconds``)

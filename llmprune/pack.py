@@ -4,7 +4,7 @@ A packed directory is a Hugging Face model directory whose ``model*.safetensors`
 the packed linears' weights (embeddings, norms, biases, head, layers kept dense), plus
 ``packed24*.safetensors`` with, per packed linear ``NAME`` (weight as (out, in)):
 
-- ``NAME.meta``   uint8 (out, ceil(in/8)): 2-bit positions of the 2 kept weights of every 4 (kernels/pack24.py)
+- ``NAME.meta``   uint8 (out, ceil(in/8)): 2-bit positions of the 2 kept weights of every 4 (llmprune/kernels/pack24.py)
 - ``NAME.values`` (out, in/2) in the model dtype, or, for a quantized layer,
   ``NAME.codes`` int32 (out, ceil(in/2 · bits/32)): the kept weights' integer codes, densely bit-packed,
   ``NAME.scale`` (out, groups) and, asymmetric only, ``NAME.zero`` uint8 (out, groups); a group of ``g``

@@ -205,9 +205,6 @@ def _module_files() -> dict[str, Path]:
         if parts[-1] == "__init__":
             parts.pop()
         files[".".join(parts)] = path
-    for path in (ROOT / "kernels").glob("*.py"):
-        name = "llmprune.kernels" + ("" if path.stem == "__init__" else f".{path.stem}")
-        files[name] = path
     return files
 
 
