@@ -19,7 +19,7 @@ from llmprune.solvers.result import input_sq_norms
 
 @dataclass(frozen=True)
 class AllocationSpec:
-    """A non-uniform allocation of the target sparsity over the linears (planned by compression.plan_sparsities)."""
+    """A non-uniform allocation of the target sparsity over the linears (planned by plan.plan_sparsities)."""
 
     method: str  # owl (per block, from outlier ratios) or spdy (per layer, searched on the calibration loss)
     target: float  # the global sparsity the allocation keeps

@@ -31,6 +31,8 @@ from torch import nn
 
 from llmprune import distributed
 from llmprune.arch import find_blocks
+from llmprune.block import prunable_linears
+from llmprune.calibration import calibration_set
 from llmprune.checkpoint import (
     REPORT,
     OutputSpec,
@@ -44,15 +46,9 @@ from llmprune.checkpoint import (
     weights_bytes,
     write_report,
 )
-from llmprune.compression import (
-    RunSpec,
-    calibration_set,
-    check_output_dir,
-    compress_model,
-    prunable_linears,
-    resolve_device,
-)
+from llmprune.compression import RunSpec, check_output_dir, compress_model
 from llmprune.data import load_documents, window_layout
+from llmprune.engine import resolve_device
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
 from llmprune.loading import ModelRef, is_gguf, load_model, load_tokenizer, resolve, skeleton

@@ -45,7 +45,7 @@ Doc = Union[str, list]  # noqa: UP007 (a runtime alias): a text, or a chat (a li
 
 @dataclass(frozen=True)
 class CalibSpec:
-    """The calibration set a run cuts (``compression.calibration_set``) and how it is fed through the blocks."""
+    """The calibration set a run cuts (``calibration.calibration_set``) and how it is fed through the blocks."""
 
     source: str = "wikitext2"  # a source load_documents reads (see the module docstring)
     split: str | None = None  # of the source: None = its training split (local files: all)

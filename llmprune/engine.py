@@ -528,3 +528,18 @@ class Stream:
         finally:
             self.tape.inject = None
         return out.logits
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered"
+                         f" from 0: use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return bound(device)

@@ -374,9 +374,11 @@ class Recipe:
         """The run this recipe describes, as the small specs each stage takes (compression.RunSpec): what the
         recipe's fields mean for each stage is decided here, once. Imports torch (the stages' modules)."""
         from llmprune.allocate import AllocationSpec
+        from llmprune.block import CompressSpec
         from llmprune.checkpoint import OutputSpec
-        from llmprune.compression import CompressSpec, RunSpec, SolveSpec
+        from llmprune.compression import RunSpec
         from llmprune.data import CalibSpec
+        from llmprune.solve import SolveSpec
         from llmprune.solvers.admm import AdmmOptions
         from llmprune.solvers.obc import ObcOptions
         from llmprune.solvers.sparsegpt import SparseGPTOptions

@@ -11,8 +11,8 @@ from typing import Any
 from torch import nn
 
 from llmprune.checkpoint import REPORT, read_report
-from llmprune.compression import LayerReport
 from llmprune.errors import UsageError
+from llmprune.solve import LayerReport
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from llmprune import distributed
 from llmprune.api import load
-from llmprune.compression import resolve_device
+from llmprune.engine import resolve_device
 from llmprune.structured import count_params
 
 

@@ -24,19 +24,11 @@ from torch import Tensor, nn
 
 from llmprune import distributed, experts
 from llmprune.arch import LAYOUTS, Layout, find_blocks, get_weight
-from llmprune.compression import (
-    RunSpec,
-    calibration_set,
-    dense_outputs_of_original,
-    experts_kept,
-    reconstruct_trained,
-    reconstruction_summary,
-    reconstruction_targets,
-    resolve_device,
-    shared_hessians,
-)
+from llmprune.block import dense_outputs_of_original, reconstruct_trained, reconstruction_targets, shared_hessians
+from llmprune.calibration import calibration_set
+from llmprune.compression import RunSpec, experts_kept, reconstruction_summary
 from llmprune.data import batched
-from llmprune.engine import BlockPass, Stream
+from llmprune.engine import BlockPass, Stream, resolve_device
 from llmprune.errors import UsageError
 from llmprune.hessian import HessianCollector
 from llmprune.progress import Progress

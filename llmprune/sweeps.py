@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.compression import RunSpec, calibration_set, compress_model, resolve_device
+from llmprune.calibration import calibration_set
+from llmprune.compression import RunSpec, compress_model
+from llmprune.engine import resolve_device
 from llmprune.errors import UsageError
 from llmprune.pattern import parse_pattern
 from llmprune.perplexity import evaluation_windows, perplexity

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from smollm2 import CPU, setup  # noqa: E402
 from tables import publish  # noqa: E402
 
-from llmprune.compression import calibration_set, compress_model  # noqa: E402
+from llmprune.calibration import calibration_set  # noqa: E402
+from llmprune.compression import compress_model
 from llmprune.perplexity import perplexity  # noqa: E402
 from llmprune.recipe import Recipe  # noqa: E402
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from tables import publish  # scripts/tables.py
 
-from llmprune.compression import calibration_set, compress_model
+from llmprune.calibration import calibration_set
+from llmprune.compression import compress_model
 from llmprune.data import batched
 from llmprune.engine import Stream
 from llmprune.loading import load_model

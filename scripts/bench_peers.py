@@ -93,7 +93,7 @@ def main() -> None:
         model.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         del model
-        from llmprune.compression import calibration_set
+        from llmprune.calibration import calibration_set
 
         lazy, _ = load_lazy(model_dir, "auto")
         windows, calib = calibration_set(tok, lazy, Recipe(calib="shakespeare", nsamples=args.nsamples,

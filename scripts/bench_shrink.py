@@ -23,7 +23,7 @@ import torch
 from tables import publish  # scripts/tables.py
 
 import llmprune
-from llmprune.compression import calibration_set
+from llmprune.calibration import calibration_set
 from llmprune.data import eval_windows, load_text, tokenize
 from llmprune.loading import load_model
 from llmprune.perplexity import perplexity

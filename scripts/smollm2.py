@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from llmprune.compression import calibration_set
+from llmprune.calibration import calibration_set
 from llmprune.data import eval_windows, load_text, tokenize
 from llmprune.loading import load_model
 from llmprune.recipe import Recipe

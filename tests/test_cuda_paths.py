@@ -37,8 +37,7 @@ def _fake_cuda(monkeypatch, count: int = 2, current: int = 1) -> None:
 def test_cuda_without_an_index_is_bound_to_the_current_device(monkeypatch):
     """Worker threads (the sequential pass) and Triton launch on the *current* device, which is per thread:
     a bare "cuda" must name the caller's device, not default to cuda:0 in the other threads."""
-    from llmprune.compression import resolve_device
-    from llmprune.engine import bound
+    from llmprune.engine import bound, resolve_device
 
     _fake_cuda(monkeypatch)
     assert resolve_device("auto") == torch.device("cuda", 1)

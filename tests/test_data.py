@@ -79,7 +79,7 @@ def bos_model_dir(bos_tokenizer, tmp_path_factory) -> Path:
 def test_windows_start_with_bos_when_the_tokenizer_adds_one(bos_model_dir, bos_tokenizer, files, tmp_path):
     report = llmprune.compress(bos_model_dir, tmp_path / "a", calib=str(files["txt"]), **SMALL)
     assert report.calibration["bos"] is True and report.calibration["seqlen"] == 32
-    from llmprune.compression import calibration_set
+    from llmprune.calibration import calibration_set
     from llmprune.recipe import Recipe
 
     model, tok = llmprune.load(bos_model_dir)

@@ -169,7 +169,7 @@ def test_saved_moe_loads_in_transformers_with_the_pruned_logits(family, lazy, mo
 
 def _calib(src):
     """The calibration windows ``compress`` cut for OPTS, cut again the same way."""
-    from llmprune.compression import calibration_set
+    from llmprune.calibration import calibration_set
     from llmprune.loading import load_tokenizer
 
     tok = load_tokenizer(str(src))

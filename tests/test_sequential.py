@@ -119,7 +119,7 @@ def test_one_linear_per_block_equals_the_two_pass_result():
 def test_streamed_output_equals_a_plain_forward_of_the_compressed_model(family):
     """The sequential pass's own block outputs are the next block's inputs: after the last block they equal
     what a fresh stream of the compressed model computes."""
-    from llmprune.compression import prunable_linears, sequential_block
+    from llmprune.block import prunable_linears, sequential_block
 
     rec = recipe()
     ids = windows()
@@ -140,7 +140,7 @@ def test_streamed_output_equals_a_plain_forward_of_the_compressed_model(family):
 def test_an_error_in_a_solve_leaves_no_thread_behind(monkeypatch):
     import threading
 
-    import llmprune.compression as compression
+    import llmprune.solve as solve
 
     calls = []
 
@@ -150,7 +150,7 @@ def test_an_error_in_a_solve_leaves_no_thread_behind(monkeypatch):
             raise RuntimeError("solver broke")
         return SOLVERS["magnitude"](W, H, *a, **k)
 
-    monkeypatch.setitem(compression.SOLVERS, "sparsegpt", failing)
+    monkeypatch.setitem(solve.SOLVERS, "sparsegpt", failing)
     before = threading.active_count()
     with pytest.raises(RuntimeError, match="solver broke"):
         compress_model(tiny_model("llama"), None, recipe().resolve(), windows(), progress=False)

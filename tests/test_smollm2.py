@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import requires_smollm2
 
+from llmprune.calibration import calibration_set
 from llmprune.checkpoint import save_hf
-from llmprune.compression import calibration_set, compress_model
+from llmprune.compression import compress_model
 from llmprune.data import eval_windows, load_text, tokenize
 from llmprune.perplexity import perplexity
 from llmprune.recipe import Recipe

@@ -268,8 +268,8 @@ def test_the_reported_error_from_the_sweeps_losses_equals_the_measured_one(quant
     the same number as measuring ||WX - ŴX||² / ||WX||² on the written weights."""
     from torch import nn
 
-    from llmprune.compression import solve_linear
     from llmprune.recipe import Recipe
+    from llmprune.solve import solve_linear
     from llmprune.solvers.result import relative_error
 
     g = torch.Generator().manual_seed(5)

@@ -7,8 +7,10 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from llmprune import allocate
-from llmprune.compression import compress_model, plan_sparsities, prunable_linears
+from llmprune.block import prunable_linears
+from llmprune.compression import compress_model
 from llmprune.data import batched
+from llmprune.plan import plan_sparsities
 from llmprune.recipe import Recipe
 from llmprune.spdy import calibration_loss
 
@@ -183,7 +185,7 @@ def test_owl_lambda_trials_leave_fused_experts_whole():
 def test_plan_versions_are_the_solvers_own_with_their_relative_errors(method):
     """The plan's table entry of each candidate sparsity is the solver's answer at that sparsity and
     relative_error of it: sparsegpt's (stacked sweeps, error from its OBS losses) as one call per level."""
-    from llmprune.compression import solve_levels
+    from llmprune.solve import solve_levels
     from llmprune.solvers import SOLVERS
     from llmprune.solvers.result import relative_error
 
