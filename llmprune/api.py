@@ -13,13 +13,10 @@ names as the CLI flags and YAML keys; a bad one raises ``UsageError`` with the m
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
-import platform
 import shutil
 import time
 from inspect import signature
@@ -35,25 +32,32 @@ from llmprune.block import prunable_linears
 from llmprune.calibration import calibration_set
 from llmprune.checkpoint import (
     REPORT,
-    OutputSpec,
-    PackQuantizedWriter,
     atomic_dir,
     is_packed,
     read_report,
-    save_compressed_tensors,
-    save_hf,
     save_metadata,
-    weights_bytes,
     write_report,
 )
 from llmprune.compression import RunSpec, check_output_dir, compress_model
 from llmprune.data import load_documents, window_layout
 from llmprune.engine import resolve_device
 from llmprune.errors import UsageError
-from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
-from llmprune.loading import ModelRef, is_gguf, load_model, load_tokenizer, resolve, skeleton
+from llmprune.loading import ModelRef, load_model, load_tokenizer, resolve, skeleton
 from llmprune.pattern import parse_pattern
 from llmprune.perplexity import evaluation_windows, perplexity
+from llmprune.pipeline import (
+    compress_run,
+    dense_checkpoint_info,
+    describe,
+    load_whole,
+    one_writer,
+    open_lazy,
+    open_partial,
+    releases_partials,
+    save_whole,
+    say_not_streamed,
+    streams,
+)
 from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
 from llmprune.report import Report
@@ -78,13 +82,6 @@ def _bars_follow_progress(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 def make_recipe(recipe: Recipe | dict | str | Path | None = None, source: str = "options", **options: Any) -> Recipe:
@@ -161,43 +158,6 @@ def check_not_quantized(config: dict, name: str) -> None:
                          " bf16/fp16 checkpoint), or dequantize it first")
 
 
-def _describe(report: dict, model: nn.Module, source: str, kind: str, **extra: Any) -> torch.dtype:
-    """Add the model and versions to the report; return the model's (materialised) dtype."""
-    lazy_source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
-    dtype = (lazy_source.dtype if lazy_source is not None
-             else next(p for p in model.parameters() if p.device.type != "meta").dtype)
-    report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
-                       "dtype": str(dtype).removeprefix("torch."), **extra}
-    report["versions"] = versions()
-    return dtype
-
-
-def _dense_checkpoint_info(directory: Path, dtype: torch.dtype) -> dict:
-    """Size figures of a dense checkpoint: bits per weight of its linears as stored (pruned zeros take their
-    full width in a dense file), as ``inspect`` and ``pack`` count them (dense fp16 = 16)."""
-    return {"format": "dense", "dtype": str(dtype).removeprefix("torch."), "bits_per_weight": 8 * dtype.itemsize,
-            "bytes": weights_bytes(directory)}
-
-
-def _save(out: Path, model: nn.Module, tokenizer, report: dict, grids: dict, t_start: float,
-          output: OutputSpec) -> None:
-    """Complete the report (checkpoint size, save and total time) and publish ``out`` atomically."""
-    dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
-    t_save = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        if output.compressed_tensors:
-            report["checkpoint"] = save_compressed_tensors(model, tokenizer, tmp, report, grids,
-                                                           act_order=output.act_order, act=output.activations)
-            report["checkpoint"]["dtype"] = str(dtype).removeprefix("torch.")  # of its scales and dense tensors
-        else:
-            save_hf(model, tokenizer, tmp, report, grids=grids)
-            report["checkpoint"] = _dense_checkpoint_info(tmp, dtype)
-        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
-        report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-        write_report(tmp, report)  # again, now with the checkpoint and the save time
-    log.info("wrote %s", out)
-
-
 def _tokenizer_arg(tokenizer, mref: ModelRef | None = None):
     """A tokenizer given as an object, or as a hub id / directory (``--tokenizer``), loaded."""
     if tokenizer is None or not isinstance(tokenizer, str | Path):
@@ -254,32 +214,8 @@ def compress(
     reuse = read_error_tables(reuse_errors, run) if reuse_errors is not None else None
     mref, out_path, tokenizer = _checked_input(model, out, overwrite, run, tokenizer, revision, trust_remote_code,
                                                lambda m: prunable_linears(m, run.compress, run.output))
-    if mref is not None and lazy and out_path is not None and streams(mref):
-        return _compress_lazy(mref, out_path, run, overwrite, reuse, t0, progress, tokenizer, dist_read)
-    with _one_writer(out_path):
-        if mref is None:
-            source = getattr(model, "name_or_path", "") or "in-memory"
-            kind, load_s = "memory", 0.0
-        else:
-            if lazy and out_path is not None:
-                _say_not_streamed(mref, run.dtype)
-            model, loaded_tok = _load_whole(mref, run.dtype, writes=True)
-            tokenizer = tokenizer if tokenizer is not None else loaded_tok
-            source, kind, load_s = mref.ref, mref.origin, time.perf_counter() - t0
-        grids: dict = {}
-        report = compress_model(model, tokenizer, run, grids=grids, reuse_errors=reuse, progress=progress)
-        report["timings"]["load_s"] = round(load_s, 3)
-        _describe(report, model, source, kind)
-        if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
-            _save(out_path, model, tokenizer, report, grids, t0, run.output)
-    if out_path is not None:
-        report = distributed.broadcast_object(report)
-    else:
-        report["checkpoint"] = None
-        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-    result = Report.from_dict(report)
-    result.module, result.tokenizer = model, tokenizer
-    return result
+    return compress_run(model if mref is None else None, mref, out_path, run, tokenizer=tokenizer, lazy=lazy,
+                        overwrite=overwrite, reuse=reuse, progress=progress, t0=t0, dist_read=dist_read)
 
 
 def _checked_input(model, out, overwrite: bool, run: RunSpec, tokenizer, revision: str | None,
@@ -316,174 +252,6 @@ def _check_bos(tokenizer, mref: ModelRef | None) -> None:
         tokenizer = load_tokenizer(mref.location, **mref.kwargs)
     if tokenizer is not None:  # else: the model's own, checked when the windows are cut
         window_layout(tokenizer, 2, None, True)
-
-
-def streams(mref: ModelRef) -> bool:
-    """Whether the model is read block by block from disk: a plain safetensors directory, or a GGUF file whose
-    tensors map one to one onto the model's (ggufio)."""
-    if mref.kind == "dir":
-        return can_load_lazily(Path(mref.location))
-    if is_gguf(mref):
-        from llmprune.ggufio import streamable
-
-        return streamable(Path(mref.location) / mref.gguf_file)
-    return False
-
-
-def _open_lazy(mref: ModelRef, dtype: str, read_on_main: bool = False, writes: bool = True):
-    """(model streamed from disk, its tokenizer, the source's identity for the resume spec)."""
-    path = Path(mref.location)
-    if is_gguf(mref):
-        file = path / mref.gguf_file
-        model, tok = load_lazy_gguf(file, dtype, read_on_main=read_on_main, fp32_to_bf16=writes)
-        st = file.stat()
-        ident = hashlib.sha256(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-        return model, tok, {"model": str(file), "config": ident}
-    model, tok = load_lazy(path, dtype, mref.trust_remote_code, read_on_main=read_on_main, fp32_to_bf16=writes)
-    return model, tok, {"model": str(path), "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
-
-
-def _say_not_streamed(mref: ModelRef, dtype: str) -> None:
-    """Warn, with the host memory it will take, that this run loads the whole model instead of streaming."""
-    if mref.kind == "gguf" or mref.kind == "builtin":
-        why = "its GGUF architecture stores tensors transformers regroups (e.g. stacked experts) on load"
-    elif mref.kind == "hub":
-        why = "its hub weights are not safetensors, or not in the Hugging Face cache and not downloadable"
-    elif is_packed(Path(mref.location)):
-        why = "a packed 2:4 directory is unpacked whole"
-    else:
-        why = "the directory holds no safetensors weights (e.g. .bin files)"
-    try:
-        shape = skeleton(mref)
-        dt = getattr(shape.config, "dtype", None) or getattr(shape.config, "torch_dtype", None)
-        size = dt.itemsize if isinstance(dt, torch.dtype) and not is_gguf(mref) else 4
-        size = 2 if dtype in ("auto", "bfloat16", "float16") and size == 4 else size  # fp32 read as bf16
-        nbytes = sum(p.numel() for p in shape.parameters()) * size
-        need = f"about {nbytes / 2**30:.1f} GiB of host memory"
-    except UsageError:
-        need = "the whole model in host memory"
-    log.warning("%s is loaded whole, not streamed from disk (%s): %s", mref.ref, why, need)
-
-
-def _load_whole(mref: ModelRef, dtype: str, writes: bool = False):
-    """(model, tokenizer) loaded whole into host memory; packed 2:4 directories unpacked. ``writes``: for a
-    command that writes the model, so float32 weights load as bfloat16 unless ``dtype`` says otherwise."""
-    if mref.kind == "dir" and is_packed(Path(mref.location)):
-        from llmprune.pack import load as load_packed
-
-        model, tokenizer = load_packed(mref.location, dtype=dtype)
-        if writes and dtype == "auto" and model.dtype == torch.float32:
-            model, tokenizer = load_packed(mref.location, dtype="bfloat16")
-        return model, tokenizer
-    model, tokenizer, _ = load_model(mref, dtype, fp32_to_bf16=writes)
-    return model, tokenizer
-
-
-def _one_writer(out: Path | None):
-    """OUT.partial/'s lock (the one a streamed run takes) held while a run computes and writes ``out`` in
-    memory: a second run on the same output, streamed or not, is refused before it reads a weight."""
-    if out is None:
-        return contextlib.nullcontext()
-    from llmprune.resume import partial_dir, sole_writer
-
-    return sole_writer(partial_dir(out), f"--out {Path(out).expanduser().resolve()}")
-
-
-_OPENED: list = []  # the PartialOutputs open in this process, innermost last (_releases_partials closes them)
-
-
-def _open_partial(out: Path, spec: dict, total: int | None = None):
-    """OUT.partial/ for this run's spec (resumed when a run with the same spec stopped), locked for this run:
-    under torchrun rank 0 makes (or checks) and locks it for every rank, and the others, once it exists, only
-    read it; rank 0's refusal (another writer, another spec) is every rank's. ``total``: the model's blocks."""
-    from llmprune.resume import PartialOutput
-
-    error = None
-    if distributed.is_main():
-        try:
-            partial = PartialOutput(out, spec)
-        except UsageError as exc:
-            error = str(exc)
-    error = distributed.broadcast_object(error)  # also: the others wait until rank 0 has made it
-    if error is not None:
-        raise UsageError(error)
-    if not distributed.is_main():
-        partial = PartialOutput(out, spec, readonly=True)
-    partial.total = total
-    _OPENED.append(partial)
-    return partial
-
-
-def _releases_partials(fn):
-    """The OUT.partial/ directories ``fn`` opens are unlocked when it returns or raises; one it leaves without
-    a finished block (it failed, or was interrupted, before one) is removed: nothing written."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        mark = len(_OPENED)
-        failed = True
-        try:
-            result = fn(*args, **kwargs)
-            failed = False
-            return result
-        finally:
-            while len(_OPENED) > mark:
-                _OPENED.pop().close(failed=failed)
-
-    return wrapper
-
-
-@_releases_partials
-def _compress_lazy(mref: ModelRef, out: Path, run: RunSpec, overwrite: bool, reuse: dict | None, t0: float,
-                   progress: Progress, tokenizer=None, dist_read: str = "all", extra: dict | None = None) -> Report:
-    """Compress block by block from disk into OUT.partial/ (resuming it if a run with this spec stopped), then
-    publish it as ``out``. ``extra``: entries added to the report (a streamed shrink's, before ``--wbits``)."""
-    model, loaded_tok, ident = _open_lazy(mref, run.dtype, read_on_main=dist_read == "rank0")
-    tokenizer = tokenizer if tokenizer is not None else loaded_tok
-    load_s = time.perf_counter() - t0
-    windows, calib = calibration_set(tokenizer, model, run.calibration) if run.needs_data else (None, None)
-    spec = {"recipe": run.recipe, "calibration": calib["sha256"] if calib else None, **ident,
-            "llmprune": __version__}
-    partial = _open_partial(out, spec, len(find_blocks(model)[1]))
-    if partial.finished:
-        log.info("resuming %s: %d blocks already done", partial.dir, len(partial.finished))
-    report = compress_model(model, tokenizer, run, windows=windows, reuse_errors=reuse, sink=partial,
-                            progress=progress, calibration=calib)
-    report["timings"]["load_s"] = round(load_s, 3)
-    dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
-    report.update(extra or {})
-    # the tensors outside the blocks, as the input stores them: only the rank that writes needs them
-    rest = model.block_source.rest_state() if distributed.is_main() else {}
-    t_save = time.perf_counter()
-    compressed = run.output.compressed_tensors
-    writer = PackQuantizedWriter(run.output.activations)
-
-    def convert(i: int, tensors: dict, grids: dict) -> dict:
-        """Block ``i``'s quantized linears in compressed-tensors' pack-quantized layout."""
-        keymap = model.block_source.keymap
-        for name, params in grids.items():
-            key = keymap.checkpoint_keys(f"{name}.weight")[0]  # as the input stores it (e.g. no base prefix)
-            writer.pack(tensors, key.removesuffix(".weight"), name, params)
-        return tensors
-
-    def write_meta(directory: Path) -> None:
-        save_metadata(model, tokenizer, directory)
-        if compressed:
-            if not writer.quantized:
-                raise UsageError("no quantized layers to store as compressed-tensors: add --wbits")
-            writer.write_config(model, directory, run.output.act_order)
-            report["checkpoint"] = writer.info(weights_bytes(directory), str(dtype).removeprefix("torch."))
-        else:
-            report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
-        report["timings"]["save_s"] = round(time.perf_counter() - t_save, 3)
-        report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-        write_report(directory, report)
-
-    if distributed.is_main():
-        partial.publish(rest, write_meta, overwrite, convert if compressed else None)
-        log.info("wrote %s", out)
-    report = distributed.broadcast_object(report)  # the others return rank 0's report, once out is complete
-    return Report.from_dict(report)
 
 
 @_bars_follow_progress
@@ -524,9 +292,9 @@ def evaluate(
         m, tok = model, _tokenizer_for(model, tokenizer)
     else:
         if streams(mref):  # blocks read from disk one at a time
-            m, tok, _ = _open_lazy(mref, dtype, read_on_main=dist_read == "rank0", writes=False)
+            m, tok, _ = open_lazy(mref, dtype, read_on_main=dist_read == "rank0", writes=False)
         else:
-            m, tok = _load_whole(mref, dtype)
+            m, tok = load_whole(mref, dtype)
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         if tok is None:
             raise UsageError(f"{model} has no tokenizer files: pass --tokenizer ID_OR_DIR (tokenizer=...)")
@@ -594,7 +362,7 @@ def pack(model: str | Path, out: str | Path, pattern: str = "2:4", *, skip_nonco
     dev = resolve_device(device)
     check_kernels(kernels, dev)
     check_output_dir(Path(out), overwrite, src)
-    with _one_writer(Path(out)), atomic_dir(Path(out)) as tmp:
+    with one_writer(Path(out)), atomic_dir(Path(out)) as tmp:
         manifest = pack_checkpoint(src, tmp, pattern, skip_nonconforming, kernels, str(dev), progress=progress)
     return manifest
 
@@ -610,7 +378,7 @@ def unpack(model: str | Path, out: str | Path, *, overwrite: bool = False, kerne
     dev = resolve_device(device)
     check_kernels(kernels, dev)
     check_output_dir(Path(out), overwrite, src)
-    with _one_writer(Path(out)), atomic_dir(Path(out)) as tmp:
+    with one_writer(Path(out)), atomic_dir(Path(out)) as tmp:
         unpack_checkpoint(src, tmp, kernels, str(dev))
 
 
@@ -670,15 +438,15 @@ def sweep(
     if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:
-        m, tok = _load_whole(mref, run.dtype, writes=True)  # the dtype compress would write
+        m, tok = load_whole(mref, run.dtype, writes=True)  # the dtype compress would write
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         name = mref.ref
     out_path.mkdir(parents=True, exist_ok=True)
 
     def save(cell, compressed: nn.Module, report: dict) -> None:
         slug = cell.label.replace(" ", "-").replace(":", "of")
-        _describe(report, compressed, name, "sweep")
-        _save(out_path / "checkpoints" / slug, compressed, tok, report, {}, time.perf_counter(), run.output)
+        describe(report, compressed, name, "sweep")
+        save_whole(out_path / "checkpoints" / slug, compressed, tok, report, {}, time.perf_counter(), run.output)
 
     def after(cell, compressed: nn.Module) -> dict:
         return sweeps.zero_shot(compressed, tok, task_names) if task_names else {}
@@ -760,28 +528,28 @@ def shrink(
                                                check)
     if lazy and out_path is not None and mref is not None and streams(mref):
         return _shrink_lazy(mref, out_path, run, quantize, spec, overwrite, t0, progress, tokenizer)
-    with _one_writer(out_path):
+    with one_writer(out_path):
         if mref is None:
             m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
         else:
             if lazy and out_path is not None:
-                _say_not_streamed(mref, run.dtype)
-            m, loaded = _load_whole(mref, run.dtype, writes=out_path is not None)
+                say_not_streamed(mref, run.dtype)
+            m, loaded = load_whole(mref, run.dtype, writes=out_path is not None)
             tok = tokenizer if tokenizer is not None else loaded
             source, kind = mref.ref, mref.origin
         report = shrink_model(m, tok, run, spec, progress=progress)
         grids: dict = {}
         if quantize is not None:
             report = _quantize_shrunk(m, tok, quantize, report, grids, progress)
-        _describe(report, m, source or "in-memory", kind)
+        describe(report, m, source or "in-memory", kind)
         if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
-            _save(out_path, m, tok, report, grids, t0, run.output)
+            save_whole(out_path, m, tok, report, grids, t0, run.output)
     if out_path is not None:
         report = distributed.broadcast_object(report)
     return report
 
 
-@_releases_partials
+@releases_partials
 def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | None, spec, overwrite: bool,
                  t0: float, progress: Progress, tokenizer) -> dict:
     """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written to OUT.partial/
@@ -792,7 +560,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | No
     from llmprune.resume import spec_hash
     from llmprune.structured import shrink_model
 
-    model, loaded_tok, ident = _open_lazy(mref, run.dtype)
+    model, loaded_tok, ident = open_lazy(mref, run.dtype)
     tok = tokenizer if tokenizer is not None else loaded_tok
     src = model.block_source
     main = distributed.is_main()
@@ -806,7 +574,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | No
         report = read_report(target)
         log.info("resuming: %s is already shrunk, quantizing it", target)
     else:
-        partial = _open_partial(target, key, len(find_blocks(model)[1]))
+        partial = open_partial(target, key, len(find_blocks(model)[1]))
         done = {i: partial.layers(i)[0] for i in partial.finished}
         if done:
             log.info("resuming %s: %d blocks already done", partial.dir, len(done))
@@ -818,7 +586,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | No
 
         report = shrink_model(model, tok, run, spec, progress=progress, on_block_done=write_block, done=done,
                               calibration=(windows, calib))
-        dtype = _describe(report, model, mref.ref, mref.origin, lazy=True)
+        dtype = describe(report, model, mref.ref, mref.origin, lazy=True)
         if main:
             new_index = {i: j for j, i in enumerate(report["kept_blocks"])}
 
@@ -830,7 +598,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | No
 
             def write_meta(directory: Path) -> None:
                 save_metadata(model, tok, directory)
-                report["checkpoint"] = _dense_checkpoint_info(directory, dtype)
+                report["checkpoint"] = dense_checkpoint_info(directory, dtype)
                 report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
                 write_report(directory, report)
                 if quantize is not None:
@@ -842,11 +610,11 @@ def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | No
         report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
     if quantize is None:
         return report
-    quantized = _compress_lazy(resolve(str(target)), out, quantize,
-                               overwrite, None, t0, progress, tokenizer or tok, "all",
-                               extra={k: report[k] for k in (*SHRINK_KEYS, "model")}
-                               | ({"shrink_reconstruction": report["reconstruction"]}
-                                  if report.get("reconstruction") is not None else {}))
+    quantized = compress_run(None, resolve(str(target)), out, quantize, tokenizer=tokenizer or tok, lazy=True,
+                             overwrite=overwrite, reuse=None, progress=progress, t0=t0,
+                             extra={k: report[k] for k in (*SHRINK_KEYS, "model")}
+                             | ({"shrink_reconstruction": report["reconstruction"]}
+                                if report.get("reconstruction") is not None else {}))
     distributed.barrier()
     if main:  # kept until the quantized output is complete, so an interrupted run resumes from it
         shutil.rmtree(target, ignore_errors=True)

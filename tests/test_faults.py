@@ -584,8 +584,11 @@ def test_a_tokenizer_without_bos_eos_or_pad_works_and_bos_is_refused_before_the_
     def no_load(*_args, **_kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(api, "_load_whole", no_load)
-    monkeypatch.setattr(api, "_open_lazy", no_load)
+    from llmprune import pipeline
+
+    for module in (api, pipeline):  # compress loads in the pipeline, shrink in the API
+        monkeypatch.setattr(module, "load_whole", no_load)
+        monkeypatch.setattr(module, "open_lazy", no_load)
     assert run(argv("--bos")) == 2
     line = one_line_error(capsys.readouterr().err)
     assert line == "llmprune: error: --bos: this tokenizer adds no BOS token by default; drop --bos"
