@@ -245,7 +245,7 @@ def compress(
     With ``out``, a model directory is written there atomically (the input is never modified); a local
     safetensors directory with dense output is streamed block by block from disk and resumable (``lazy``).
     An in-memory model is compressed in place; without ``out`` nothing is written and the compressed model
-    is ``report.module``. ``reuse_errors``: an earlier dp run's report (or its directory). ``progress``:
+    is ``report.module``. ``reuse_errors``: an earlier spdy run's report (or its directory). ``progress``:
     True (a tqdm bar), False, or ``fn(task, done, total)``. ``tokenizer``: an object, or a hub id /
     directory to load one from (a model directory without tokenizer files needs it). ``revision`` and
     ``trust_remote_code`` go to transformers' loaders. ``dist_read`` (under torchrun, streamed models): "all"

@@ -110,7 +110,7 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--hessian-dtype", type=click.Choice(list(HESSIAN_DTYPES)), default=None,
                      help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate;"
                           " fp64: accumulate in fp64, so torchrun's output hardly depends on the rank count"
-                          " (README: what torchrun reproduces)."),
+                          " (docs/torchrun.md)."),
         click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),
         click.option("--sym/--asym", default=None, help="Symmetric grid (default) or asymmetric with zero points."),
         click.option("--quant-search", type=click.Choice(["minmax", "mse"]), default=None,

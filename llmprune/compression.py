@@ -615,8 +615,7 @@ def _owl_trials(model: nn.Module, windows: Tensor, alloc: AllocationSpec, spec: 
     loss of those windows through it (streamed in the same pass). Each block's dense weights are put back
     once the next block has run, so the model is whole again after every trial. Returns [{owl_lambda,
     loss}]. (Scoring OWL's allocations assembled from layer versions solved on dense inputs, as spdy scores,
-    chose λ > 0 where these real runs chose uniform: SmolLM2 70% calibrated on docstrings, 1.47x uniform's
-    held-out perplexity.)"""
+    ranked λ unlike these real runs: docs/results.md.)"""
     prefixes = list(linears)
     batches = batched(distributed.shard(windows[: alloc.owl_samples]), batch_size)
     lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew on every pass
@@ -755,7 +754,7 @@ def compress_model(
     """Prune (and quantize) ``model`` in place as the run's specs say; return the run report.
 
     ``grids``, when given, receives the quantization grid of every quantized linear by full name;
-    ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables;
+    ``reuse_errors``: the ``allocation`` entry of an earlier spdy run's report, to skip measuring the tables;
     ``sink``: a ``resume.PartialOutput`` that receives each finished block, and whose finished blocks are
     only propagated (read back compressed through the model's ``block_source``), not compressed again;
     ``progress``: a tqdm bar, nothing, or a callback (progress.py); ``captured``: block 0's inputs shared by
