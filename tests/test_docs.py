@@ -72,10 +72,43 @@ def test_every_option_has_help_so_the_table_has_no_empty_cell():
         assert all(p.help for p in options), (name, [p.name for p in options if not p.help])
 
 
+def test_readme_is_a_front_door():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    for command in cli.commands:
+        assert f"`{command}`" in readme, f"the README's table of commands misses {command}"
+
+
 def test_relative_links_resolve():
-    """Every relative link in README.md and docs/*.md names a file that exists."""
+    """Every relative link in README.md and docs/*.md names a file that exists, and a heading of it when it
+    names one (GitHub's anchors: lower case, punctuation dropped, spaces as hyphens)."""
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
             if "://" in target:
                 continue
-            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+            path = page.parent / target if target else page
+            assert path.exists(), f"{page.relative_to(ROOT)} links to missing {target}"
+            if anchor and path.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+                slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+                assert anchor in slugs, f"{page.relative_to(ROOT)} links to {target}#{anchor}: no such heading"
+
+
+def test_module_map_names_every_module_in_import_order():
+    """docs/architecture.md's module map: every module of the package once, each importing only modules
+    listed below it."""
+    from test_api import _module_files, import_graph
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## Module map", 1)[1].split("```", 2)[1]
+    listed = [m[1] for m in re.finditer(r"^(llmprune/\S+\.py)", block, re.M)]
+
+    def module(path: str) -> str:
+        return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+    order = [module(p) for p in listed]
+    assert sorted(order) == sorted(_module_files()), set(order) ^ set(_module_files())
+    position = {m: i for i, m in enumerate(order)}
+    graph = import_graph()
+    up = [(m, d) for m in order for d in graph[m] if position[d] < position[m]]
+    assert not up, f"listed above a module that imports it: {up}"
