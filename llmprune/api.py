@@ -649,7 +649,7 @@ def sweep(
     same windows of every ``evals`` dataset; rows (dense first) also written to ``out`` as results.csv,
     results.json, results.md and ppl_vs_sparsity.png. Resumable: finished cells are kept in ``out/cells``.
     ``options``/``recipe``: the shared recipe (calibration, damping, ...); the grid sets method, sparsity,
-    pattern and bits. ``tasks``: lm-eval zero-shot tasks (needs the ``lm-eval`` package)."""
+    pattern and bits. ``tasks``: lm-eval zero-shot tasks, by name or as task YAML files (needs ``lm-eval``)."""
     from llmprune import sweeps
 
     grid_keys = {"method", "sparsity", "pattern", "wbits"} & set(options)
@@ -671,6 +671,8 @@ def sweep(
         raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
     if task_names:
         sweeps.check_lm_eval()
+        for task in task_names:
+            sweeps.task_name(task)  # a task file that is missing or names no task, before any work
     if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:

@@ -356,7 +356,8 @@ Examples:
 @click.option("--eval-seqlen", type=int, default=None, help="Evaluation window (default: --seqlen).")
 @click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows per dataset.")
 @click.option("--keep-checkpoints", is_flag=True, help="Also write every cell's model to OUT/checkpoints/.")
-@click.option("--tasks", default=None, help="Comma-separated lm-eval zero-shot tasks (needs lm-eval).")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval zero-shot tasks: names, or task YAML files (needs lm-eval).")
 @_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--wbits"))
 @_model_options
 @_log_file
