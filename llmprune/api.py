@@ -620,7 +620,7 @@ def unpack(model: str | Path, out: str | Path, *, overwrite: bool = False, kerne
 
 def inspect(model: str | Path) -> dict:
     """Per linear and in total: format, pattern, sparsity, bits, bytes on disk vs dense fp16."""
-    from llmprune.inspect import inspect_dir
+    from llmprune.checkpoint_info import inspect_dir
 
     return inspect_dir(_model_dir(model))
 

@@ -553,7 +553,7 @@ Examples:
 def inspect(model: str, as_json: bool) -> None:
     """Per linear and in total: format, pattern, sparsity, bits, bytes on disk vs dense fp16."""
     from llmprune import api
-    from llmprune.inspect import format_table
+    from llmprune.checkpoint_info import format_table
 
     info = api.inspect(model)
     click.echo(json.dumps(info) if as_json else format_table(info))
