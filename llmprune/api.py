@@ -735,7 +735,7 @@ def shrink(
     in-memory model in place); ``wbits`` in the recipe quantizes the shrunk model in the same run. A
     safetensors directory is streamed from disk (``lazy``) unless ``lazy=False``. Returns the run report (also
     ``out/llmprune.json``)."""
-    from llmprune.structured import ShrinkSpec, plan, shrink_model
+    from llmprune.shrinking import ShrinkSpec, plan, shrink_model
 
     t0 = time.perf_counter()
     spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
@@ -796,7 +796,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | No
     goes to a hidden directory beside ``out`` and is then quantized streamed from there (both stages resume).
     Rank 0 alone writes (torchrun)."""
     from llmprune.resume import spec_hash
-    from llmprune.structured import shrink_model
+    from llmprune.shrinking import shrink_model
 
     model, loaded_tok, ident = _open_lazy(mref, run.dtype)
     tok = tokenizer if tokenizer is not None else loaded_tok
