@@ -3,7 +3,7 @@
 The API (``llmprune/api.py``) is imported on first use, so ``import llmprune`` and ``llmprune --help`` stay
 fast: ``llmprune.compress``, ``llmprune.shrink``, ``llmprune.evaluate``, ``llmprune.sweep``, ``llmprune.load``,
 ``llmprune.bench_speed``, ``llmprune.Recipe``, ``llmprune.Report``, ``llmprune.UsageError``. Packing lives in
-``llmprune.api`` (``pack``, ``unpack``, ``inspect``): those names are also the package's modules.
+``llmprune.api`` (``pack``, ``unpack``, ``inspect``; ``pack`` is also the name of the module that packs).
 No module of the package is named like an exported function.
 """
 

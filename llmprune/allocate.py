@@ -1,7 +1,7 @@
 """Per-layer sparsity under one global target: uniform, OWL (outlier-weighted), or a SPDY-style dynamic program.
 
 Every allocation returns {linear full name: sparsity} whose parameter-weighted mean is the target (OWL
-exactly up to each layer's floor; dp to within 0.1%).
+exactly up to each layer's floor; spdy's dynamic program to within 0.1%).
 """
 
 from __future__ import annotations

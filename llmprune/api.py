@@ -201,7 +201,7 @@ def compress(
     With ``out``, a model directory is written there atomically (the input is never modified); a local
     safetensors directory with dense output is streamed block by block from disk and resumable (``lazy``).
     An in-memory model is compressed in place; without ``out`` nothing is written and the compressed model
-    is ``report.module``. ``reuse_errors``: an earlier dp run's report (or its directory). ``progress``:
+    is ``report.module``. ``reuse_errors``: an earlier spdy run's report (or its directory). ``progress``:
     True (a tqdm bar), False, or ``fn(task, done, total)``. ``tokenizer``: an object, or a hub id /
     directory to load one from (a model directory without tokenizer files needs it). ``revision`` and
     ``trust_remote_code`` go to transformers' loaders. ``dist_read`` (under torchrun, streamed models): "all"
@@ -384,7 +384,7 @@ def unpack(model: str | Path, out: str | Path, *, overwrite: bool = False, kerne
 
 def inspect(model: str | Path) -> dict:
     """Per linear and in total: format, pattern, sparsity, bits, bytes on disk vs dense fp16."""
-    from llmprune.inspect import inspect_dir
+    from llmprune.checkpoint_info import inspect_dir
 
     return inspect_dir(_model_dir(model))
 
@@ -413,7 +413,7 @@ def sweep(
     same windows of every ``evals`` dataset; rows (dense first) also written to ``out`` as results.csv,
     results.json, results.md and ppl_vs_sparsity.png. Resumable: finished cells are kept in ``out/cells``.
     ``options``/``recipe``: the shared recipe (calibration, damping, ...); the grid sets method, sparsity,
-    pattern and bits. ``tasks``: lm-eval zero-shot tasks (needs the ``lm-eval`` package)."""
+    pattern and bits. ``tasks``: lm-eval zero-shot tasks, by name or as task YAML files (needs ``lm-eval``)."""
     from llmprune import sweeps
 
     grid_keys = {"method", "sparsity", "pattern", "wbits"} & set(options)
@@ -435,6 +435,8 @@ def sweep(
         raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
     if task_names:
         sweeps.check_lm_eval()
+        for task in task_names:
+            sweeps.task_name(task)  # a task file that is missing or names no task, before any work
     if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:
@@ -497,7 +499,7 @@ def shrink(
     in-memory model in place); ``wbits`` in the recipe quantizes the shrunk model in the same run. A
     safetensors directory is streamed from disk (``lazy``) unless ``lazy=False``. Returns the run report (also
     ``out/llmprune.json``)."""
-    from llmprune.structured import ShrinkSpec, plan, shrink_model
+    from llmprune.shrinking import ShrinkSpec, plan, shrink_model
 
     t0 = time.perf_counter()
     spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
@@ -558,7 +560,7 @@ def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | No
     goes to a hidden directory beside ``out`` and is then quantized streamed from there (both stages resume).
     Rank 0 alone writes (torchrun)."""
     from llmprune.resume import spec_hash
-    from llmprune.structured import shrink_model
+    from llmprune.shrinking import shrink_model
 
     model, loaded_tok, ident = open_lazy(mref, run.dtype)
     tok = tokenizer if tokenizer is not None else loaded_tok

@@ -110,11 +110,6 @@ def is_fused_experts(module: nn.Module) -> bool:
     return isinstance(down, nn.Parameter) and down.dim() == 3
 
 
-def find_experts(block: nn.Module) -> dict[str, nn.Module]:
-    """Name in block -> fused experts module."""
-    return {name: mod for name, mod in block.named_modules() if is_fused_experts(mod)}
-
-
 def is_moe(block: nn.Module) -> bool:
     """Fused experts, or a ModuleList named ``experts`` (per-expert linears, older checkpoints)."""
     return any(is_fused_experts(m) or (n.rpartition(".")[2] == "experts" and isinstance(m, nn.ModuleList))

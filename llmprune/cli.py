@@ -110,7 +110,7 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--hessian-dtype", type=click.Choice(list(HESSIAN_DTYPES)), default=None,
                      help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate;"
                           " fp64: accumulate in fp64, so torchrun's output hardly depends on the rank count"
-                          " (README: what torchrun reproduces)."),
+                          " (docs/torchrun.md)."),
         click.option("--skip", multiple=True, help="Regex of linear names to keep dense (repeatable)."),
         click.option("--sym/--asym", default=None, help="Symmetric grid (default) or asymmetric with zero points."),
         click.option("--quant-search", type=click.Choice(["minmax", "mse"]), default=None,
@@ -356,7 +356,8 @@ Examples:
 @click.option("--eval-seqlen", type=int, default=None, help="Evaluation window (default: --seqlen).")
 @click.option("--max-windows", type=int, default=None, help="Evaluate at most this many windows per dataset.")
 @click.option("--keep-checkpoints", is_flag=True, help="Also write every cell's model to OUT/checkpoints/.")
-@click.option("--tasks", default=None, help="Comma-separated lm-eval zero-shot tasks (needs lm-eval).")
+@click.option("--tasks", default=None,
+              help="Comma-separated lm-eval zero-shot tasks: names, or task YAML files (needs lm-eval).")
 @_recipe_options(exclude=("--method", "--sparsity", "--pattern", "--wbits"))
 @_model_options
 @_log_file
@@ -552,7 +553,7 @@ Examples:
 def inspect(model: str, as_json: bool) -> None:
     """Per linear and in total: format, pattern, sparsity, bits, bytes on disk vs dense fp16."""
     from llmprune import api
-    from llmprune.inspect import format_table
+    from llmprune.checkpoint_info import format_table
 
     info = api.inspect(model)
     click.echo(json.dumps(info) if as_json else format_table(info))

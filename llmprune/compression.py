@@ -84,7 +84,7 @@ def compress_model(
     """Prune (and quantize) ``model`` in place as the run's specs say; return the run report.
 
     ``grids``, when given, receives the quantization grid of every quantized linear by full name;
-    ``reuse_errors``: the ``allocation`` entry of an earlier dp run's report, to skip measuring the tables;
+    ``reuse_errors``: the ``allocation`` entry of an earlier spdy run's report, to skip measuring the tables;
     ``sink``: a ``resume.PartialOutput`` that receives each finished block, and whose finished blocks are
     only propagated (read back compressed through the model's ``block_source``), not compressed again;
     ``progress``: a tqdm bar, nothing, or a callback (progress.py); ``captured``: block 0's inputs shared by

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from llmprune import distributed
-from llmprune.arch import ROUTERS, find_experts
+from llmprune.arch import ROUTERS, is_fused_experts
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ class ExpertLinear(nn.Linear):
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)  # shares storage with the fused tensor
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+
+def find_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """Name in block -> fused experts module."""
+    return {name: mod for name, mod in block.named_modules() if is_fused_experts(mod)}
 
 
 def supported(module: nn.Module) -> bool:

@@ -16,8 +16,8 @@ def accumulator_dtype(hessian_dtype: str) -> torch.dtype:
     """The running Hessian's dtype. ``fp64``: a product of two fp32 numbers is exact in fp64 and the sums
     carry 29 more bits than fp32, so once rounded to fp32 (``as_solver_hessian``) the Hessian seldom depends
     on how the windows were batched or split over torchrun's ranks (seldom: a sum's own rounding can still
-    tip an entry near an fp32 rounding boundary). Measured: torchrun then gave the single process's weights
-    bit for bit in every case tried (README); not a guarantee. Costs 2x the Hessian memory and fp64 GEMMs."""
+    tip an entry near an fp32 rounding boundary). torchrun then gave the single process's weights bit for
+    bit in every case tried (docs/torchrun.md); not a guarantee. Costs 2x the Hessian memory and fp64 GEMMs."""
     return torch.float64 if hessian_dtype == "fp64" else torch.float32
 
 
@@ -45,8 +45,7 @@ MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 def strips(cols: int) -> list[tuple[int, int]]:
     """Row strips [a, e) of a (cols, cols) Hessian: each batch's xᵀx is formed strip by strip, only on and
     right of the diagonal (H[a:e, a:]), and mirrored below it, since H is symmetric. Four strips do
-    10/16 of the full product's multiply-adds (on this CPU a 1536-wide update took 0.6x the time);
-    narrow layers keep one GEMM."""
+    10/16 of the full product's multiply-adds; narrow layers keep one GEMM."""
     nb = 4 if cols >= 512 else 2 if cols >= 256 else 1
     step = -(-cols // nb)
     return [(a, min(a + step, cols)) for a in range(0, cols, step)]

@@ -124,8 +124,7 @@ def _owl_trials(model: nn.Module, windows: Tensor, alloc: AllocationSpec, spec: 
     loss of those windows through it (streamed in the same pass). Each block's dense weights are put back
     once the next block has run, so the model is whole again after every trial. Returns [{owl_lambda,
     loss}]. (Scoring OWL's allocations assembled from layer versions solved on dense inputs, as spdy scores,
-    chose λ > 0 where these real runs chose uniform: SmolLM2 70% calibrated on docstrings, 1.47x uniform's
-    held-out perplexity.)"""
+    ranked λ unlike these real runs: docs/results.md.)"""
     prefixes = list(linears)
     batches = batched(distributed.shard(windows[: alloc.owl_samples]), batch_size)
     lazy = getattr(model, "block_source", None) is not None  # its blocks are read anew on every pass

@@ -43,8 +43,7 @@ def _solver_constants(module: str, *names: str) -> tuple:
 
 RECONSTRUCT_TARGETS = ("dense", "compressed")  # reconstruct.py's TARGETS (checked equal in tests)
 RECONSTRUCT_GRANULARITIES = ("block", "sublayer")
-# SmolLM2-135M 70% sparsegpt, 32 x 256 calibration, bf16, 16 steps: lr 1e-4 -> 0.75 x the perplexity without,
-# 3e-4 -> 0.72 x (scripts/bench_reconstruct.py, docs/reconstruction.md)
+# chosen by scripts/bench_reconstruct.py (docs/reconstruction.md)
 RECONSTRUCT_LR = 3e-4
 RECONSTRUCT_STEPS = 16  # --reconstruct alone, or reconstruct: true in YAML
 
@@ -106,11 +105,11 @@ class Recipe:
     owl_samples: int = 8
     # spdy: candidate sparsities target ± dp_radius in steps of 0.025, the dynamic program's choices
     dp_radius: float = 0.1
-    # spdy: dp's tables with per-block and per-kind sensitivity coefficients searched (spdy_steps candidates,
-    # each scored by the calibration loss of the assembled model on the first spdy_samples windows)
+    # spdy: the dynamic program's error tables weighted by per-block and per-kind sensitivity coefficients,
+    # searched over spdy_steps candidates, each scored by the calibration loss of the assembled model on the
+    # first spdy_samples windows
     spdy_steps: int = 24
-    # 4: at the default 128 windows the search then costs ~1 calibration forward (8 scored 0.879 / 0.676 x
-    # uniform's held-out perplexity against 0.888 / 0.723, at 3.4-3.5x against 2.8x a uniform run's wall)
+    # 4: at the default 128 windows the search then costs about one calibration forward (docs/results.md)
     spdy_samples: int = 4
     # the block loop of sparsegpt: auto = the fused Triton kernel on CUDA, torch on CPU; triton or torch forces
     kernels: str = "auto"

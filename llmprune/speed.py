@@ -15,7 +15,7 @@ import torch
 from llmprune import distributed
 from llmprune.api import load
 from llmprune.engine import resolve_device
-from llmprune.structured import count_params
+from llmprune.shrinking import count_params
 
 
 def bench_speed(models: list[str | Path], *, tokens: int = 512, batch: int = 1, new_tokens: int = 32,

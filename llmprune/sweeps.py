@@ -199,26 +199,49 @@ def check_lm_eval() -> None:
         raise UsageError("--tasks runs lm-eval-harness: pip install 'llmprune[lmeval]' (or lm-eval)") from None
 
 
+def task_name(task: str) -> str:
+    """A --tasks entry's name: an lm-eval task name as given, or the ``task`` a local task YAML file defines."""
+    path = Path(task).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        return task
+    if not path.is_file():
+        raise UsageError(f"lm-eval task file {task!r} does not exist: check the path")
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"lm-eval task file {task!r} is not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
+        raise UsageError(f"lm-eval task file {task!r} names no task: give it a 'task: NAME' key")
+    return spec["task"]
+
+
 def zero_shot(model: nn.Module, tokenizer, tasks: list[str], batch_size: int = 8) -> dict[str, float]:
-    """Accuracy of ``model`` on each lm-eval task (its Python API, with our model object); a task that cannot
-    be had (no network for its data, an unknown name) is a one-line error naming it."""
+    """Accuracy of ``model`` on each lm-eval task (its Python API, with our model object), by task name: a task
+    is an lm-eval task name or a task YAML file (lm-eval's task format, e.g. a local dataset). A task that
+    cannot be had (no network for its data, an unknown name) is a one-line error naming it."""
     check_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    files = sorted({str(Path(t).expanduser().resolve().parent) for t in tasks if task_name(t) != t})
+    manager = TaskManager(include_path=files or None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     scores = {}
     for task in tasks:
+        name = task_name(task)
         try:
-            result = simple_evaluate(model=lm, tasks=[task], verbosity="ERROR")
+            result = simple_evaluate(model=lm, tasks=[name], task_manager=manager, verbosity="ERROR")
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise UsageError(f"lm-eval task {task!r} cannot run ({first}): check its name, and that its data is"
                              " in the local cache (no network)") from None
-        metrics = result["results"][task]
+        metrics = result["results"][name]
         acc = next((v for k, v in metrics.items() if k.split(",")[0] in ("acc_norm", "acc", "exact_match")
                     and isinstance(v, int | float)), None)
-        scores[task] = float(acc) if acc is not None else float("nan")
+        scores[name] = float(acc) if acc is not None else float("nan")
     return scores
 
 

@@ -25,7 +25,7 @@ from tables import publish  # scripts/tables.py
 from llmprune.compression import compress_model
 from llmprune.perplexity import perplexity
 from llmprune.recipe import RECONSTRUCT_STEPS
-from llmprune.structured import ShrinkSpec, shrink_model
+from llmprune.shrinking import ShrinkSpec, shrink_model
 
 BASE = {
     "sparsegpt 50%": dict(sparsity=0.5),

@@ -28,7 +28,7 @@ from llmprune.data import eval_windows, load_text, tokenize
 from llmprune.loading import load_model
 from llmprune.perplexity import perplexity
 from llmprune.recipe import Recipe
-from llmprune.structured import ShrinkSpec, count_params, shrink_model
+from llmprune.shrinking import ShrinkSpec, count_params, shrink_model
 
 
 def block_params(model) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""The README's "Bad input" table, row by row: each command run as written (MODEL, OUT, TEXT stand for the
+"""docs/bad-input.md's table, row by row: each command run as written (MODEL, OUT, TEXT stand for the
 ``sharded`` fixture's model, a fresh output path and its calibration file; a condition in parentheses is made
 first), and the one line it prints equal to the row's message (``…`` stands for a pid, host, time or number)."""
 
@@ -18,14 +18,15 @@ import pytest
 from test_faults import _damage, _with_nan_in_q_proj, one_line_error
 from test_resume import run
 
-README = Path(__file__).parents[1] / "README.md"
+TABLE = Path(__file__).parents[1] / "docs" / "bad-input.md"
 
 
-def readme_rows() -> list[tuple[str, str, str]]:
-    """(command, condition or "", message) of each row of the README's "Bad input" table."""
-    text = README.read_text()
-    section = text[text.index("### Bad input"):]
-    section = section[: section.index("\n#", 5)]
+def table_rows() -> list[tuple[str, str, str]]:
+    """(command, condition or "", message) of each row of docs/bad-input.md's table."""
+    text = TABLE.read_text()
+    section = text[text.index("# Bad input"):]
+    end = section.find("\n#", 5)
+    section = section if end < 0 else section[:end]
     rows = []
     for line in section.splitlines():
         m = re.fullmatch(r"\| `llmprune ([^`]+)`(?: \(([^)]*)\))? \| `` (.+) `` \|", line.strip())
@@ -115,14 +116,14 @@ CALIBRATED = ("compress", "shrink")  # the test adds a small calibration set whe
 
 
 def test_the_table_lists_every_condition_the_tests_make():
-    conditions = {c for _, c, _ in readme_rows()}
-    assert len(readme_rows()) >= 30
+    conditions = {c for _, c, _ in table_rows()}
+    assert len(table_rows()) >= 30
     assert set(CONDITIONS) == conditions - {""}
 
 
-@pytest.mark.parametrize(("command", "condition", "message"), readme_rows(),
-                         ids=[f"{c} ({k})" if k else c for c, k, _ in readme_rows()])
-def test_each_bad_input_prints_the_readme_message(sharded, tmp_path, capsys, monkeypatch, command, condition,
+@pytest.mark.parametrize(("command", "condition", "message"), table_rows(),
+                         ids=[f"{c} ({k})" if k else c for c, k, _ in table_rows()])
+def test_each_bad_input_prints_the_documented_message(sharded, tmp_path, capsys, monkeypatch, command, condition,
                                                   message):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the suite's own setting: a user's shell has none
     model = tmp_path / "model"
@@ -141,7 +142,7 @@ def test_each_bad_input_prints_the_readme_message(sharded, tmp_path, capsys, mon
     line = one_line_error(capsys.readouterr().err).removeprefix("llmprune: error: ")
     expect = "".join(".+?" if part == "…" else re.escape(part)
                      for part in re.split(r"(…)", pattern.sub(lambda m: subs[m[1]], message)))
-    assert re.fullmatch(expect, line), f"\nREADME: {message}\nprinted: {line}"
+    assert re.fullmatch(expect, line), f"\ndocs/bad-input.md: {message}\nprinted: {line}"
     assert not (tmp_path / "out").exists() or condition == "OUT holds a file"
 
 

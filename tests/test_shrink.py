@@ -14,8 +14,8 @@ from test_solvers import correlated_layer
 import llmprune
 from llmprune.arch import LAYOUTS, find_blocks, get_weight, set_weight
 from llmprune.cli import main
+from llmprune.solvers.group_obs import obs_remove, score_remove
 from llmprune.solvers.result import relative_error
-from llmprune.solvers.structured import obs_remove, score_remove
 
 CALIB = dict(calib="shakespeare", nsamples=4, seqlen=32, device="cpu", progress=False)
 HEADS = {"llama", "qwen2", "gemma3_text"}
@@ -228,7 +228,7 @@ def test_an_interrupted_streamed_shrink_resumes_to_the_same_output(tiny_tokenize
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import llmprune.api
-    import llmprune.structured as structured
+    import llmprune.shrinking as shrinking
 
     d = tmp_path / "src"
     torch.manual_seed(0)
@@ -241,7 +241,7 @@ def test_an_interrupted_streamed_shrink_resumes_to_the_same_output(tiny_tokenize
     def tensors(out):
         return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
-    real = structured.shrink_block
+    real = shrinking.shrink_block
     calls = []
 
     def fail_at_block_2(block, *args, **kwargs):
@@ -255,10 +255,10 @@ def test_an_interrupted_streamed_shrink_resumes_to_the_same_output(tiny_tokenize
         ref = llmprune.shrink(d, tmp_path / f"ref{wbits}", **opts, **q)
         out = tmp_path / f"out{wbits}"
         calls.clear()
-        monkeypatch.setattr(structured, "shrink_block", fail_at_block_2)
+        monkeypatch.setattr(shrinking, "shrink_block", fail_at_block_2)
         with pytest.raises(RuntimeError, match="injected"):
             llmprune.shrink(d, out, **opts, **q)
-        monkeypatch.setattr(structured, "shrink_block", real)
+        monkeypatch.setattr(shrinking, "shrink_block", real)
         shrunk_dir = out if wbits is None else tmp_path / f".{out.name}.shrunk"
         partial = tmp_path / f"{shrunk_dir.name}.partial"
         assert not out.exists() and sorted(json.loads((partial / "journal.json").read_text())["blocks"]) == ["0", "1"]
@@ -276,7 +276,7 @@ def test_an_interrupted_streamed_shrink_resumes_to_the_same_output(tiny_tokenize
         llmprune.shrink(d, tmp_path / "late", **opts, wbits=4, group_size=8)
     monkeypatch.undo()
     assert (tmp_path / ".late.shrunk" / "llmprune.json").is_file()
-    monkeypatch.setattr(structured, "shrink_block", lambda *a, **k: pytest.fail("shrunk again"))
+    monkeypatch.setattr(shrinking, "shrink_block", lambda *a, **k: pytest.fail("shrunk again"))
     with caplog.at_level(logging.INFO, logger="llmprune"):
         llmprune.shrink(d, tmp_path / "late", **opts, wbits=4, group_size=8)
     assert "already shrunk" in caplog.text

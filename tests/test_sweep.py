@@ -130,6 +130,53 @@ def test_zero_shot_tasks_through_lm_eval(tiny_model_dir, text, tmp_path):
                            calib=str(text), tasks="no-such-task", max_windows=2, progress=False, **CALIB)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm-eval is an optional extra (pip install 'llmprune[lmeval]'): not installed here")
+def test_a_task_from_a_local_file_scores_every_cell(tiny_model_dir, text, tmp_path, capsys):
+    """lm-eval for real: a multiple-choice task defined by a YAML file over a local JSON file, no network; every
+    row (dense included) gets its accuracy, in results.json and the table."""
+    questions = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
+                 for a in range(4) for b in range(3)]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    task = tmp_path / "tasks" / "sums.yaml"
+    task.parent.mkdir()
+    task.write_text(f"""task: tiny_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""")
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", str(tiny_model_dir), "--out", str(tmp_path / "t"), "--methods", "magnitude", "--sparsities",
+              "0.5", "--calib", str(text), "--eval", str(text), "--max-windows", "2", "--tasks", str(task),
+              "--nsamples", "4", "--seqlen", "32", "--device", "cpu"])
+    assert exc.value.code == 0
+    rows = json.loads((tmp_path / "t" / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["dense", "magnitude 0.5"]
+    for r in rows:
+        assert 0 <= r["scores"]["tiny_sums"] <= 1, r
+    assert "acc tiny_sums" in capsys.readouterr().out
+
+
+def test_a_task_file_that_is_missing_or_names_no_task_is_refused(tiny_model_dir, text, tmp_path):
+    from llmprune.sweeps import task_name
+
+    assert task_name("hellaswag") == "hellaswag"
+    with pytest.raises(llmprune.UsageError, match="does not exist"):
+        task_name(str(tmp_path / "none.yaml"))
+    (tmp_path / "bad.yaml").write_text("dataset_path: json\n")
+    with pytest.raises(llmprune.UsageError, match="names no task"):
+        task_name(str(tmp_path / "bad.yaml"))
+
+
 def test_without_lm_eval_tasks_say_how_to_get_it(tiny_model_dir, text, tmp_path, monkeypatch):
     import builtins
 

@@ -134,7 +134,7 @@ def test_with_fp64_hessians_torchrun_gives_the_tiny_models_single_process_output
                                                                                               tmp_path):
     """On this model --hessian-dtype fp64 leaves the Hessians as one process has them, so even GPTQ's chaotic
     rounding lands on the same codes: every tensor equal. A measurement, as on SmolLM2 below, not a guarantee
-    (the fp64 sums still round in another order: README, what torchrun reproduces)."""
+    (the fp64 sums still round in another order: docs/torchrun.md)."""
     base = ["compress", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
             "--dtype", "float32", "--device", "cpu", "--hessian-dtype", "fp64", *EXACT[case]]
     r1, r2, _ = both(base, tmp_path)
@@ -161,7 +161,7 @@ def test_with_rank0_reading_only_rank0_opens_the_shards_and_the_output_is_the_sa
 def test_shrink_under_torchrun_gives_the_single_process_model(method, model_dir, tmp_path):
     """Heads, channels and a block chosen on every rank's tokens (Hessians and similarities summed), rank 0
     writes (streamed from disk; obs-w4: then quantized, streamed too): with fp64 Hessians the same model bit
-    for bit on this model (measured, not guaranteed: README, what torchrun reproduces)."""
+    for bit on this model (measured, not guaranteed: docs/torchrun.md)."""
     base = ["shrink", str(model_dir), "--calib", "shakespeare", "--nsamples", "8", "--seqlen", "32",
             "--dtype", "float32", "--device", "cpu", "--mlp", "0.34", "--heads", "0.5", "--drop-blocks", "1",
             "--align", "16",
@@ -239,9 +239,9 @@ def test_reconstruction_under_torchrun_matches_the_single_process(model_dir, tmp
             assert rel < 0.02, f"{k}: relative difference {rel:.2e}"
 
 
-# -- what the README states torchrun reproduces, checked as written on the real SmolLM2-135M -------------------
+# -- what docs/torchrun.md states torchrun reproduces, checked as written on the real SmolLM2-135M --------------
 
-REPRO = {  # README "What torchrun reproduces": the 8 x 64, first-2-blocks rows, with their margins
+REPRO = {  # docs/torchrun.md, what torchrun reproduces: the 8 x 64, first-2-blocks rows, with their margins
     "fp32": dict(identical=False, mask_agreement=0.99, worst_mask_agreement=0.85, rel_diff=0.10, worst_rel_diff=0.5,
                  ppl_within=0.05),
     "fp64": dict(identical=True),
@@ -266,7 +266,7 @@ def smollm2_dir(smollm2, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("hessian_dtype", list(REPRO))
 def test_what_torchrun_reproduces_on_smollm2_is_what_the_readme_states(smollm2_dir, tmp_path, hessian_dtype):
-    """scripts/bench_torchrun_repro.py (which measured the README's table) on 8 x 64 calibration tokens, the
+    """scripts/bench_torchrun_repro.py (which measured docs/torchrun.md's figures) on 8 x 64 calibration tokens, the
     first 2 blocks compressed: one process batches the 8 windows as one batch, each rank 4."""
     rows = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(HERE.parent / "scripts" / "bench_torchrun_repro.py"),

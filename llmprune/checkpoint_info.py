@@ -2,7 +2,7 @@
 
 Works on every layout llmprune writes (dense, compressed-tensors pack-quantized, packed 2:4) and on plain
 Hugging Face directories. Sparsity and pattern are measured from the weights themselves, so the per-layer
-sparsities an ``--allocation owl|dp`` run chose show up here as they are on disk.
+sparsities an ``--allocation owl|spdy`` run chose show up here as they are on disk.
 """
 
 from __future__ import annotations

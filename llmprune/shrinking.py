@@ -2,7 +2,7 @@
 
 One streamed pass (the engine's): per block, the Hessians of the linears that read the removable groups
 (down_proj / fc2 for channels, o_proj for heads) and the block's input/output cosine similarity; then the
-groups go (solvers/structured.py: OBS with the consumer's update, or l1 / wanda scores), the producing rows
+groups go (solvers/group_obs.py: OBS with the consumer's update, or l1 / wanda scores), the producing rows
 (gate/up, fc1; q, and k/v with whole KV groups) and the consuming columns are cut out, the modules are
 replaced by smaller ones, and the shrunk block feeds the next. At the end the blocks that change their input
 least (1 − cosine) are dropped. When heads and channels both go, the heads go first and down_proj's
@@ -32,8 +32,8 @@ from llmprune.engine import BlockPass, Stream, resolve_device
 from llmprune.errors import UsageError
 from llmprune.hessian import HessianCollector
 from llmprune.progress import Progress
+from llmprune.solvers.group_obs import METHODS, channel_chunk, obs_remove, score_remove
 from llmprune.solvers.result import relative_error
-from llmprune.solvers.structured import METHODS, channel_chunk, obs_remove, score_remove
 from llmprune.targets import block_targets
 
 log = logging.getLogger(__name__)
