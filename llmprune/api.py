@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
 import time
 from inspect import signature
 from pathlib import Path
@@ -27,18 +26,14 @@ import torch
 from torch import nn
 
 from llmprune import distributed
-from llmprune.arch import find_blocks
 from llmprune.block import prunable_linears
-from llmprune.calibration import calibration_set
 from llmprune.checkpoint import (
     REPORT,
     atomic_dir,
     is_packed,
     read_report,
-    save_metadata,
-    write_report,
 )
-from llmprune.compression import RunSpec, check_output_dir, compress_model
+from llmprune.compression import RunSpec, check_output_dir
 from llmprune.data import load_documents, window_layout
 from llmprune.engine import resolve_device
 from llmprune.errors import UsageError
@@ -47,22 +42,18 @@ from llmprune.pattern import parse_pattern
 from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.pipeline import (
     compress_run,
-    dense_checkpoint_info,
     describe,
     load_whole,
     one_writer,
     open_lazy,
-    open_partial,
-    releases_partials,
     save_whole,
-    say_not_streamed,
+    shrink_run,
     streams,
 )
 from llmprune.progress import Progress, library_bars
 from llmprune.recipe import Recipe, load_recipe, recipe_from_dict
 from llmprune.report import Report
 from llmprune.schemes import activations
-from llmprune.version import __version__
 
 log = logging.getLogger("llmprune")
 
@@ -499,7 +490,7 @@ def shrink(
     in-memory model in place); ``wbits`` in the recipe quantizes the shrunk model in the same run. A
     safetensors directory is streamed from disk (``lazy``) unless ``lazy=False``. Returns the run report (also
     ``out/llmprune.json``)."""
-    from llmprune.shrinking import ShrinkSpec, plan, shrink_model
+    from llmprune.shrinking import ShrinkSpec, plan
 
     t0 = time.perf_counter()
     spec = ShrinkSpec(mlp=mlp, heads=heads, drop_blocks=drop_blocks, method=method, align=align,
@@ -528,99 +519,8 @@ def shrink(
     quantize = _quantizing(rec).resolve() if rec.wbits is not None else None
     mref, out_path, tokenizer = _checked_input(model, out, overwrite, run, tokenizer, revision, trust_remote_code,
                                                check)
-    if lazy and out_path is not None and mref is not None and streams(mref):
-        return _shrink_lazy(mref, out_path, run, quantize, spec, overwrite, t0, progress, tokenizer)
-    with one_writer(out_path):
-        if mref is None:
-            m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
-        else:
-            if lazy and out_path is not None:
-                say_not_streamed(mref, run.dtype)
-            m, loaded = load_whole(mref, run.dtype, writes=out_path is not None)
-            tok = tokenizer if tokenizer is not None else loaded
-            source, kind = mref.ref, mref.origin
-        report = shrink_model(m, tok, run, spec, progress=progress)
-        grids: dict = {}
-        if quantize is not None:
-            report = _quantize_shrunk(m, tok, quantize, report, grids, progress)
-        describe(report, m, source or "in-memory", kind)
-        if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
-            save_whole(out_path, m, tok, report, grids, t0, run.output)
-    if out_path is not None:
-        report = distributed.broadcast_object(report)
-    return report
-
-
-@releases_partials
-def _shrink_lazy(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | None, spec, overwrite: bool,
-                 t0: float, progress: Progress, tokenizer) -> dict:
-    """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written to OUT.partial/
-    as soon as it is done (with the journal compress keeps, so a re-run resumes), and the output assembled
-    (blocks renumbered past the dropped ones) only once every block is in. With ``--wbits`` the shrunk model
-    goes to a hidden directory beside ``out`` and is then quantized streamed from there (both stages resume).
-    Rank 0 alone writes (torchrun)."""
-    from llmprune.resume import spec_hash
-    from llmprune.shrinking import shrink_model
-
-    model, loaded_tok, ident = open_lazy(mref, run.dtype)
-    tok = tokenizer if tokenizer is not None else loaded_tok
-    src = model.block_source
-    main = distributed.is_main()
-    windows, calib = calibration_set(tok, model, run.calibration)
-    key = {"shrink": dataclasses.asdict(spec), "recipe": run.recipe, "calibration": calib["sha256"],
-           **ident,
-           "llmprune": __version__}
-    target = out if quantize is None else out.parent / f".{out.name}.shrunk"
-    stamp = target / ".shrink-spec"  # --wbits: the shrunk stage finished for this very spec
-    if quantize is not None and stamp.is_file() and stamp.read_text() == spec_hash(key):
-        report = read_report(target)
-        log.info("resuming: %s is already shrunk, quantizing it", target)
-    else:
-        partial = open_partial(target, key, len(find_blocks(model)[1]))
-        done = {i: partial.layers(i)[0] for i in partial.finished}
-        if done:
-            log.info("resuming %s: %d blocks already done", partial.dir, len(done))
-        for i in done:
-            src.overrides[i] = partial.reader(i)
-
-        def write_block(i: int, block: nn.Module, info: dict) -> None:
-            partial.finish_block(i, {f"{src.path}.{i}.{k}": v for k, v in block.state_dict().items()}, [info], {})
-
-        report = shrink_model(model, tok, run, spec, progress=progress, on_block_done=write_block, done=done,
-                              calibration=(windows, calib))
-        dtype = describe(report, model, mref.ref, mref.origin, lazy=True)
-        if main:
-            new_index = {i: j for j, i in enumerate(report["kept_blocks"])}
-
-            def renumber(i: int, tensors: dict, grids: dict) -> dict:
-                """Kept block i as block j, in the input's checkpoint layout (its keys, per-expert tensors)."""
-                inside = f"{src.path}.{i}."
-                return src.keymap.to_checkpoint({f"{src.path}.{new_index[i]}.{k.removeprefix(inside)}": v
-                                                 for k, v in tensors.items()})
-
-            def write_meta(directory: Path) -> None:
-                save_metadata(model, tok, directory)
-                report["checkpoint"] = dense_checkpoint_info(directory, dtype)
-                report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
-                write_report(directory, report)
-                if quantize is not None:
-                    (directory / stamp.name).write_text(spec_hash(key))
-
-            partial.publish(src.rest_state(), write_meta, overwrite or quantize is not None, renumber,
-                            kept=report["kept_blocks"])
-            log.info("wrote %s", target)
-        report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
-    if quantize is None:
-        return report
-    quantized = compress_run(None, resolve(str(target)), out, quantize, tokenizer=tokenizer or tok, lazy=True,
-                             overwrite=overwrite, reuse=None, progress=progress, t0=t0,
-                             extra={k: report[k] for k in (*SHRINK_KEYS, "model")}
-                             | ({"shrink_reconstruction": report["reconstruction"]}
-                                if report.get("reconstruction") is not None else {}))
-    distributed.barrier()
-    if main:  # kept until the quantized output is complete, so an interrupted run resumes from it
-        shutil.rmtree(target, ignore_errors=True)
-    return quantized.to_dict()
+    return shrink_run(model if mref is None else None, mref, out_path, run, quantize, spec, tokenizer=tokenizer,
+                      lazy=lazy, overwrite=overwrite, progress=progress, t0=t0)
 
 
 def _quantizing(recipe: Recipe) -> Recipe:
@@ -628,18 +528,3 @@ def _quantizing(recipe: Recipe) -> Recipe:
     return recipe.replace(sparsity=0.0, drop_experts=0.0)
 
 
-SHRINK_KEYS = ("shrink", "sizes", "dropped_experts", "dropped_blocks", "kept_blocks", "blocks", "params")
-
-
-def _quantize_shrunk(model: nn.Module, tokenizer, quantize: RunSpec, shrunk: dict, grids: dict,
-                     progress: Progress) -> dict:
-    """``--wbits`` after shrinking: the smaller model's linears quantized (``quantize``: the run of
-    ``_quantizing``) on the same calibration windows (a second streamed pass, as its inputs changed); the
-    report is compress's, with the shrink's entries added."""
-    report = compress_model(model, tokenizer, quantize, grids=grids, progress=progress)
-    report["timings"] = {"shrink_s": shrunk["timings"]["shrink_s"], **report["timings"]}
-    for key in SHRINK_KEYS:
-        report[key] = shrunk[key]
-    if shrunk.get("reconstruction") is not None:  # --reconstruct ran after each stage
-        report["shrink_reconstruction"] = shrunk["reconstruction"]
-    return report

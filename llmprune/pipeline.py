@@ -5,10 +5,12 @@ or OUT.partial/'s journal, block by block as they finish, published when complet
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from llmprune.checkpoint import (
     PackQuantizedWriter,
     atomic_dir,
     is_packed,
+    read_report,
     save_compressed_tensors,
     save_hf,
     save_metadata,
@@ -33,7 +36,7 @@ from llmprune.checkpoint import (
 from llmprune.compression import RunSpec, compress_model
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
-from llmprune.loading import ModelRef, is_gguf, load_model, skeleton
+from llmprune.loading import ModelRef, is_gguf, load_model, resolve, skeleton
 from llmprune.progress import Progress
 from llmprune.report import Report
 from llmprune.version import __version__
@@ -289,3 +292,123 @@ def _publish_streamed(model: nn.Module, tokenizer, partial, out: Path, run: RunS
 
     partial.publish(rest, write_meta, overwrite, convert if compressed else None)
     log.info("wrote %s", out)
+
+
+def shrink_run(model: nn.Module | None, mref: ModelRef | None, out: Path | None, run: RunSpec,
+               quantize: RunSpec | None, spec, *, tokenizer, lazy: bool, overwrite: bool, progress: Progress,
+               t0: float) -> dict:
+    """Shrink a model (``model`` in memory, else the one ``mref`` names) by ``spec``, then quantize it when
+    ``quantize`` is given; with ``out``, write it. The same sources and sinks as ``compress_run``: a streamable
+    directory is shrunk block by block into OUT.partial/ (``_shrink_streamed``), anything else in memory."""
+    from llmprune.shrinking import shrink_model
+
+    if lazy and out is not None and mref is not None and streams(mref):
+        return _shrink_streamed(mref, out, run, quantize, spec, overwrite, t0, progress, tokenizer)
+    with one_writer(out):
+        if mref is None:
+            m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
+        else:
+            if lazy and out is not None:
+                say_not_streamed(mref, run.dtype)
+            m, loaded = load_whole(mref, run.dtype, writes=out is not None)
+            tok = tokenizer if tokenizer is not None else loaded
+            source, kind = mref.ref, mref.origin
+        report = shrink_model(m, tok, run, spec, progress=progress)
+        grids: dict = {}
+        if quantize is not None:
+            report = _quantize_shrunk(m, tok, quantize, report, grids, progress)
+        describe(report, m, source or "in-memory", kind)
+        if out is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
+            save_whole(out, m, tok, report, grids, t0, run.output)
+    if out is not None:
+        report = distributed.broadcast_object(report)
+    return report
+
+
+@releases_partials
+def _shrink_streamed(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec | None, spec, overwrite: bool,
+                 t0: float, progress: Progress, tokenizer) -> dict:
+    """``shrink`` streamed from disk: one block in memory at a time, each shrunk block written to OUT.partial/
+    as soon as it is done (with the journal compress keeps, so a re-run resumes), and the output assembled
+    (blocks renumbered past the dropped ones) only once every block is in. With ``--wbits`` the shrunk model
+    goes to a hidden directory beside ``out`` and is then quantized streamed from there (both stages resume).
+    Rank 0 alone writes (torchrun)."""
+    from llmprune.resume import spec_hash
+    from llmprune.shrinking import shrink_model
+
+    model, loaded_tok, ident = open_lazy(mref, run.dtype)
+    tok = tokenizer if tokenizer is not None else loaded_tok
+    src = model.block_source
+    main = distributed.is_main()
+    windows, calib = calibration_set(tok, model, run.calibration)
+    key = {"shrink": dataclasses.asdict(spec), "recipe": run.recipe, "calibration": calib["sha256"],
+           **ident,
+           "llmprune": __version__}
+    target = out if quantize is None else out.parent / f".{out.name}.shrunk"
+    stamp = target / ".shrink-spec"  # --wbits: the shrunk stage finished for this very spec
+    if quantize is not None and stamp.is_file() and stamp.read_text() == spec_hash(key):
+        report = read_report(target)
+        log.info("resuming: %s is already shrunk, quantizing it", target)
+    else:
+        partial = open_partial(target, key, len(find_blocks(model)[1]))
+        done = {i: partial.layers(i)[0] for i in partial.finished}
+        if done:
+            log.info("resuming %s: %d blocks already done", partial.dir, len(done))
+        for i in done:
+            src.overrides[i] = partial.reader(i)
+
+        def write_block(i: int, block: nn.Module, info: dict) -> None:
+            partial.finish_block(i, {f"{src.path}.{i}.{k}": v for k, v in block.state_dict().items()}, [info], {})
+
+        report = shrink_model(model, tok, run, spec, progress=progress, on_block_done=write_block, done=done,
+                              calibration=(windows, calib))
+        dtype = describe(report, model, mref.ref, mref.origin, lazy=True)
+        if main:
+            new_index = {i: j for j, i in enumerate(report["kept_blocks"])}
+
+            def renumber(i: int, tensors: dict, grids: dict) -> dict:
+                """Kept block i as block j, in the input's checkpoint layout (its keys, per-expert tensors)."""
+                inside = f"{src.path}.{i}."
+                return src.keymap.to_checkpoint({f"{src.path}.{new_index[i]}.{k.removeprefix(inside)}": v
+                                                 for k, v in tensors.items()})
+
+            def write_meta(directory: Path) -> None:
+                save_metadata(model, tok, directory)
+                report["checkpoint"] = dense_checkpoint_info(directory, dtype)
+                report["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+                write_report(directory, report)
+                if quantize is not None:
+                    (directory / stamp.name).write_text(spec_hash(key))
+
+            partial.publish(src.rest_state(), write_meta, overwrite or quantize is not None, renumber,
+                            kept=report["kept_blocks"])
+            log.info("wrote %s", target)
+        report = distributed.broadcast_object(report)  # also: the others wait until the directory is complete
+    if quantize is None:
+        return report
+    quantized = compress_run(None, resolve(str(target)), out, quantize, tokenizer=tokenizer or tok, lazy=True,
+                             overwrite=overwrite, reuse=None, progress=progress, t0=t0,
+                             extra={k: report[k] for k in (*SHRINK_KEYS, "model")}
+                             | ({"shrink_reconstruction": report["reconstruction"]}
+                                if report.get("reconstruction") is not None else {}))
+    distributed.barrier()
+    if main:  # kept until the quantized output is complete, so an interrupted run resumes from it
+        shutil.rmtree(target, ignore_errors=True)
+    return quantized.to_dict()
+
+
+SHRINK_KEYS = ("shrink", "sizes", "dropped_experts", "dropped_blocks", "kept_blocks", "blocks", "params")
+
+
+def _quantize_shrunk(model: nn.Module, tokenizer, quantize: RunSpec, shrunk: dict, grids: dict,
+                     progress: Progress) -> dict:
+    """``--wbits`` after shrinking: the smaller model's linears quantized (``quantize``: the run of
+    ``_quantizing``) on the same calibration windows (a second streamed pass, as its inputs changed); the
+    report is compress's, with the shrink's entries added."""
+    report = compress_model(model, tokenizer, quantize, grids=grids, progress=progress)
+    report["timings"] = {"shrink_s": shrunk["timings"]["shrink_s"], **report["timings"]}
+    for key in SHRINK_KEYS:
+        report[key] = shrunk[key]
+    if shrunk.get("reconstruction") is not None:  # --reconstruct ran after each stage
+        report["shrink_reconstruction"] = shrunk["reconstruction"]
+    return report

@@ -271,7 +271,9 @@ def test_an_interrupted_streamed_shrink_resumes_to_the_same_output(tiny_tokenize
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert not partial.exists()
     # --wbits: the quantization stage fails after the shrink finished; the re-run does not shrink again
-    monkeypatch.setattr(llmprune.api, "compress_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("q")))
+    from llmprune import pipeline
+
+    monkeypatch.setattr(pipeline, "compress_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("q")))
     with pytest.raises(RuntimeError, match="q"):
         llmprune.shrink(d, tmp_path / "late", **opts, wbits=4, group_size=8)
     monkeypatch.undo()
