@@ -26,7 +26,7 @@ class AllocationSpec:
     owl_m: float = 5.0  # a Wanda score above owl_m x its block's mean counts as an outlier
     owl_lambda: float | str = 0.08  # block sparsities lie in target ± owl_lambda; "auto": chosen by trials
     owl_samples: int = 8  # --owl-lambda auto: the windows each trial is scored on
-    dp_radius: float = 0.1  # the candidate sparsities: target ± dp_radius in steps of 0.025
+    spdy_radius: float = 0.1  # the candidate sparsities: target ± spdy_radius in steps of 0.025
     spdy_steps: int = 24  # sensitivity candidates the search scores
     spdy_samples: int = 4  # the windows each candidate is scored on
     seed: int = 0  # of the search

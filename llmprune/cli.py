@@ -130,7 +130,7 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--owl-lambda", type=OwlLambda(), default=None,
                      help="OWL: block sparsities within target ± lambda (default 0.08); auto: the lambda whose"
                           " allocation has the lowest calibration loss (0 = uniform included)."),
-        click.option("--dp-radius", type=float, default=None,
+        click.option("--spdy-radius", type=float, default=None,
                      help="spdy: candidate sparsities within target ± this, in steps of 0.025 (default 0.1)."),
         click.option("--spdy-steps", type=int, default=None,
                      help="spdy: candidate allocations scored in the search (default 24)."),

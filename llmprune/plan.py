@@ -60,7 +60,7 @@ def plan_sparsities(
     prefixes = list(linears)
     ratios: list[float] = []
     tables: dict[str, dict] = {}
-    cands = allocate.candidates(target, alloc.dp_radius)
+    cands = allocate.candidates(target, alloc.spdy_radius)
     store = spdy.VersionStore() if alloc.method == "spdy" else None
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
@@ -101,7 +101,7 @@ def plan_sparsities(
                progress=progress).run(on_block, desc=f"{alloc.method} plan")
         if store is not None:  # OWL's allocations for a few λ, rounded to the grid, are further starting points
             owls = {f"owl lambda={lam:g}": allocate.snap({n: a[n] for n in tables}, tables, target)
-                    for lam in allocate.owl_lambdas(alloc.dp_radius) for a in [owl_at(lam)]}
+                    for lam in allocate.owl_lambdas(alloc.spdy_radius) for a in [owl_at(lam)]}
             return spdy.search(model, windows, alloc, batch_size, linears, device, tables, store, progress,
                                starts=owls)
     finally:

@@ -103,8 +103,8 @@ class Recipe:
     # whose real compression on the first owl_samples windows gives those windows the lowest loss
     owl_lambda: float | str = 0.08
     owl_samples: int = 8
-    # spdy: candidate sparsities target ± dp_radius in steps of 0.025, the dynamic program's choices
-    dp_radius: float = 0.1
+    # spdy: candidate sparsities target ± spdy_radius in steps of 0.025, the dynamic program's choices
+    spdy_radius: float = 0.1
     # spdy: the dynamic program's error tables weighted by per-block and per-kind sensitivity coefficients,
     # searched over spdy_steps candidates, each scored by the calibration loss of the assembled model on the
     # first spdy_samples windows
@@ -297,8 +297,8 @@ class Recipe:
                              " pattern fixes: use unstructured sparsity or --allocation uniform")
         if self.target_sparsity == 0:
             raise UsageError(f"--allocation {self.allocation} distributes a sparsity: pass e.g. --sparsity 0.7")
-        if not (0 < self.dp_radius <= 0.5):
-            raise UsageError(f"dp_radius {self.dp_radius} must be in (0, 0.5]: e.g. --dp-radius 0.1")
+        if not (0 < self.spdy_radius <= 0.5):
+            raise UsageError(f"spdy_radius {self.spdy_radius} must be in (0, 0.5]: e.g. --spdy-radius 0.1")
         if self.owl_lambda != "auto" and (isinstance(self.owl_lambda, str | bool)
                                           or not 0 < self.owl_lambda < 0.5):
             raise UsageError(f"owl_lambda {self.owl_lambda!r} must be in (0, 0.5) or auto: e.g. --owl-lambda 0.08")
@@ -411,7 +411,7 @@ class Recipe:
         )
         allocation = None if self.allocation == "uniform" else AllocationSpec(
             method=self.allocation, target=target, owl_m=self.owl_m, owl_lambda=self.owl_lambda,
-            owl_samples=self.owl_samples, dp_radius=self.dp_radius, spdy_steps=self.spdy_steps,
+            owl_samples=self.owl_samples, spdy_radius=self.spdy_radius, spdy_steps=self.spdy_steps,
             spdy_samples=self.spdy_samples, seed=self.seed,
         )
         return RunSpec(
@@ -434,6 +434,10 @@ class Recipe:
 OPTIONAL = {"split": str, "by_document": bool, "bos": bool, "scheme": str}  # fields whose default None means "decide"
 
 
+# keys a recipe may still carry from before a rename: refused with the new name
+RENAMED = {"dp_radius": "spdy_radius"}
+
+
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Strict: an unknown key or a value of the wrong type is an error naming the key."""
     known = {f.name: f for f in dataclasses.fields(Recipe)}
@@ -441,6 +445,8 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         key_norm = str(key).replace("-", "_")
+        if key_norm in RENAMED:
+            raise UsageError(f"{source}: {key!r} is now called {RENAMED[key_norm]!r}: rename the key")
         if key_norm not in known:
             raise UsageError(f"{source}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         default = getattr(Recipe(), key_norm)

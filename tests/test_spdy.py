@@ -111,7 +111,7 @@ def test_spdy_spares_the_sensitive_layer_and_lowers_the_calibration_loss(sensiti
     uniform_loss = calibration_loss(uniform_model, batches, torch.device("cpu"), lambda i, b, p: None)
     assert spdy_loss < uniform_loss
     history = report["allocation"]["history"]
-    owls = len(allocate.owl_lambdas(recipe.dp_radius))  # OWL's allocations are starting points too
+    owls = len(allocate.owl_lambdas(recipe.spdy_radius))  # OWL's allocations are starting points too
     assert len(history) <= recipe.spdy_steps + 2 + owls and report["allocation"]["coefficients"]
     assert sum(1 for h in history if str(h.get("candidate", "")).startswith("owl lambda=")) == owls
 
@@ -229,6 +229,6 @@ def test_the_plan_pass_runs_each_block_once_with_the_tables_of_two_passes(sensit
     assert once["tables"] == twice["tables"] and once["sparsities"] == twice["sparsities"]
     calls = {"once": n_once, "twice": n_twice}
     batches = -(-len(windows) // recipe.batch_size)
-    scoring = (recipe.spdy_steps + 2 + len(allocate.owl_lambdas(recipe.dp_radius))) * 1  # one batch per score
+    scoring = (recipe.spdy_steps + 2 + len(allocate.owl_lambdas(recipe.spdy_radius))) * 1  # one batch per score
     assert calls["twice"] - calls["once"] == batches, calls
     assert calls["once"] <= batches + scoring

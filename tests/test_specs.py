@@ -49,7 +49,7 @@ FIELD_CASES: dict[str, tuple[dict, object]] = {
     "owl_m": ({"allocation": "owl"}, 3.0),
     "owl_lambda": ({"allocation": "owl"}, "auto"),
     "owl_samples": ({"allocation": "owl"}, 4),
-    "dp_radius": ({"allocation": "spdy"}, 0.2),
+    "spdy_radius": ({"allocation": "spdy"}, 0.2),
     "spdy_steps": ({"allocation": "spdy"}, 4),
     "spdy_samples": ({"allocation": "spdy"}, 2),
     "kernels": ({}, "torch"),
@@ -144,3 +144,11 @@ def test_importing_the_cli_imports_no_solver_kernel_or_triton():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_renamed_recipe_key_is_refused_with_its_new_name():
+    from llmprune import UsageError, make_recipe
+
+    with pytest.raises(UsageError, match="'dp_radius' is now called 'spdy_radius': rename the key"):
+        make_recipe({"allocation": "spdy", "dp_radius": 0.1})
+    assert make_recipe({"allocation": "spdy", "spdy_radius": 0.2}).spdy_radius == 0.2
