@@ -124,10 +124,10 @@ def test_a_hessian_is_freed_once_the_last_linear_reading_it_is_solved(monkeypatc
     """The widest layer's solve must not run beside the block's other Hessians (host/device memory)."""
     import weakref
 
-    import llmprune.compression as compress
+    import llmprune.solve as solve
 
     model = tiny_model("llama")
-    real = compress.SOLVERS["sparsegpt"]
+    real = solve.SOLVERS["sparsegpt"]
     seen: list[tuple[str, weakref.ref]] = []  # (first linear of each group, weakref to its Hessian)
     alive_at_down: list[str] = []
 
@@ -138,7 +138,7 @@ def test_a_hessian_is_freed_once_the_last_linear_reading_it_is_solved(monkeypatc
             alive_at_down.extend(name for name, r in seen if r() is not None and r() is not H)
         return real(W, H, *a, **k)
 
-    monkeypatch.setitem(compress.SOLVERS, "sparsegpt", solver)
+    monkeypatch.setitem(solve.SOLVERS, "sparsegpt", solver)
     compress_model(model, None, Recipe(method="sparsegpt", batch_size=4, device="cpu").resolve(),
                    torch.randint(0, VOCAB, (4, 16)))
     assert len(seen) == 4 * model.config.num_hidden_layers  # q/k/v, o, gate/up, down: four Hessians a block

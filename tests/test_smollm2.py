@@ -164,12 +164,11 @@ def test_packed_24_checkpoint_is_small_and_loads_exactly(tmp_path, extra, bound,
     assert sum(t.numel() * t.element_size() for t in tensors.values()) <= bound * fp16
 
 
-def test_owl_beats_uniform_at_70_percent(smollm2, held_out):
-    """Issue 8's claim on the real model: at 70%, OWL gives a lower held-out perplexity than uniform SparseGPT,
-    with the same global sparsity. dp held the same (112.00 vs 115.40) in the two-pass order; under the
-    sequential order (the default since issue 19) uniform improved to 110.13 and dp's table of dense-input
-    layer errors no longer beats it (113.90, owl 107.45): issue 21 replaces that proxy, so dp is not run here
-    (its sparsity is checked on tiny models in test_allocate)."""
+def test_owl_keeps_the_sparsity_and_uniforms_quality_at_70_percent(smollm2, held_out):
+    """OWL on the real model at 70%: the same global sparsity as uniform SparseGPT, and a held-out perplexity
+    within 2% of uniform's. Whether it beats uniform here depends on the host's rounding: 107.45 vs 110.13 on
+    the host that first measured it, 106.88 vs 105.81 on an AVX-512 host with the same code and torch build, so
+    its gain on SmolLM2 is within the noise of the solve and is not claimed."""
     model, tokenizer, pristine = smollm2
     base = Recipe(calib="shakespeare", nsamples=16, seqlen=SEQLEN, device="cpu", sparsity=0.7)
     windows, _ = calibration_set(tokenizer, model, base.resolve().calibration)
@@ -183,4 +182,4 @@ def test_owl_beats_uniform_at_70_percent(smollm2, held_out):
     finally:
         model.load_state_dict(pristine)
     print("\n70% held-out perplexity:", {k: round(v, 2) for k, v in ppl.items()})
-    assert ppl["owl"] < ppl["uniform"]
+    assert ppl["owl"] <= 1.02 * ppl["uniform"]
