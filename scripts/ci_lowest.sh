@@ -34,6 +34,11 @@ import torch, transformers, triton, numpy
 print(f"lowest: torch {torch.__version__}, transformers {transformers.__version__} "
       f"(triton {triton.__version__}, numpy {numpy.__version__})")
 PY
-# torchrun: one smoke test here (eval-ppl over 2 gloo processes); the main job runs them all (CI time)
-# install.sh's own test aside too: the script does not depend on the versions (the main job runs it)
-"$venv/bin/python" -m pytest -q -p no:cacheprovider -k "not smollm2 and not install_sh and (not torchrun or eval_ppl)"
+# torchrun: one smoke test here (eval-ppl over 2 gloo processes); the main job runs them all (CI time).
+# Left to the main job too, as they exercise llmprune's own plumbing, not torch's or transformers' APIs: the
+# install script, signals and locks, resume journals, offline/hub probing, the docs and bad-input tables, and the
+# golden digests (recorded on the newest torch only)
+skip=(--ignore=tests/test_install.py --ignore=tests/test_faults.py --ignore=tests/test_resume.py
+      --ignore=tests/test_offline.py --ignore=tests/test_hub.py --ignore=tests/test_docs.py
+      --ignore=tests/test_bad_input.py --ignore=tests/test_golden.py)
+"$venv/bin/python" -m pytest -q -p no:cacheprovider "${skip[@]}" -k "not smollm2 and (not torchrun or eval_ppl)"
