@@ -87,11 +87,13 @@ def assert_same_model(a: Path, b: Path) -> None:
 def assert_same_quality(a: dict, b: dict) -> None:
     """Quantized runs: GPTQ's rounding is chaotic in H (a 1e-7 difference flips a rounding, its error feedback
     moves the row's later columns, the next blocks see it: a tiny model's weights end up ~10% apart), so
-    the two runs are compared by what they achieve: every layer's output error within 10% (7% apart seen on
-    one host), the same bits."""
+    the two runs are compared by what they achieve: the same layers, bits and tokens, the mean layer output
+    error within 5% and every layer's within 25% (single layers were seen 7% and 10% apart on one host)."""
     for x, y in zip(a["layers"], b["layers"], strict=True):
         assert x["name"] == y["name"] and x["bits"] == y["bits"] and x["tokens"] == y["tokens"]
-        assert y["rel_error"] == pytest.approx(x["rel_error"], rel=0.10), x["name"]
+        assert y["rel_error"] == pytest.approx(x["rel_error"], rel=0.25), x["name"]
+    mean = [sum(r["rel_error"] for r in run["layers"]) / len(run["layers"]) for run in (a, b)]
+    assert mean[1] == pytest.approx(mean[0], rel=0.05)
     assert b["global_sparsity"] == pytest.approx(a["global_sparsity"], abs=2e-3)
 
 
