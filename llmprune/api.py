@@ -415,19 +415,8 @@ def sweep(
     # every cell's recipe is valid, before any data or model is read
     cells = [(cell, _cell_recipe(cell, base).resolve()) for cell in sweeps.grid(methods, sparsities, wbits)]
     run = base.resolve()
-    eval_names = sweeps._split(evals)
-    task_names = sweeps._split(tasks)
     mref = None if isinstance(model, nn.Module) else resolve(str(model), revision, trust_remote_code)  # named first
-    for name in eval_names:
-        load_documents(name, None, "text", "eval")
-    load_documents(run.calibration.source, run.calibration.split, run.calibration.text_field)
-    out_path = Path(out).expanduser()
-    if out_path.exists() and not out_path.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
-    if task_names:
-        sweeps.check_lm_eval()
-        for task in task_names:
-            sweeps.task_name(task)  # a task file that is missing or names no task, before any work
+    eval_names, task_names, out_path = _checked_sweep(run, out, evals, tasks)
     if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:
@@ -451,6 +440,25 @@ def sweep(
                                 eval_seqlen=eval_seqlen, max_windows=max_windows,
                                 save=save if keep_checkpoints else None, extra=after if task_names else None,
                                 extra_key=task_names or None, progress=progress)
+
+
+def _checked_sweep(run: RunSpec, out: str | Path, evals, tasks) -> tuple[list[str], list[str], Path]:
+    """What a sweep checks before reading the model: every evaluation set and the calibration set reachable, an
+    --out that is not a file, lm-eval and its task files. Returns (evaluation sets, tasks, out path)."""
+    from llmprune import sweeps
+
+    eval_names, task_names = sweeps._split(evals), sweeps._split(tasks)
+    for name in eval_names:
+        load_documents(name, None, "text", "eval")
+    load_documents(run.calibration.source, run.calibration.split, run.calibration.text_field)
+    out_path = Path(out).expanduser()
+    if out_path.exists() and not out_path.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is a file: choose a directory path")
+    if task_names:
+        sweeps.check_lm_eval()
+        for task in task_names:
+            sweeps.task_name(task)  # a task file that is missing or names no task, before any work
+    return eval_names, task_names, out_path
 
 
 def _cell_recipe(cell, base: Recipe) -> Recipe:
