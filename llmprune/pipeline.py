@@ -203,6 +203,17 @@ def releases_partials(fn):
     return wrapper
 
 
+def _in_memory(model: nn.Module | None, mref: ModelRef | None, dtype: str, warn: bool, writes: bool):
+    """(model, its loaded tokenizer or None, source, kind) of a run that holds the whole model: ``model`` as
+    given when ``mref`` is None, else loaded whole (``warn``: say it is not streamed, and what that costs)."""
+    if mref is None:
+        return model, None, getattr(model, "name_or_path", "") or "in-memory", "memory"
+    if warn:
+        say_not_streamed(mref, dtype)
+    loaded, tokenizer = load_whole(mref, dtype, writes=writes)
+    return loaded, tokenizer, mref.ref, mref.origin
+
+
 @releases_partials
 def compress_run(model: nn.Module | None, mref: ModelRef | None, out: Path | None, run: RunSpec, *, tokenizer,
                  lazy: bool, overwrite: bool, reuse: dict | None, progress: Progress, t0: float,
@@ -222,13 +233,8 @@ def compress_run(model: nn.Module | None, mref: ModelRef | None, out: Path | Non
             source, kind = mref.ref, mref.origin
         else:
             held.enter_context(one_writer(out))
-            if mref is None:
-                loaded_tok, source, kind = None, getattr(model, "name_or_path", "") or "in-memory", "memory"
-            else:
-                if lazy and out is not None:
-                    say_not_streamed(mref, run.dtype)
-                model, loaded_tok = load_whole(mref, run.dtype, writes=True)
-                source, kind = mref.ref, mref.origin
+            model, loaded_tok, source, kind = _in_memory(model, mref, run.dtype, warn=lazy and out is not None,
+                                                         writes=True)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
         load_s = time.perf_counter() - t0 if mref is not None else 0.0
         if streamed:  # the journal's spec names the calibration windows, so they are cut before it opens
@@ -305,19 +311,14 @@ def shrink_run(model: nn.Module | None, mref: ModelRef | None, out: Path | None,
     if lazy and out is not None and mref is not None and streams(mref):
         return _shrink_streamed(mref, out, run, quantize, spec, overwrite, t0, progress, tokenizer)
     with one_writer(out):
-        if mref is None:
-            m, tok, source, kind = model, tokenizer, getattr(model, "name_or_path", ""), "memory"
-        else:
-            if lazy and out is not None:
-                say_not_streamed(mref, run.dtype)
-            m, loaded = load_whole(mref, run.dtype, writes=out is not None)
-            tok = tokenizer if tokenizer is not None else loaded
-            source, kind = mref.ref, mref.origin
+        m, loaded, source, kind = _in_memory(model, mref, run.dtype, warn=lazy and out is not None,
+                                             writes=out is not None)
+        tok = tokenizer if tokenizer is not None else loaded
         report = shrink_model(m, tok, run, spec, progress=progress)
         grids: dict = {}
         if quantize is not None:
             report = _quantize_shrunk(m, tok, quantize, report, grids, progress)
-        describe(report, m, source or "in-memory", kind)
+        describe(report, m, source, kind)
         if out is not None and distributed.is_main():  # torchrun: rank 0 writes; every rank holds the model
             save_whole(out, m, tok, report, grids, t0, run.output)
     if out is not None:
