@@ -19,10 +19,15 @@ from llmprune.solvers.result import input_sq_norms
 
 @dataclass(frozen=True)
 class AllocationSpec:
-    """A non-uniform allocation of the target sparsity over the linears (planned by plan.plan_sparsities)."""
+    """A non-uniform allocation of the target sparsity, or of bit-widths, over the linears (planned by
+    plan.plan_sparsities)."""
 
     method: str  # owl (per block, from outlier ratios) or spdy (per layer, searched on the calibration loss)
-    target: float  # the global sparsity the allocation keeps
+    # the global sparsity the allocation keeps; with ``bits``, the average bits per weight it stays under
+    target: float
+    # spdy over bit-widths: each linear quantized to one of these (integer grids, the run's group size), the
+    # sparsity uniform; empty: spdy over sparsities
+    bits: tuple[int, ...] = ()
     owl_m: float = 5.0  # a Wanda score above owl_m x its block's mean counts as an outlier
     owl_lambda: float | str = 0.08  # block sparsities lie in target ± owl_lambda; "auto": chosen by trials
     owl_samples: int = 8  # --owl-lambda auto: the windows each trial is scored on
@@ -69,15 +74,35 @@ def candidates(target: float, radius: float = 0.1, step: float = 0.025) -> list[
     return [s for s in out if 0.0 <= s < 0.99]
 
 
-def dp(tables: dict[str, dict], target: float, units: int = 200_000,
-       weights: dict[str, float] | None = None) -> dict[str, float]:
-    """Pick one candidate sparsity per layer minimising the summed (``weights``-scaled) error with the pruned
-    parameters equal to the target's (to 0.1% of the parameters).
+def cost(table: dict, key: str) -> float:
+    """The share of a layer's budget a candidate saves: its sparsity, or with ``costs`` (bit-widths, ``bits_table``)
+    the share of the widest candidate's bits it does not spend."""
+    return float(table["costs"][key]) if "costs" in table else float(key)
 
-    ``tables``: name -> {"numel": n, "errors": {sparsity: error}}. A knapsack over budget units: best[b] is
-    the least error of the layers so far with exactly b units pruned; one vectorised shifted minimum per
-    candidate per layer. Only the band of budgets that the layers so far can reach and the layers left can
-    still bring to the goal is kept (about a tenth of all budgets: spdy runs this once per candidate).
+
+def bit_key(bits: int) -> str:
+    """A bit-width candidate's key in the error tables and the version store."""
+    return f"w{bits}"
+
+
+def bit_costs(choices: tuple[int, ...]) -> dict[str, float]:
+    """Each bit-width's saving against the widest: 1 - bits / max."""
+    top = max(choices)
+    return {bit_key(b): 1 - b / top for b in choices}
+
+
+def dp(tables: dict[str, dict], target: float, units: int = 200_000,
+       weights: dict[str, float] | None = None, at_least: bool = False) -> dict[str, float | str]:
+    """Pick one candidate sparsity per layer minimising the summed (``weights``-scaled) error with the pruned
+    parameters equal to the target's (to 0.1% of the parameters); ``at_least``: at least the target's, never
+    fewer (bit-widths: the average never over the budget).
+
+    ``tables``: name -> {"numel": n, "errors": {sparsity: error}}; with ``costs`` {key: saving} (bit-widths) the
+    candidates are those keys and their savings count instead, and the keys are returned. A knapsack over
+    budget units: best[b] is the least error of the layers so far with exactly b units pruned; one vectorised
+    shifted minimum per candidate per layer. Only the band of budgets that the layers so far can reach and the
+    layers left can still bring to the goal is kept (about a tenth of all budgets: spdy runs this once per
+    candidate).
     ``weights``: each layer's sensitivity coefficient (SPDY's), 1 when absent.
     """
     names = list(tables)
@@ -91,15 +116,18 @@ def dp(tables: dict[str, dict], target: float, units: int = 200_000,
     layers = []  # per layer: candidates sorted by sparsity as (sparsity, weighted error, units)
     for name in names:
         t, c = tables[name], (weights or {}).get(name, 1.0)
-        layers.append([(float(s), c * float(e), round(float(s) * int(t["numel"]) / unit))
-                       for s, e in sorted(t["errors"].items(), key=lambda kv: float(kv[0]))])
+        keyed = "costs" in t
+        to_units = math.floor if at_least else round  # at_least: units never overstate a saving
+        layers.append([(s if keyed else float(s), c * float(e), to_units(cost(t, s) * int(t["numel"]) / unit))
+                       for s, e in sorted(t["errors"].items(), key=lambda kv: cost(t, kv[0]))])
     # the band: budgets reachable by the layers so far and from which the layers left can reach the goal window
     w_min = [min(w for _, _, w in cands) for cands in layers]
     w_max = [max(w for _, _, w in cands) for cands in layers]
     rest_min, rest_max = [0] * (len(layers) + 1), [0] * (len(layers) + 1)  # summed over layers k.. the end
     for k in range(len(layers) - 1, -1, -1):
         rest_min[k], rest_max[k] = rest_min[k + 1] + w_min[k], rest_max[k + 1] + w_max[k]
-    lo_goal, hi_goal = max(goal - tol, 0), min(goal + tol, units)
+    lo_goal, hi_goal = (goal, units) if at_least else (goal - tol, goal + tol)
+    lo_goal, hi_goal = max(lo_goal, 0), min(hi_goal, units)
     lo, best = 0, torch.zeros(1, dtype=torch.float64)  # best[b - lo] for budgets b in the band
     choice = []  # per layer: (candidates, band start, index of the candidate chosen for each budget)
     for k, cands in enumerate(layers):
@@ -158,7 +186,7 @@ def anchor_for(tables: dict[str, dict], alloc: dict[str, float]) -> dict[str, fl
     out = {}
     for n, t in tables.items():
         at = float(alloc[n])
-        pts = sorted((float(s), float(e)) for s, e in t["errors"].items())
+        pts = sorted((cost(t, s), float(e)) for s, e in t["errors"].items())
         below = [p for p in pts if p[0] < at - 1e-9] or pts[:1]
         above = [p for p in pts if p[0] > at + 1e-9] or pts[-1:]
         (s0, e0), (s1, e1) = below[-1], above[0]
@@ -188,7 +216,8 @@ OWL_AUTO = (0.0, *owl_lambdas(0.12, 0.03))
 
 
 def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed: int = 0,
-                log=None, starts: dict[str, dict[str, float]] | None = None) -> dict:
+                log=None, starts: dict[str, dict[str, float]] | None = None, uniform: str | None = None,
+                at_least: bool = False) -> dict:
     """SPDY's search (Frantar & Alistarh 2022): the dynamic program over the error tables, its layer errors
     weighted by sensitivity coefficients that a local search tunes to minimise ``score(allocation)``, the
     calibration loss of the model assembled with those sparsities.
@@ -199,8 +228,9 @@ def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed:
     The coefficients are then tuned per block and per layer kind (log c = anchor + a_block + b_kind: tens of
     knobs instead of one per layer, so a few dozen scored candidates move them usefully): each step perturbs a
     shrinking random subset of the log-coefficients by a shrinking Gaussian and keeps the candidate if its loss
-    is lower; an allocation already scored is not scored again. Returns {"anchor", "group_log_coefficients",
-    "coefficients", "sparsities", "loss", "history"}.
+    is lower; an allocation already scored is not scored again. ``uniform``: the candidate every layer
+    takes in the uniform start (default: the target's sparsity); ``at_least``: as ``dp``'s. Returns
+    {"anchor", "group_log_coefficients", "coefficients", "sparsities", "loss", "history"}.
     """
     names = list(tables)
     rng = random.Random(seed)
@@ -215,13 +245,14 @@ def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed:
         return seen[key]
 
     history = []
-    best_alloc = dp(tables, target)
+    best_alloc = dp(tables, target, at_least=at_least)
     best = evaluate(best_alloc)
     history.append({"step": 0, "candidate": "dp", "loss": best, "kept": True})
     anchor_name, anchor = "dp", None
     others = dict(starts or {})
-    if all(str(target) in tables[n]["errors"] for n in names):
-        others = {"uniform": dict.fromkeys(names, target)} | others
+    level = uniform if uniform is not None else str(target)
+    if all(level in tables[n]["errors"] for n in names):
+        others = {"uniform": dict.fromkeys(names, level if uniform is not None else target)} | others
     for name, alloc in others.items():
         loss = evaluate(alloc)
         history.append({"step": 0, "candidate": name, "loss": loss, "kept": loss < best})
@@ -232,7 +263,7 @@ def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed:
         cand = dict(logs)
         for k in rng.sample(keys, max(1, round((0.1 + 0.3 * left) * len(keys)))):
             cand[k] += rng.gauss(0.0, 0.15 + 0.6 * left)
-        alloc = dp(tables, target, weights=coefficients(cand, names, anchor))
+        alloc = dp(tables, target, weights=coefficients(cand, names, anchor), at_least=at_least)
         fresh = tuple(alloc[n] for n in names) not in seen
         loss = evaluate(alloc)
         kept = loss < best

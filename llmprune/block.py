@@ -4,6 +4,7 @@ block optionally reconstructed as a whole (reconstruct.py does the training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import Counter
@@ -110,6 +111,7 @@ def prunable_linears(model: nn.Module, spec: CompressSpec, output: OutputSpec | 
 def compress_block(
     block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, spec: CompressSpec,
     grids: dict[str, QuantParams] | None = None, sparsities: dict[str, float] | None = None,
+    bits: dict[str, int] | None = None,
 ) -> tuple[list[LayerReport], str | None]:
     """Compress one block's linears; return their reports and, when the spec asked for a sequential pass
     that could not be had, why not (then the Hessians came from the dense block, as in the two-pass order).
@@ -118,16 +120,22 @@ def compress_block(
     Hessians of every linear in one pass over the calibration data, then one solver call per linear (the
     engine then runs the block again for the next block's inputs). ``grids``, when given, receives each
     quantized linear's grid under its full name (checkpoint writers need it to store integer codes);
-    ``sparsities`` overrides the spec's sparsity per full name. Experts (views named ``...experts.E....``)
-    that received fewer than ``spec.min_expert_tokens`` tokens, none included, are pruned by the fallback.
+    ``sparsities`` overrides the spec's sparsity per full name, ``bits`` its grid's bit-width. Experts
+    (views named ``...experts.E....``) that received fewer than ``spec.min_expert_tokens`` tokens, none
+    included, are pruned by the fallback.
     """
     solve = spec.solve
 
-    def sparsity(name: str) -> float:
-        return (sparsities or {}).get(f"{block_prefix}.{name}", spec.sparsity)
+    def level(name: str) -> tuple[SolveSpec, float]:
+        """The solve spec and sparsity of one linear (the allocation's where it has one)."""
+        full = f"{block_prefix}.{name}"
+        own = solve
+        if bits and full in bits:
+            own = dataclasses.replace(solve, quant=dataclasses.replace(solve.quant, wbits=bits[full]))
+        return own, (sparsities or {}).get(full, spec.sparsity)
 
     if solve.data_free:  # no data needed: the engine's one forward
-        return [solve_linear(f"{block_prefix}.{n}", m, None, solve, sparsity(n), None, grids)
+        return [solve_linear(f"{block_prefix}.{n}", m, None, *level(n), None, grids)
                 for n, m in linears.items()], None
     fallback = None
     if spec.sequential:
@@ -137,13 +145,13 @@ def compress_block(
                 fallback = "torchrun: experts are reached in a different order on each rank's tokens"
             fallback = next((f for f in distributed.gather_objects(fallback) if f), None)
         if fallback is None:
-            return sequential_block(block_prefix, linears, block_pass, spec, sparsity, grids), None
+            return sequential_block(block_prefix, linears, block_pass, spec, level, grids), None
         log.warning("%s: two passes instead of one: %s", block_prefix, fallback)
     collector = HessianCollector(linears, hessian_dtype=spec.hessian_dtype, diagonal=solve.diagonal_only)
     with collector:
         block_pass()
     if distributed.active():
-        return _compress_block_ranks(block_prefix, linears, collector, spec, sparsity, grids), fallback
+        return _compress_block_ranks(block_prefix, linears, collector, spec, level, grids), fallback
     reports = []
     # how many linears still need each Hessian: it is freed after the last one's solve, so the widest
     # layer's solve does not run beside the whole block's Hessians
@@ -151,13 +159,13 @@ def compress_block(
     for name, mod in linears.items():
         if name not in collector.leader:
             if experts.expert_of(name) is not None:  # routed no token: pruned without data, reported
-                reports.append(solve_linear(f"{block_prefix}.{name}", mod, None, solve, sparsity(name), None,
+                reports.append(solve_linear(f"{block_prefix}.{name}", mod, None, *level(name), None,
                                             grids, tokens=0, method=solve.fallback))
             continue  # never called on calibration data: nothing to calibrate on, left dense
         lead = collector.leader[name]
         tokens = collector.n[lead]
         few = experts.expert_of(name) is not None and tokens < spec.min_expert_tokens
-        reports.append(solve_linear(f"{block_prefix}.{name}", mod, collector.hessian(name), solve, sparsity(name),
+        reports.append(solve_linear(f"{block_prefix}.{name}", mod, collector.hessian(name), *level(name),
                                     f"{block_prefix}.{lead}" if lead != name else None, grids, tokens=tokens,
                                     method=solve.fallback if few else None))
         uses[lead] -= 1
@@ -189,7 +197,7 @@ def shared_hessians(linears: dict[str, nn.Module], collector: HessianCollector
 
 
 def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], collector: HessianCollector,
-                          spec: CompressSpec, sparsity: Callable[[str], float],
+                          spec: CompressSpec, level: Callable[[str], tuple[SolveSpec, float]],
                           grids: dict[str, QuantParams] | None) -> list[LayerReport]:
     """torchrun, two-pass: the all-ranks Hessians, each linear solved on the rank that owns it (balanced by
     estimated cost, rows x cols²), its new weights (and grid) broadcast from there, the reports gathered."""
@@ -206,12 +214,12 @@ def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], coll
             continue
         mod, full = linears[name], f"{block_prefix}.{name}"
         if name not in leader:  # an expert no rank routed a token to
-            mine[name] = solve_linear(full, mod, None, spec.solve, sparsity(name), None, my_grids, tokens=0,
+            mine[name] = solve_linear(full, mod, None, *level(name), None, my_grids, tokens=0,
                                       method=spec.solve.fallback)
             continue
         lead = leader[name]
         few = experts.expert_of(name) is not None and n[lead] < spec.min_expert_tokens
-        mine[name] = solve_linear(full, mod, H[lead], spec.solve, sparsity(name),
+        mine[name] = solve_linear(full, mod, H[lead], *level(name),
                                   f"{block_prefix}.{lead}" if lead != name else None, my_grids, tokens=n[lead],
                                   method=spec.solve.fallback if few else None)
     H.clear()
@@ -227,7 +235,7 @@ def _compress_block_ranks(block_prefix: str, linears: dict[str, nn.Module], coll
 
 def sequential_block(
     block_prefix: str, linears: dict[str, nn.Module], block_pass: BlockPass, spec: CompressSpec,
-    sparsity: Callable[[str], float], grids: dict[str, QuantParams] | None = None,
+    level: Callable[[str], tuple[SolveSpec, float]], grids: dict[str, QuantParams] | None = None,
 ) -> list[LayerReport]:
     """True-sequential: each linear's Hessian from its inputs as the block's already-compressed sublayers
     before it make them, in one forward (the engine keeps its outputs for the next block).
@@ -259,7 +267,7 @@ def sequential_block(
             lead = name
             last.update(xs=xs, H=H, lead=name, n=n)
         few = experts.expert_of(name) is not None and n < spec.min_expert_tokens
-        reports[name] = solve_linear(f"{block_prefix}.{name}", mod, H, spec.solve, sparsity(name),
+        reports[name] = solve_linear(f"{block_prefix}.{name}", mod, H, *level(name),
                                      f"{block_prefix}.{lead}" if lead != name else None, grids, tokens=n,
                                      method=spec.solve.fallback if few else None)
         distributed.broadcast_(get_weight(mod), 0)  # torchrun: every rank solved it alike; rank 0's stands
@@ -268,7 +276,7 @@ def sequential_block(
     last.clear()
     for name, mod in linears.items():  # experts routed no token: pruned without data, reported
         if name not in reports and experts.expert_of(name) is not None:
-            reports[name] = solve_linear(f"{block_prefix}.{name}", mod, None, spec.solve, sparsity(name), None,
+            reports[name] = solve_linear(f"{block_prefix}.{name}", mod, None, *level(name), None,
                                          grids, tokens=0, method=spec.solve.fallback)
     return [reports[n] for n in linears if n in reports]  # linears never called: left dense
 

@@ -12,8 +12,10 @@ crash or Ctrl-C never leaves a half-written ``--out``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterator, Mapping
@@ -115,6 +117,9 @@ def write_grids(directory: Path, grids: dict[str, QuantParams]) -> None:
     spec = next(iter(grids.values())).spec
     meta = {"wbits": str(spec.wbits), "group_size": str(spec.group_size), "sym": str(spec.sym),
             "search": spec.search, "grid": spec.grid}
+    widths = {name: p.spec.wbits for name, p in grids.items()}
+    if len(set(widths.values())) > 1:  # mixed precision: each layer's bit-width (the rest is shared)
+        meta["wbits_per_layer"] = json.dumps(widths)
     save_tensors(tensors, directory / GRIDS, metadata=meta)
 
 
@@ -127,9 +132,11 @@ def read_grids(directory: Path) -> dict[str, QuantParams]:
         meta = f.metadata()
         spec = QuantSpec(int(meta["wbits"]), int(meta["group_size"]), meta["sym"] == "True", meta["search"],
                          meta.get("grid", "int"))
+        widths = json.loads(meta.get("wbits_per_layer", "{}"))
         keys = set(f.keys())
         names = sorted({k.rsplit(".", 1)[0] for k in keys})
-        return {n: QuantParams(f.get_tensor(f"{n}.weight_scale"), f.get_tensor(f"{n}.weight_zero_point"), spec,
+        return {n: QuantParams(f.get_tensor(f"{n}.weight_scale"), f.get_tensor(f"{n}.weight_zero_point"),
+                               dataclasses.replace(spec, wbits=int(widths[n])) if n in widths else spec,
                                f.get_tensor(f"{n}.weight_global_scale") if f"{n}.weight_global_scale" in keys else None)
                 for n in names}
 
@@ -240,18 +247,41 @@ CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quant
 
 
 def quant_spec_from_config(config: dict) -> QuantSpec | None:
-    """The weights' QuantSpec of a compressed-tensors ``quantization_config`` (one weight group, in a format
-    llmprune writes)."""
+    """The weights' QuantSpec of a compressed-tensors ``quantization_config`` (its first group's where it is
+    mixed-precision: ``quant_groups`` gives each), in a format llmprune writes."""
+    groups = quant_groups(config)
+    return groups[0][1] if groups else None
+
+
+def quant_groups(config: dict) -> list[tuple[list[str], QuantSpec, str]]:
+    """The (targets, weights' QuantSpec, format) of each config group of a compressed-tensors
+    ``quantization_config``: one group targeting every Linear, or (mixed-precision, as spdy over bit-widths
+    writes it) one per grid targeting its linears by name. Empty: not quantized."""
     qc = config.get("quantization_config")
     if not qc:
-        return None
-    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") not in CT_FORMATS:
+        return []
+    mixed = qc.get("format") == "mixed-precision"
+    if qc.get("quant_method") != "compressed-tensors" or (qc.get("format") not in CT_FORMATS and not mixed):
         raise UsageError(f"unsupported quantization_config ({qc.get('quant_method')}/{qc.get('format')}):"
-                         f" llmprune reads dense and compressed-tensors {', '.join(CT_FORMATS)} checkpoints")
+                         f" llmprune reads dense and compressed-tensors {', '.join(CT_FORMATS)} (or mixed-precision"
+                         " of them) checkpoints")
     groups = list(qc["config_groups"].values())
-    w = groups[0]["weights"]
-    if len(groups) != 1 or w.get("type") not in ("int", "float"):
-        raise UsageError("unsupported compressed-tensors scheme: one int or float weight group is supported")
+    if len(groups) != 1 and not mixed:
+        raise UsageError("unsupported compressed-tensors scheme: several weight groups outside mixed-precision")
+    out = []
+    for g in groups:
+        fmt = g.get("format") or qc["format"]
+        if fmt not in CT_FORMATS:
+            raise UsageError(f"unsupported compressed-tensors group format {fmt!r}: llmprune reads"
+                             f" {', '.join(CT_FORMATS)}")
+        out.append((list(g.get("targets") or ["Linear"]), _weights_spec(g["weights"]), fmt))
+    return out
+
+
+def _weights_spec(w: dict) -> QuantSpec:
+    """A config group's ``weights`` QuantizationArgs as a QuantSpec."""
+    if w.get("type") not in ("int", "float"):
+        raise UsageError("unsupported compressed-tensors scheme: int or float weights are supported")
     bits, group = int(w["num_bits"]), int(w["group_size"] or -1)
     grid = "int"
     if w["type"] == "float":
@@ -566,19 +596,32 @@ def weights_args(spec: QuantSpec, act_order: bool = False) -> dict:
     return out
 
 
-def compressed_tensors_config(spec: QuantSpec, act_order: bool, ignore: list[str], act: ActSpec | None = None) -> dict:
+def compressed_tensors_config(spec: QuantSpec | dict[QuantSpec, list[str]], act_order: bool, ignore: list[str],
+                              act: ActSpec | None = None) -> dict:
     """The ``quantization_config`` transformers and vLLM read to rebuild the quantized linears (and, with
-    ``act``, to quantize their inputs at run time). Never a ``sparsity_config``: runtimes dropped sparse formats."""
-    fmt = ct_format(spec, act)
+    ``act``, to quantize their inputs at run time). Never a ``sparsity_config``: runtimes dropped sparse formats.
+
+    ``spec``: one grid for every linear not ignored, or {grid: the linears' names} when they differ (spdy over
+    bit-widths): then one config group per grid, targeting its linears by name, in compressed-tensors'
+    ``mixed-precision`` format."""
+    def group(s: QuantSpec, targets: list[str]) -> dict:
+        return {"targets": targets, "weights": weights_args(s, act_order),
+                "input_activations": act.config() if act is not None else None,
+                "output_activations": None, "format": ct_format(s, act)}
+
+    if isinstance(spec, QuantSpec):
+        fmt, groups = ct_format(spec, act), {"group_0": group(spec, ["Linear"])}
+    elif len(spec) == 1:
+        fmt, groups = ct_format(next(iter(spec)), act), {"group_0": group(next(iter(spec)), ["Linear"])}
+    else:
+        order = sorted(spec, key=lambda s: (s.wbits, s.grid, s.group_size))
+        fmt = "mixed-precision"
+        groups = {f"group_{i}": group(s, sorted(spec[s])) for i, s in enumerate(order)}
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights_args(spec, act_order),
-                        "input_activations": act.config() if act is not None else None,
-                        "output_activations": None, "format": fmt},
-        },
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
     }
@@ -595,7 +638,7 @@ class PackQuantizedWriter:
         self.numel = 0  # weights packed
         self.packed_bytes = 0  # of their codes, scales and zero points
         self.quantized: set[str] = set()  # module names
-        self.spec: QuantSpec | None = None
+        self.specs: dict[QuantSpec, list[str]] = {}  # grid -> the modules on it (several: mixed precision)
         self.act = act
 
     def pack(self, tensors: dict[str, Tensor], key: str, module: str, params: QuantParams) -> None:
@@ -607,8 +650,7 @@ class PackQuantizedWriter:
         self.numel += W.numel()
         self.packed_bytes += sum(t.numel() * t.element_size() for k, t in layer.items() if not k.endswith("shape"))
         self.quantized.add(module)
-        if self.spec is None:  # one spec per run
-            self.spec = params.spec
+        self.specs.setdefault(params.spec, []).append(module)
 
     def write_config(self, model: nn.Module, directory: Path, act_order: bool) -> None:
         """Add the ``quantization_config`` to ``directory/config.json``: every linear not packed is in
@@ -616,7 +658,7 @@ class PackQuantizedWriter:
         ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in self.quantized)
         cfg_path = directory / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["quantization_config"] = compressed_tensors_config(self.spec, act_order, ignore, self.act)
+        cfg["quantization_config"] = compressed_tensors_config(self.specs, act_order, ignore, self.act)
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def info(self, total_bytes: int, dtype: str | None = None) -> dict:
@@ -671,7 +713,8 @@ class Source:
             raise UsageError(f"{directory} is already packed: pass the compressed checkpoint it came from, or"
                              f" `llmprune unpack {directory}` first")
         raw = json.loads((self.directory / "config.json").read_text())
-        self.spec = quant_spec_from_config(raw)
+        self.groups = quant_groups(raw)
+        self.spec = self.groups[0][1] if self.groups else None  # None: dense (with llmprune's grids file)
         self.format = (raw.get("quantization_config") or {}).get("format")
         self.raw_config = {k: v for k, v in raw.items() if k != "quantization_config"}
         self.config = AutoConfig.for_model(**self.raw_config)
@@ -689,8 +732,22 @@ class Source:
     def weight(self, name: str) -> tuple[Tensor, QuantParams | None]:
         """(W as stored in the file's orientation, its grid or None)."""
         if self.spec is not None and f"{name}.weight_scale" in self.reader:
-            return decode_layer(self.reader, name, self.spec, self.format)
+            return decode_layer(self.reader, name, *self.group_of(name))
         return self.reader.get(f"{name}.weight"), self.grids.get(name)
+
+    def group_of(self, name: str) -> tuple[QuantSpec, str]:
+        """The grid and format of compressed linear ``name``: its config group's (targets by name first,
+        compressed-tensors' ``re:`` patterns, then the class ``Linear``)."""
+        for targets, spec, fmt in self.groups:
+            if name in targets:
+                return spec, fmt
+        for targets, spec, fmt in self.groups:
+            if any(t.startswith("re:") and re.match(t[3:], name) for t in targets):
+                return spec, fmt
+        for targets, spec, fmt in self.groups:
+            if "Linear" in targets:
+                return spec, fmt
+        raise UsageError(f"{self.directory}: no config group of its quantization_config targets {name}")
 
     def layer_keys(self, name: str) -> set[str]:
         """The checkpoint keys that make up ``name``'s weight."""

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -38,6 +39,20 @@ class OwlLambda(click.ParamType):
             return float(value)
         except ValueError:
             self.fail(f"{value!r} is neither a number nor auto: pass e.g. --owl-lambda 0.08", param, ctx)
+
+
+class BitsChoices(click.ParamType):
+    """--bits-choices: comma-separated bit-widths."""
+
+    name = "B,B,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a list of bit-widths: pass e.g. --bits-choices 2,3,4,8", param, ctx)
 
 
 def _log_to_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -126,6 +141,10 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
         click.option("--allocation", type=click.Choice(["uniform", "owl", "spdy"]), default=None,
                      help="Per-layer sparsity under the global target: uniform (default), owl, spdy (a dynamic"
                           " program over layer errors, sensitivities searched on the calibration loss)."),
+        click.option("--bits-choices", type=BitsChoices(), default=None, metavar="B,B,...",
+                     help="With --allocation spdy: search a bit-width per layer among these (e.g. 2,3,4,8) with"
+                          " --wbits the average bits per weight not to exceed; written as compressed-tensors"
+                          " mixed-precision."),
         click.option("--owl-m", type=float, default=None, help="OWL outlier threshold, x the mean score (default 5)."),
         click.option("--owl-lambda", type=OwlLambda(), default=None,
                      help="OWL: block sparsities within target ± lambda (default 0.08); auto: the lambda whose"
@@ -293,6 +312,11 @@ def compress(model: str, out: str, overwrite: bool, lazy: bool, reuse_errors: st
         click.echo(f"spdy allocation: calibration loss {alloc['loss']:.4f}"
                    + (f" (uniform {uniform:.4f})" if uniform is not None else "")
                    + f", searched from {alloc.get('anchor')}")
+        if "bits" in alloc:
+            counts = Counter(alloc["bits"].values())
+            click.echo(f"bit-widths: {alloc['average_bits']:.3f} bits per weight on average (at most"
+                       f" {alloc['target']:g}); layers per width: "
+                       + ", ".join(f"{b}-bit {counts[b]}" for b in sorted(counts)))
     moe = report.experts or {}
     if moe.get("dropped") is not None:
         click.echo(f"dropped {moe['experts_before'] - moe['experts_after']} of {moe['experts_before']} experts in"

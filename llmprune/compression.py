@@ -164,7 +164,8 @@ def compress_model(
         if solve:  # else only dropping experts: the engine's forward feeds the next block
             with on_device(block, linears[prefixes[i]]) as lin:
                 reports, fallback = compress_block(prefixes[i], lin, block_pass, spec, block_grids,
-                                                   allocation["sparsities"] if allocation else None)
+                                                   (allocation or {}).get("sparsities"),
+                                                   (allocation or {}).get("bits"))
                 if targets is not None:
                     entry = reconstruct_solved(prefixes[i], block, lin, block_pass, rspec, targets, reports,
                                          block_grids, masked=spec.sparsity > 0)

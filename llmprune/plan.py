@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ from llmprune.hessian import (
     HessianCollector,
 )
 from llmprune.progress import Progress, track
-from llmprune.solve import solve_levels
+from llmprune.solve import solve_bits, solve_levels
 from llmprune.targets import on_device
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def plan_sparsities(
     dynamic program whose sensitivities are searched on the calibration loss (``spdy.search``). ``reuse``:
     the ``allocation`` of an earlier spdy run's report for the same target, which skips the pass and the
     search. ``batch_size``: calibration windows per forward. Returns the report's ``allocation`` entry; its
-    ``sparsities`` maps full linear names to sparsities.
+    ``sparsities`` maps full linear names to sparsities. With ``alloc.bits`` spdy searches bit-widths instead
+    (each linear solved on each grid at the run's sparsity) and the entry's ``bits`` maps names to bit-widths.
     """
     target = alloc.target
     numel = {f"{p}.{n}": get_weight(m).numel() for p, lin in linears.items() for n, m in lin.items()}
@@ -49,18 +51,21 @@ def plan_sparsities(
         if not tables or {k: t["numel"] for k, t in tables.items()} != numel:
             raise UsageError("--reuse-errors: its error tables do not match this model's layers (names and"
                              " sizes): reuse a report of the same model and --skip list")
-        if reuse.get("method") != "spdy" or "sparsities" not in reuse:
+        if reuse.get("method") != "spdy" or ("bits" if alloc.bits else "sparsities") not in reuse:
             raise UsageError("--reuse-errors needs the report of an --allocation spdy run (its searched"
-                             " allocation): pass one, or drop --reuse-errors")
-        if abs(float(reuse.get("target", -1)) - target) > 1e-9:
-            raise UsageError(f"--reuse-errors: that allocation was searched for sparsity {reuse.get('target')}, not"
-                             f" {target}: run the search for {target} (drop --reuse-errors)")
+                             f" allocation{' of bit-widths' if alloc.bits else ''}): pass one, or drop --reuse-errors")
+        what = "average bits" if alloc.bits else "sparsity"
+        if abs(float(reuse.get("target", -1)) - target) > 1e-9 or list(reuse.get("choices", [])) != list(alloc.bits):
+            raise UsageError(f"--reuse-errors: that allocation was searched for {what} {reuse.get('target')}"
+                             f"{' over ' + str(reuse.get('choices')) if alloc.bits else ''}, not {target}: run the"
+                             " search again (drop --reuse-errors)")
         return dict(reuse)
 
     prefixes = list(linears)
     ratios: list[float] = []
     tables: dict[str, dict] = {}
     cands = allocate.candidates(target, alloc.spdy_radius)
+    quants = {allocate.bit_key(b): dataclasses.replace(spec.solve.quant, wbits=b) for b in alloc.bits}
     store = spdy.VersionStore() if alloc.method == "spdy" else None
 
     def on_block(i: int, block: nn.Module, block_pass: BlockPass) -> None:
@@ -84,10 +89,14 @@ def plan_sparsities(
             full = f"{prefixes[i]}.{name}"
             if getattr(model, "block_source", None) is None:
                 versions[f"{full}@dense"] = W
-            for s, weight, err in solve_levels(W, H, cands, spec.solve):
+            levels = solve_bits(W, H, spec.sparsity, quants, spec.solve) if quants else \
+                solve_levels(W, H, cands, spec.solve)
+            for s, weight, err in levels:
                 errors[str(s)] = err
                 versions[f"{full}@{s}"] = weight
             tables[full] = {"numel": W.numel(), "errors": errors}
+            if quants:
+                tables[full]["costs"] = allocate.bit_costs(alloc.bits)
         store.put(i, versions)
 
     sizes = [sum(numel[f"{p}.{n}"] for n in linears[p]) for p in prefixes]
@@ -100,8 +109,9 @@ def plan_sparsities(
         Stream(model, batched(distributed.shard(windows), batch_size), device,
                progress=progress).run(on_block, desc=f"{alloc.method} plan")
         if store is not None:  # OWL's allocations for a few λ, rounded to the grid, are further starting points
-            owls = {f"owl lambda={lam:g}": allocate.snap({n: a[n] for n in tables}, tables, target)
-                    for lam in allocate.owl_lambdas(alloc.spdy_radius) for a in [owl_at(lam)]}
+            owls = {} if alloc.bits else {
+                f"owl lambda={lam:g}": allocate.snap({n: a[n] for n in tables}, tables, target)
+                for lam in allocate.owl_lambdas(alloc.spdy_radius) for a in [owl_at(lam)]}
             return spdy.search(model, windows, alloc, batch_size, linears, device, tables, store, progress,
                                starts=owls)
     finally:

@@ -98,6 +98,10 @@ class Recipe:
     # per-layer sparsity under the global target: uniform, owl (outlier-weighted, per block), spdy (per layer,
     # a dynamic program over measured error tables with sensitivities searched on the calibration loss)
     allocation: str = "uniform"
+    # spdy over bit-widths: each linear quantized to one of these bit-widths (integer grids, the run's group
+    # size), searched under an average of --wbits bits per weight; the sparsity stays uniform. Written as
+    # compressed-tensors mixed-precision. Empty: spdy allocates sparsities
+    bits_choices: tuple[int, ...] = field(default=())
     owl_m: float = 5.0  # OWL: a Wanda score above owl_m x its block's mean counts as an outlier
     # OWL: block sparsities lie in target ± owl_lambda; "auto": the λ of allocate.OWL_AUTO (0 = uniform)
     # whose real compression on the first owl_samples windows gives those windows the lowest loss
@@ -290,6 +294,9 @@ class Recipe:
     def _check_allocation(self) -> None:
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown allocation {self.allocation!r}: choose {', '.join(ALLOCATIONS)}")
+        if self.bits_choices:
+            self._check_bits_choices()
+            return
         if self.allocation == "uniform":
             return
         if self.nm is not None:
@@ -304,6 +311,24 @@ class Recipe:
             raise UsageError(f"owl_lambda {self.owl_lambda!r} must be in (0, 0.5) or auto: e.g. --owl-lambda 0.08")
         if self.owl_m <= 0:
             raise UsageError(f"owl_m {self.owl_m} must be positive: e.g. --owl-m 5")
+
+    def _check_bits_choices(self) -> None:
+        """--bits-choices: spdy over bit-widths, --wbits the average budget (the sparsity stays uniform)."""
+        choices = self.bits_choices
+        if len(set(choices)) < 2 or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8
+                                        for b in choices):
+            raise UsageError(f"bits_choices {list(choices)!r} must be two or more bit-widths in 2..8: e.g."
+                             " --bits-choices 2,3,4,8")
+        if self.allocation != "spdy":
+            raise UsageError("--bits-choices are searched per layer by spdy: add --allocation spdy")
+        if self.wbits is None or not min(choices) <= self.wbits <= max(choices):
+            raise UsageError(f"--bits-choices {','.join(map(str, choices))} needs the average bits per weight to stay"
+                             f" under: pass --wbits between {min(choices)} and {max(choices)}")
+        if self.grid != "int" or self.scheme is not None:
+            raise UsageError("--bits-choices mixes integer bit-widths: drop --scheme and --grid")
+        if self.method not in ("sparsegpt", "admm", "obc", "rtn"):
+            raise UsageError(f"--bits-choices: --method {self.method} does not quantize: use --method sparsegpt"
+                             " (GPTQ, joint with --sparsity)")
 
     def _check_reconstruct(self) -> None:
         if isinstance(self.reconstruct, bool) or int(self.reconstruct) < 0:
@@ -361,9 +386,13 @@ class Recipe:
         else:
             parts = [self.method + (" + refit" if self.refit else ""),
                      self.pattern if self.nm else f"{self.target_sparsity:g}"]
-            if self.allocation != "uniform":
+            if self.allocation != "uniform" and not self.bits_choices:
                 parts.append(self.allocation)
-        if self.wbits is not None:
+        if self.bits_choices:
+            g = {-1: "channel", 0: "tensor"}.get(self.group_size, f"g{self.group_size}")
+            parts.append(f"+ {self.allocation} {'/'.join(map(str, sorted(self.bits_choices)))}-bit {g}"
+                         f" at {self.wbits} bits average")
+        elif self.wbits is not None:
             parts.append(f"+ {self.scheme or self.quant.label}")
         if self.reconstruct:
             parts.append(f"+ reconstruct {self.reconstruct}")
@@ -410,9 +439,10 @@ class Recipe:
             nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed, batch_size=self.batch_size,
         )
         allocation = None if self.allocation == "uniform" else AllocationSpec(
-            method=self.allocation, target=target, owl_m=self.owl_m, owl_lambda=self.owl_lambda,
+            method=self.allocation, target=float(self.wbits) if self.bits_choices else target,
+            owl_m=self.owl_m, owl_lambda=self.owl_lambda,
             owl_samples=self.owl_samples, spdy_radius=self.spdy_radius, spdy_steps=self.spdy_steps,
-            spdy_samples=self.spdy_samples, seed=self.seed,
+            spdy_samples=self.spdy_samples, seed=self.seed, bits=tuple(sorted(set(self.bits_choices))),
         )
         return RunSpec(
             compress=compress, calibration=calibration,
@@ -425,6 +455,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["skip"] = list(self.skip)
+        out["bits_choices"] = list(self.bits_choices)
         return out
 
     def replace(self, **changes: Any) -> Recipe:
@@ -454,6 +485,10 @@ def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
             if value is not None and (not isinstance(value, OPTIONAL[key_norm])
                                       or (OPTIONAL[key_norm] is not bool and isinstance(value, bool))):
                 raise UsageError(f"{source}: {key} must be {OPTIONAL[key_norm].__name__} or null, got {value!r}")
+        elif key_norm == "bits_choices":
+            value = tuple(value if isinstance(value, list | tuple) else [value])
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise UsageError(f"{source}: {key} must be a list of bit-widths (e.g. [2, 3, 4, 8]), got {data[key]!r}")
         elif key_norm == "skip":
             value = tuple(value if isinstance(value, list | tuple) else [value])
             if not all(isinstance(v, str) for v in value):

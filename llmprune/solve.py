@@ -189,3 +189,22 @@ def solve_levels(W: Tensor, H: Tensor, sparsities: list[float],
             num = _sweep_error(Wp, mean_diag, r)
             out.append((s, r.weight, num / den if den > 0 else 0.0))
     return out
+
+
+def solve_bits(W: Tensor, H: Tensor, sparsity: float, quants: dict[str, QuantSpec],
+               spec: SolveSpec) -> list[tuple[str, Tensor, float]]:
+    """The spec's solver on one linear on each grid of ``quants`` (key -> grid, e.g. "w3" -> 3-bit), at the
+    run's ``sparsity`` and pattern: [(key, weights, relative output error)], the error from the GPTQ sweep's
+    own OBS losses where it has them (as ``solve_levels``). SPDY's tables over bit-widths."""
+    solver = SOLVERS[spec.method]
+    Wp, mean_diag = _swept(W, H)
+    den = output_error(Wp, Wp.new_zeros(()), H)
+    out = []
+    for key, quant in quants.items():
+        res = solver(W, H, sparsity, spec.pattern, quant, **spec.kwargs())
+        if res.obs_loss is not None and res.weight.dtype == torch.float32:
+            err = _sweep_error(Wp, mean_diag, res) / den if den > 0 else 0.0
+        else:
+            err = relative_error(W, res.weight, H)
+        out.append((key, res.weight, err))
+    return out
