@@ -323,9 +323,14 @@ def _check_plain_weights(model: nn.Module) -> None:
 
 def check_finite_weights(module: nn.Module, prefix: str = "") -> None:
     """A NaN or inf among the input's weights, named before it spreads (one isfinite per tensor): past the
-    first block it would surface as a wrong layer's indefinite Hessian."""
+    first block it would surface as a wrong layer's indefinite Hessian. FP8 tensors (compressed-tensors scales and
+    weights a loader kept compressed) are read as float32, which isfinite takes."""
     for name, p in module.named_parameters():
-        if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+        if not p.is_floating_point() or p.device.type == "meta":
+            continue
+        if p.element_size() == 1:  # float8: no isfinite kernel
+            p = p.float()
+        if not bool(torch.isfinite(p).all()):
             bad = int((~torch.isfinite(p)).sum())
             full = f"{prefix}.{name}" if prefix else name
             raise NonFiniteError(f"{full} holds {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) of"

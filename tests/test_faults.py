@@ -593,3 +593,17 @@ def test_a_tokenizer_without_bos_eos_or_pad_works_and_bos_is_refused_before_the_
     line = one_line_error(capsys.readouterr().err)
     assert line == "llmprune: error: --bos: this tokenizer adds no BOS token by default; drop --bos"
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_fp8_weights_are_checked_for_nan_like_any_other():
+    """A model whose linears a loader kept in FP8 (compressed-tensors scales, weights) is checked, not refused
+    for a dtype isfinite lacks; a NaN among them is still named."""
+    from llmprune.engine import check_finite_weights
+    from llmprune.errors import NonFiniteError
+
+    m = torch.nn.Linear(4, 4)
+    m.weight_scale = torch.nn.Parameter(torch.ones(4, 1).to(torch.float8_e4m3fn), requires_grad=False)
+    check_finite_weights(m, "block")
+    m.weight_scale.data[1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="block.weight_scale holds 1 non-finite"):
+        check_finite_weights(m, "block")

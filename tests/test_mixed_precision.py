@@ -8,10 +8,20 @@ import json
 
 import pytest
 import torch
-from test_cli import calib_txt, compress_args, run  # noqa: F401 (calib_txt: a fixture)
+from test_cli import compress_args, run
 
 from llmprune import allocate
 from llmprune.recipe import recipe_from_dict
+
+
+@pytest.fixture
+def calib_txt(tmp_path):
+    from llmprune.data import builtin_text_path
+
+    p = tmp_path / "calib.txt"
+    p.write_text(builtin_text_path().read_text()[:60_000])
+    return p
+
 
 NUMEL = {"a": 1000, "b": 3000, "c": 500, "d": 2000}
 

@@ -20,8 +20,10 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--windows", required=True, help="a .pt file holding a (n, seqlen) tensor of token ids")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "gptq-w4g128"])
+    ap.add_argument("--method", default="sparsegpt",
+                    choices=["sparsegpt", "wanda", "gptq-w4g128", "rtn", "gptq", "sparsegpt-then-rtn"])
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--scheme", default="W4A16", help="rtn, gptq, sparsegpt-then-rtn: the preset scheme name")
     args = ap.parse_args()
 
     import torch
@@ -44,10 +46,25 @@ def main() -> None:
         from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
         recipe = WandaPruningModifier(sparsity=args.sparsity, targets=["Linear"], ignore=["re:.*lm_head"])
-    else:
+    elif args.method == "gptq-w4g128":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
         recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    elif args.method == "gptq":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        recipe = GPTQModifier(targets="Linear", scheme=args.scheme, ignore=["lm_head"])
+    elif args.method == "rtn":  # round to nearest with the scheme's observer (llm-compressor's QuantizationModifier)
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        recipe = QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=["lm_head"])
+    else:  # the two-stage recipe: SparseGPT, then the scheme rounded to nearest on the pruned weights
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        recipe = [SparseGPTModifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"],
+                                    ignore=["re:.*lm_head"]),
+                  QuantizationModifier(targets="Linear", scheme=args.scheme, ignore=["lm_head"])]
     oneshot(model=model, tokenizer=tokenizer, dataset=ds, recipe=recipe, num_calibration_samples=windows.shape[0],
             max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
     t_solve = time.perf_counter()
