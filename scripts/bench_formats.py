@@ -76,6 +76,9 @@ def perplexity_of(directory: Path, ev: torch.Tensor) -> float:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    for m in model.modules():  # decompressed weights come in their scales' dtype (bf16 for the FP4 formats)
+        if isinstance(m, torch.nn.Linear) and m.weight.dtype != torch.float32:
+            m.weight.data = m.weight.data.float()
     nll, count = 0.0, 0
     with torch.no_grad():
         for b in range(0, ev.shape[0], 4):
