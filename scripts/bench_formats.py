@@ -2,8 +2,9 @@
 GPTQ on SmolLM2-135M; joint 50% + NVFP4 against llm-compressor's SparseGPT then NVFP4; spdy's mixed 3-bit average
 against uniform 3-bit. Held-out perplexity and checkpoint size, the same windows for every row.
 
-Every row writes a compressed-tensors checkpoint, and every perplexity is that checkpoint loaded by transformers
-(so activation quantization is applied as a runtime applies it, and both tools are read the same way).
+Every row writes a compressed-tensors checkpoint, and every perplexity is of that checkpoint, read the same way
+for both tools: by transformers where it quantizes activations (applied at run time, as a runtime does), else its
+linears decoded by llmprune's reader into the float32 model.
 llm-compressor runs in the benchmark's own venv (``--venv``, as scripts/bench_peers.py makes it), from the same
 model directory and the same calibration token ids; llmprune's calibration windows are the same ids (checked by
 their hash). Both compute in float32 (llmprune ``--dtype float32``, llm-compressor the directory's own).
@@ -69,16 +70,32 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def perplexity_of(directory: Path, ev: torch.Tensor) -> float:
-    """The checkpoint as transformers loads it (compressed-tensors' own forward, activations quantized as the
-    config declares), over the held-out windows: a plain loop, the same for every row."""
-    import torch.nn.functional as F
+def load_checkpoint(directory: Path, base: Path) -> torch.nn.Module:
+    """A compressed-tensors checkpoint as it runs. With activation quantization: transformers' own loader (it
+    quantizes the inputs at run time). Weight-only: the base model in float32 with each compressed linear
+    decoded by llmprune's reader (bit-identical to compressed-tensors' decompression, tests/test_formats.py),
+    as transformers keeps FP4 linears compressed on CPU and decompresses them to bf16 at each forward."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    for m in model.modules():  # decompressed weights come in their scales' dtype (bf16 for the FP4 formats)
-        if isinstance(m, torch.nn.Linear) and m.weight.dtype != torch.float32:
-            m.weight.data = m.weight.data.float()
+    from llmprune.checkpoint import Source
+
+    qc = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    if any(g.get("input_activations") for g in (qc.get("config_groups") or {}).values()):
+        return AutoModelForCausalLM.from_pretrained(directory).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if qc:
+        source = Source(directory)
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and f"{name}.weight_scale" in source.reader:
+                m.weight.data = source.weight(name)[0].to(torch.float32)
+    return model
+
+
+def perplexity_of(directory: Path, base: Path, ev: torch.Tensor) -> float:
+    """Held-out perplexity of a checkpoint (``load_checkpoint``): a plain loop, the same for every row."""
+    import torch.nn.functional as F
+
+    model = load_checkpoint(directory, base)
     nll, count = 0.0, 0
     with torch.no_grad():
         for b in range(0, ev.shape[0], 4):
@@ -151,7 +168,7 @@ def main() -> None:
                     results[name] = {"error": err[:100]}
                     continue
             seconds = time.perf_counter() - t0
-            ppl = perplexity_of(out, ev)
+            ppl = perplexity_of(out, model_dir, ev)
             results[name] = {"ppl": ppl, "bytes": checkpoint_bytes(out), "seconds": seconds}
             print(f"{name:<42} {ppl:9.3f} {results[name]['bytes'] / 2**20:8.1f} MiB {seconds:7.1f} s", flush=True)
     finally:
@@ -160,7 +177,8 @@ def main() -> None:
     lines = [
         f"# bench_formats: SmolLM2-135M (float32), calibration {args.nsamples} x {args.seqlen} Shakespeare"
         f" (train part, sha256 {calib['sha256'][:12]}), held-out {ev.shape[0]} x {ev.shape[1]}; every perplexity is"
-        f" the compressed-tensors checkpoint loaded by transformers; CPU, {os.cpu_count()} cores,"
+        f" of the compressed-tensors checkpoint (transformers for W8A8, llmprune's reader for weight-only); CPU,"
+        f" {os.cpu_count()} cores,"
         f" {platform.machine()}, torch {torch.__version__}; llm-compressor from {args.venv}",
         f"{'row':<42} {'ppl':>9} {'checkpoint MiB':>15} {'wall s':>8}",
         *(f"{n:<42} {r['ppl']:>9.3f} {r['bytes'] / 2**20:>15.1f} {r['seconds']:>8.1f}" if "ppl" in r

@@ -71,12 +71,12 @@ def main() -> None:
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     t_save = time.perf_counter()
-    zeros = sum(int((m.weight == 0).sum()) for n, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
-    numel = sum(m.weight.numel() for n, m in model.named_modules()
-                if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    dense = [m.weight for n, m in model.named_modules()  # quantized linears are saved compressed (no weight)
+             if isinstance(m, torch.nn.Linear) and "lm_head" not in n and isinstance(getattr(m, "weight", None),
+                                                                                        torch.Tensor)]
+    zeros, numel = sum(int((w == 0).sum()) for w in dense), sum(w.numel() for w in dense)
     print(json.dumps({"import_s": t_import - t_start, "load_s": t_load - t_import, "compress_s": t_solve - t_load,
-                      "save_s": t_save - t_solve, "sparsity": zeros / numel}))
+                      "save_s": t_save - t_solve, "sparsity": zeros / numel if numel else None}))
 
 
 if __name__ == "__main__":
