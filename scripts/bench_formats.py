@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from bench_peers import ensure_venv  # scripts/bench_peers.py
+from smollm2 import peer_setup  # scripts/smollm2.py
 from tables import publish  # scripts/tables.py
 
 HERE = Path(__file__).parent
@@ -122,26 +123,11 @@ def main() -> None:
         ap.error(f"unknown rows {unknown}: choose from {list(ROWS)}")
     py = ensure_venv(Path(args.venv).expanduser()) if any(ROWS[r][0] == "llmc" for r in rows) else None
 
-    import llmprune
-    from llmprune.calibration import calibration_set
-    from llmprune.lazy import load_lazy
-    from llmprune.perplexity import evaluation_windows
-    from llmprune.recipe import Recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-formats-"))
     results: dict[str, dict] = {}
     try:
-        model_dir = work / "smollm2"
-        model, tok = llmprune.load("smollm2-135m", dtype="float32")
-        model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        del model
-        lazy, _ = load_lazy(model_dir, "float32")
-        windows, calib = calibration_set(tok, lazy, Recipe(calib="shakespeare", nsamples=args.nsamples,
-                                                           seqlen=args.seqlen).resolve().calibration)
-        torch.save(windows, work / "windows.pt")
-        ev, _ = evaluation_windows(tok, lazy, "shakespeare", args.seqlen, args.eval_windows)
-        del lazy
+        model_dir, _, _, calib, ev = peer_setup(work, args.nsamples, args.seqlen, args.eval_windows, "float32")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         common = ["--calib", "shakespeare", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                   "--device", "cpu", "--dtype", "float32", "--format", "compressed-tensors", "--overwrite"]

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from smollm2 import peer_setup  # scripts/smollm2.py
 from tables import publish  # scripts/tables.py
 
 HERE = Path(__file__).parent
@@ -80,28 +81,12 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     py = ensure_venv(Path(args.venv).expanduser()) if "llmc" not in skip else None
 
-    import llmprune
     from llmprune.data import windows_hash
-    from llmprune.lazy import load_lazy
-    from llmprune.perplexity import evaluation_windows
-    from llmprune.recipe import Recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     try:
-        model_dir = work / "smollm2"
-        model, tok = llmprune.load("smollm2-135m")
-        model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        del model
-        from llmprune.calibration import calibration_set
-
-        lazy, _ = load_lazy(model_dir, "auto")
-        windows, calib = calibration_set(tok, lazy, Recipe(calib="shakespeare", nsamples=args.nsamples,
-                                                           seqlen=args.seqlen).resolve().calibration)
-        torch.save(windows, work / "windows.pt")
-        ev, _ = evaluation_windows(tok, lazy, "shakespeare", args.seqlen, args.eval_windows)
+        model_dir, tok, windows, calib, ev = peer_setup(work, args.nsamples, args.seqlen, args.eval_windows)
         torch.save(ev, work / "eval.pt")
-        del lazy
 
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         common = ["--calib", "shakespeare", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),

@@ -24,3 +24,25 @@ def setup(nsamples: int, seqlen: int, eval_count: int = 16):
 
 
 CPU = torch.device("cpu")
+
+
+def peer_setup(work, nsamples: int, seqlen: int, eval_count: int, dtype: str = "auto"):
+    """What a benchmark against another tool shares with it: SmolLM2 saved as a model directory under ``work``
+    (``dtype``: of the saved weights), the calibration windows llmprune draws for it (saved as
+    ``work/windows.pt`` for the peer) and the held-out windows. Returns (model_dir, tokenizer, windows, the
+    calibration's description, held-out windows)."""
+    import llmprune
+    from llmprune.lazy import load_lazy
+    from llmprune.perplexity import evaluation_windows
+
+    model_dir = work / "smollm2"
+    model, tok = llmprune.load("smollm2-135m", dtype=dtype)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    del model
+    lazy, _ = load_lazy(model_dir, dtype)
+    windows, calib = calibration_set(tok, lazy, Recipe(calib="shakespeare", nsamples=nsamples,
+                                                       seqlen=seqlen).resolve().calibration)
+    torch.save(windows, work / "windows.pt")
+    ev, _ = evaluation_windows(tok, lazy, "shakespeare", seqlen, eval_count)
+    return model_dir, tok, windows, calib, ev
