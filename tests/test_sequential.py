@@ -128,7 +128,8 @@ def test_streamed_output_equals_a_plain_forward_of_the_compressed_model(family):
     prefixes = list(linears)
 
     def on_block(i, block, block_pass):
-        sequential_block(prefixes[i], linears[prefixes[i]], block_pass, rec.resolve().compress, lambda n: 0.5)
+        spec = rec.resolve().compress
+        sequential_block(prefixes[i], linears[prefixes[i]], block_pass, spec, lambda n: (spec.solve, 0.5))
 
     streamed = Stream(model, batched(ids, 2), "cpu", progress=False).run(on_block)
     plain = Stream(model, batched(ids, 2), "cpu", progress=False).run()
