@@ -179,13 +179,13 @@ def coefficients(group_logs: dict[str, float], names: list[str],
     return out
 
 
-def anchor_for(tables: dict[str, dict], alloc: dict[str, float]) -> dict[str, float]:
+def anchor_for(tables: dict[str, dict], alloc: dict[str, float | str]) -> dict[str, float]:
     """Coefficients under which the dynamic program's choice is (close to) ``alloc``: numel / (the slope of
     each layer's error at its sparsity there), so every layer's marginal cost per pruned weight is equal at
     that allocation. Normalised to mean 1."""
     out = {}
     for n, t in tables.items():
-        at = float(alloc[n])
+        at = cost(t, str(alloc[n])) if "costs" in t else float(alloc[n])  # a bit-width's key: its saving
         pts = sorted((cost(t, s), float(e)) for s, e in t["errors"].items())
         below = [p for p in pts if p[0] < at - 1e-9] or pts[:1]
         above = [p for p in pts if p[0] > at + 1e-9] or pts[-1:]

@@ -60,6 +60,21 @@ def test_bit_knapsack_stays_under_the_budget_and_beats_every_other_choice(budget
     assert sum(tables[n]["errors"][k] for n, k in got.items()) == pytest.approx(best, rel=1e-9)
 
 
+def test_spdy_search_over_bits_starts_from_uniform_and_keeps_the_budget():
+    """The search over bit tables: uniform (every layer at the budget's width) is scored as a start, and when
+    it wins its coefficients (anchor_for on bit keys) steer the program; every candidate stays under budget."""
+    tables = _bit_tables(1)
+    scored = []
+
+    def score(alloc):  # favours uniform: the search has to start from it and keep it
+        scored.append(dict(alloc))
+        return 0.0 if set(alloc.values()) == {"w3"} else 1.0 + _average(alloc)
+
+    found = allocate.spdy_search(tables, 1 - 3 / 8, score, steps=6, uniform="w3", at_least=True)
+    assert found["anchor"] == "uniform" and set(found["sparsities"].values()) == {"w3"}
+    assert all(_average(a) <= 3 + 1e-9 for a in scored)
+
+
 def test_bits_choices_bad_input_is_refused_before_any_work():
     from llmprune.errors import UsageError
 
