@@ -52,6 +52,7 @@ FIELD_CASES: dict[str, tuple[dict, object]] = {
     "spdy_radius": ({"allocation": "spdy"}, 0.2),
     "spdy_steps": ({"allocation": "spdy"}, 4),
     "spdy_samples": ({"allocation": "spdy"}, 2),
+    "bits_choices": ({"allocation": "spdy", "wbits": 3, "sparsity": 0.5}, (2, 4)),
     "kernels": ({}, "torch"),
     "sequential": ({}, False),
     "admm_iters": ({"method": "admm"}, 5),
