@@ -75,7 +75,7 @@ def candidates(target: float, radius: float = 0.1, step: float = 0.025) -> list[
 
 
 def cost(table: dict, key: str) -> float:
-    """The share of a layer's budget a candidate saves: its sparsity, or with ``costs`` (bit-widths, ``bits_table``)
+    """The share of a layer's budget a candidate saves: its sparsity, or with ``costs`` (bit-widths, ``bit_costs``)
     the share of the widest candidate's bits it does not spend."""
     return float(table["costs"][key]) if "costs" in table else float(key)
 
@@ -83,6 +83,11 @@ def cost(table: dict, key: str) -> float:
 def bit_key(bits: int) -> str:
     """A bit-width candidate's key in the error tables and the version store."""
     return f"w{bits}"
+
+
+def bit_of(key: str) -> int:
+    """``bit_key``'s inverse."""
+    return int(key.removeprefix("w"))
 
 
 def bit_costs(choices: tuple[int, ...]) -> dict[str, float]:
@@ -114,10 +119,10 @@ def dp(tables: dict[str, dict], target: float, units: int = 200_000,
     tol = units // 2000
     inf = math.inf
     layers = []  # per layer: candidates sorted by sparsity as (sparsity, weighted error, units)
+    to_units = math.floor if at_least else round  # at_least: units never overstate a saving
     for name in names:
         t, c = tables[name], (weights or {}).get(name, 1.0)
         keyed = "costs" in t
-        to_units = math.floor if at_least else round  # at_least: units never overstate a saving
         layers.append([(s if keyed else float(s), c * float(e), to_units(cost(t, s) * int(t["numel"]) / unit))
                        for s, e in sorted(t["errors"].items(), key=lambda kv: cost(t, kv[0]))])
     # the band: budgets reachable by the layers so far and from which the layers left can reach the goal window
@@ -216,8 +221,7 @@ OWL_AUTO = (0.0, *owl_lambdas(0.12, 0.03))
 
 
 def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed: int = 0,
-                log=None, starts: dict[str, dict[str, float]] | None = None, uniform: str | None = None,
-                at_least: bool = False) -> dict:
+                log=None, starts: dict[str, dict[str, float]] | None = None, uniform: str | None = None) -> dict:
     """SPDY's search (Frantar & Alistarh 2022): the dynamic program over the error tables, its layer errors
     weighted by sensitivity coefficients that a local search tunes to minimise ``score(allocation)``, the
     calibration loss of the model assembled with those sparsities.
@@ -228,8 +232,9 @@ def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed:
     The coefficients are then tuned per block and per layer kind (log c = anchor + a_block + b_kind: tens of
     knobs instead of one per layer, so a few dozen scored candidates move them usefully): each step perturbs a
     shrinking random subset of the log-coefficients by a shrinking Gaussian and keeps the candidate if its loss
-    is lower; an allocation already scored is not scored again. ``uniform``: the candidate every layer
-    takes in the uniform start (default: the target's sparsity); ``at_least``: as ``dp``'s. Returns
+    is lower; an allocation already scored is not scored again. Over bit-width tables (``costs``) the saving is
+    ``dp``'s ``at_least`` (the average never over the budget) and ``uniform``, when given, is the width every
+    layer takes in the uniform start; over sparsities the uniform start is the target's. Returns
     {"anchor", "group_log_coefficients", "coefficients", "sparsities", "loss", "history"}.
     """
     names = list(tables)
@@ -245,14 +250,15 @@ def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed:
         return seen[key]
 
     history = []
-    best_alloc = dp(tables, target, at_least=at_least)
+    bitwise = any("costs" in t for t in tables.values())
+    best_alloc = dp(tables, target, at_least=bitwise)
     best = evaluate(best_alloc)
     history.append({"step": 0, "candidate": "dp", "loss": best, "kept": True})
     anchor_name, anchor = "dp", None
     others = dict(starts or {})
-    level = uniform if uniform is not None else str(target)
-    if all(level in tables[n]["errors"] for n in names):
-        others = {"uniform": dict.fromkeys(names, level if uniform is not None else target)} | others
+    level = uniform if bitwise else str(target)
+    if level is not None and all(level in tables[n]["errors"] for n in names):
+        others = {"uniform": dict.fromkeys(names, level if bitwise else target)} | others
     for name, alloc in others.items():
         loss = evaluate(alloc)
         history.append({"step": 0, "candidate": name, "loss": loss, "kept": loss < best})
@@ -263,7 +269,7 @@ def spdy_search(tables: dict[str, dict], target: float, score, steps: int, seed:
         cand = dict(logs)
         for k in rng.sample(keys, max(1, round((0.1 + 0.3 * left) * len(keys)))):
             cand[k] += rng.gauss(0.0, 0.15 + 0.6 * left)
-        alloc = dp(tables, target, weights=coefficients(cand, names, anchor), at_least=at_least)
+        alloc = dp(tables, target, weights=coefficients(cand, names, anchor), at_least=bitwise)
         fresh = tuple(alloc[n] for n in names) not in seen
         loss = evaluate(alloc)
         kept = loss < best

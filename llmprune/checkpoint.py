@@ -596,27 +596,26 @@ def weights_args(spec: QuantSpec, act_order: bool = False) -> dict:
     return out
 
 
-def compressed_tensors_config(spec: QuantSpec | dict[QuantSpec, list[str]], act_order: bool, ignore: list[str],
+def compressed_tensors_config(specs: dict[QuantSpec, list[str]], act_order: bool, ignore: list[str],
                               act: ActSpec | None = None) -> dict:
     """The ``quantization_config`` transformers and vLLM read to rebuild the quantized linears (and, with
     ``act``, to quantize their inputs at run time). Never a ``sparsity_config``: runtimes dropped sparse formats.
 
-    ``spec``: one grid for every linear not ignored, or {grid: the linears' names} when they differ (spdy over
-    bit-widths): then one config group per grid, targeting its linears by name, in compressed-tensors'
+    ``specs``: {grid: the linears on it}. One grid: one group targeting every ``Linear`` not ignored. Several
+    (spdy over bit-widths): one config group per grid, targeting its linears by name, in compressed-tensors'
     ``mixed-precision`` format."""
     def group(s: QuantSpec, targets: list[str]) -> dict:
         return {"targets": targets, "weights": weights_args(s, act_order),
                 "input_activations": act.config() if act is not None else None,
                 "output_activations": None, "format": ct_format(s, act)}
 
-    if isinstance(spec, QuantSpec):
-        fmt, groups = ct_format(spec, act), {"group_0": group(spec, ["Linear"])}
-    elif len(spec) == 1:
-        fmt, groups = ct_format(next(iter(spec)), act), {"group_0": group(next(iter(spec)), ["Linear"])}
+    if len(specs) == 1:
+        only = next(iter(specs))
+        fmt, groups = ct_format(only, act), {"group_0": group(only, ["Linear"])}
     else:
-        order = sorted(spec, key=lambda s: (s.wbits, s.grid, s.group_size))
+        order = sorted(specs, key=lambda s: (s.wbits, s.grid, s.group_size))
         fmt = "mixed-precision"
-        groups = {f"group_{i}": group(s, sorted(spec[s])) for i, s in enumerate(order)}
+        groups = {f"group_{i}": group(s, sorted(specs[s])) for i, s in enumerate(order)}
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,

@@ -71,9 +71,14 @@ class QuantSpec:
         return torch.float32 if self.grid in ("nvfp4", "mxfp4") else dtype
 
     @property
+    def grouping(self) -> str:
+        """What shares a scale: 'channel', 'tensor' or 'g128'."""
+        return {-1: "channel", 0: "tensor"}.get(self.group_size, f"g{self.group_size}")
+
+    @property
     def label(self) -> str:
         """e.g. '4-bit g128', '4-bit channel asym', 'fp8 channel', 'nvfp4'."""
-        g = {-1: "channel", 0: "tensor"}.get(self.group_size, f"g{self.group_size}")
+        g = self.grouping
         if self.grid in GRID_GROUP:
             return self.grid
         if self.grid == "fp8":

@@ -389,9 +389,8 @@ class Recipe:
             if self.allocation != "uniform" and not self.bits_choices:
                 parts.append(self.allocation)
         if self.bits_choices:
-            g = {-1: "channel", 0: "tensor"}.get(self.group_size, f"g{self.group_size}")
-            parts.append(f"+ {self.allocation} {'/'.join(map(str, sorted(self.bits_choices)))}-bit {g}"
-                         f" at {self.wbits} bits average")
+            widths = "/".join(map(str, sorted(self.bits_choices)))
+            parts.append(f"+ {self.allocation} {widths}-bit {self.quant.grouping} at {self.wbits} bits average")
         elif self.wbits is not None:
             parts.append(f"+ {self.scheme or self.quant.label}")
         if self.reconstruct:

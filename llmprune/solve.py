@@ -109,10 +109,7 @@ def solve_linear(
     seconds = time.perf_counter() - t0
     whole_h = H is not None and H.dim() == 2  # a diagonal alone (wanda) does not give the output error
     den = output_error(W, W.new_zeros(()), H) if whole_h else 0.0
-    # the sweep's own account where the weights are its fp32 result (a 16-bit model's are rounded after it)
-    exact = res.obs_loss is not None and res.weight.dtype == torch.float32
-    num = _sweep_error(*_swept(W, H), res) if whole_h and exact else (
-        output_error(W, res.weight, H) if whole_h else 0.0)
+    num = _solved_error(W, H, res) if whole_h else 0.0
     err = num / den if den > 0 else None
     error_seconds = time.perf_counter() - t0 - seconds
     q_err = err * res.quant_share if err is not None and res.quant_share is not None else None
@@ -149,6 +146,14 @@ def _swept(W: Tensor, H: Tensor) -> tuple[Tensor, float]:
     damping was taken from (dead inputs' H_ii as 1)."""
     dead = dead_inputs(H)
     return prepare_weight(W, dead), float(torch.diagonal(H).float().masked_fill(dead, 1).mean())
+
+
+def _solved_error(W: Tensor, H: Tensor, res, swept: tuple[Tensor, float] | None = None) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ) of a solve: from the sweep's own account where the weights are its fp32 result (a
+    16-bit model's are rounded after it), else one product. ``swept``: ``_swept(W, H)`` if already made."""
+    if res.obs_loss is not None and res.weight.dtype == torch.float32:
+        return _sweep_error(*(swept or _swept(W, H)), res)
+    return output_error(W, res.weight, H)
 
 
 def _sweep_error(Wp: Tensor, mean_diag: float, res) -> float:
@@ -197,14 +202,10 @@ def solve_bits(W: Tensor, H: Tensor, sparsity: float, quants: dict[str, QuantSpe
     run's ``sparsity`` and pattern: [(key, weights, relative output error)], the error from the GPTQ sweep's
     own OBS losses where it has them (as ``solve_levels``). SPDY's tables over bit-widths."""
     solver = SOLVERS[spec.method]
-    Wp, mean_diag = _swept(W, H)
-    den = output_error(Wp, Wp.new_zeros(()), H)
+    swept = _swept(W, H)  # once for every grid
+    den = output_error(W, W.new_zeros(()), H)
     out = []
     for key, quant in quants.items():
         res = solver(W, H, sparsity, spec.pattern, quant, **spec.kwargs())
-        if res.obs_loss is not None and res.weight.dtype == torch.float32:
-            err = _sweep_error(Wp, mean_diag, res) / den if den > 0 else 0.0
-        else:
-            err = relative_error(W, res.weight, H)
-        out.append((key, res.weight, err))
+        out.append((key, res.weight, _solved_error(W, H, res, swept) / den if den > 0 else 0.0))
     return out

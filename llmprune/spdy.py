@@ -123,14 +123,14 @@ def search(model: nn.Module, windows: Tensor, alloc: AllocationSpec, batch_size:
         next(it, None)
         return assembler.loss(alloc)
 
-    if alloc.bits:  # the saving against the widest grid, never under the budget's
+    if alloc.bits:  # the saving against the widest grid (the tables' costs), never under the budget's
         target = 1 - alloc.target / max(alloc.bits)
-        uniform = allocate.bit_key(int(alloc.target)) if float(alloc.target).is_integer() else "-"
+        uniform = allocate.bit_key(int(alloc.target)) if float(alloc.target).is_integer() else None
     else:
         target, uniform = alloc.target, None
     try:
         found = allocate.spdy_search(tables, target, score, alloc.spdy_steps, seed=alloc.seed,
-                                     starts=starts, uniform=uniform, at_least=bool(alloc.bits))
+                                     starts=starts, uniform=uniform)
     finally:
         assembler.restore()  # every weight back to dense before the compression run
     kept = sum(1 for h in found["history"] if h.get("kept") and h["step"] > 0)
@@ -138,7 +138,7 @@ def search(model: nn.Module, windows: Tensor, alloc: AllocationSpec, batch_size:
              len(found["history"]), kept, found["anchor"])
     if alloc.bits:
         keys = found.pop("sparsities")
-        bits = {n: int(k.removeprefix("w")) for n, k in keys.items()}
+        bits = {n: allocate.bit_of(k) for n, k in keys.items()}
         numel = sum(int(t["numel"]) for t in tables.values())
         found |= {"choices": list(alloc.bits), "bits": bits,
                   "average_bits": sum(b * int(tables[n]["numel"]) for n, b in bits.items()) / numel}
