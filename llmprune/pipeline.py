@@ -36,7 +36,7 @@ from llmprune.checkpoint import (
 from llmprune.compression import RunSpec, compress_model
 from llmprune.errors import UsageError
 from llmprune.lazy import can_load_lazily, load_lazy, load_lazy_gguf
-from llmprune.loading import ModelRef, is_gguf, load_model, resolve, skeleton
+from llmprune.loading import ModelRef, bf16_pays, dtype_notice, is_gguf, load_model, resolve, skeleton
 from llmprune.progress import Progress
 from llmprune.report import Report
 from llmprune.version import __version__
@@ -53,13 +53,19 @@ def versions() -> dict[str, str]:
 
 def describe(report: dict, model: nn.Module, source: str, kind: str, **extra: Any) -> torch.dtype:
     """Add the model and versions to the report; return the model's (materialised) dtype."""
-    lazy_source = getattr(model, "block_source", None)  # lazy: every parameter may be on meta now
-    dtype = (lazy_source.dtype if lazy_source is not None
-             else next(p for p in model.parameters() if p.device.type != "meta").dtype)
+    dtype = dtype_of(model)
     report["model"] = {"source": source, "kind": kind, "type": model.config.model_type,
                        "dtype": str(dtype).removeprefix("torch."), **extra}
     report["versions"] = versions()
     return dtype
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    """The model's working dtype: a lazy model's source's (every parameter may be on meta), else its first
+    materialised parameter's."""
+    lazy_source = getattr(model, "block_source", None)
+    return (lazy_source.dtype if lazy_source is not None
+            else next(p for p in model.parameters() if p.device.type != "meta").dtype)
 
 
 def dense_checkpoint_info(directory: Path, dtype: torch.dtype) -> dict:
@@ -229,12 +235,14 @@ def compress_run(model: nn.Module | None, mref: ModelRef | None, out: Path | Non
     with contextlib.ExitStack() as held:
         windows = calib = sink = ident = None
         if streamed:
-            model, loaded_tok, ident = open_lazy(mref, run.dtype, read_on_main=dist_read == "rank0")
+            model, loaded_tok, ident = open_lazy(mref, run.dtype, read_on_main=dist_read == "rank0",
+                                                 writes=bf16_pays(run.device))
             source, kind = mref.ref, mref.origin
         else:
             held.enter_context(one_writer(out))
             model, loaded_tok, source, kind = _in_memory(model, mref, run.dtype, warn=lazy and out is not None,
-                                                         writes=True)
+                                                         writes=bf16_pays(run.device))
+        dtype_notice(dtype_of(model), run.dtype, run.device, writes=mref is not None)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
         load_s = time.perf_counter() - t0 if mref is not None else 0.0
         if streamed:  # the journal's spec names the calibration windows, so they are cut before it opens
@@ -312,7 +320,8 @@ def shrink_run(model: nn.Module | None, mref: ModelRef | None, out: Path | None,
         return _shrink_streamed(mref, out, run, quantize, spec, overwrite, t0, progress, tokenizer)
     with one_writer(out):
         m, loaded, source, kind = _in_memory(model, mref, run.dtype, warn=lazy and out is not None,
-                                             writes=out is not None)
+                                             writes=out is not None and bf16_pays(run.device))
+        dtype_notice(dtype_of(m), run.dtype, run.device, writes=mref is not None and out is not None)
         tok = tokenizer if tokenizer is not None else loaded
         report = shrink_model(m, tok, run, spec, progress=progress)
         grids: dict = {}
@@ -337,7 +346,8 @@ def _shrink_streamed(mref: ModelRef, out: Path, run: RunSpec, quantize: RunSpec 
     from llmprune.resume import spec_hash
     from llmprune.shrinking import shrink_model
 
-    model, loaded_tok, ident = open_lazy(mref, run.dtype)
+    model, loaded_tok, ident = open_lazy(mref, run.dtype, writes=bf16_pays(run.device))
+    dtype_notice(dtype_of(model), run.dtype, run.device, writes=True)
     tok = tokenizer if tokenizer is not None else loaded_tok
     src = model.block_source
     main = distributed.is_main()
