@@ -120,7 +120,8 @@ def _recipe_options(f=None, *, exclude: tuple[str, ...] = ()):
                      help="Hessian damping as a fraction of its mean diagonal (default 0.01)."),
         click.option("--device", default=None, help="auto (default: cuda if available), cpu, cuda, cuda:N."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
-                     help="Compute and output dtype (default: the checkpoint's; bfloat16 for float32 ones and .gguf)."),
+                     help="Compute and output dtype (default: the checkpoint's; bfloat16 for float32 ones and .gguf"
+                          " where bf16 arithmetic is native: a GPU, an AVX-512 BF16/AMX CPU)."),
         click.option("--batch-size", type=int, default=None, help="Windows per forward pass (default 8)."),
         click.option("--hessian-dtype", type=click.Choice(list(HESSIAN_DTYPES)), default=None,
                      help="auto (default): X·Xᵀ on CUDA tensor cores from 16-bit activations, fp32 accumulate;"

@@ -23,6 +23,7 @@ from smollm2 import CPU, setup  # scripts/smollm2.py
 from tables import publish  # scripts/tables.py
 
 from llmprune.compression import compress_model
+from llmprune.loading import bf16_pays
 from llmprune.perplexity import perplexity
 from llmprune.recipe import RECONSTRUCT_STEPS
 from llmprune.shrinking import ShrinkSpec, shrink_model
@@ -74,14 +75,17 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help="--reconstruct STEPS (default: the recipe's)")
     ap.add_argument("--batch-size", type=int, default=4, help="windows per forward, and per training step")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="the model's dtype in memory (bfloat16: what compress computes fp32 sources in)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="the model's dtype in memory (auto: what compress computes fp32 sources in on this CPU,"
+                         " bfloat16 where it is native, else float32)")
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_reconstruct.txt"))
     args = ap.parse_args()
 
     model, tokenizer, pristine, base, windows, held_out = setup(args.nsamples, args.seqlen, args.eval_windows)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if bf16_pays(CPU) else "float32"
     dtype = getattr(torch, args.dtype)
     model.to(dtype)
     pristine = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pristine.items()}
