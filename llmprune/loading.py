@@ -19,6 +19,7 @@ from torch import nn
 from llmprune import hub
 from llmprune.arch import causal_lm_class
 from llmprune.checkpoint import TensorReader, is_packed
+from llmprune.engine import default_device
 from llmprune.errors import UsageError, quiet_hub_logging
 
 log = logging.getLogger(__name__)
@@ -265,8 +266,7 @@ def bf16_pays(device: str | torch.device) -> bool:
     """Whether computing in bfloat16 on ``device`` costs little more than float32: always on a GPU; on the
     CPU when its bf16 matmul is at most BF16_SLOWDOWN_OK times float32's (``cpu_bf16_slowdown``)."""
     try:
-        kind = torch.device(device).type if str(device) != "auto" else (
-            "cuda" if torch.cuda.is_available() else "cpu")
+        kind = default_device().type if str(device) == "auto" else torch.device(device).type
     except RuntimeError:  # a bad --device is refused with its own message later
         return True
     return kind != "cpu" or cpu_bf16_slowdown() <= BF16_SLOWDOWN_OK

@@ -119,7 +119,7 @@ def open_lazy(mref: ModelRef, dtype: str, read_on_main: bool = False, writes: bo
     return model, tok, {"model": str(path), "config": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
 
 
-def say_not_streamed(mref: ModelRef, dtype: str) -> None:
+def say_not_streamed(mref: ModelRef, dtype: str, writes: bool) -> None:
     """Warn, with the host memory it will take, that this run loads the whole model instead of streaming."""
     if mref.kind == "gguf" or mref.kind == "builtin":
         why = "its GGUF architecture stores tensors transformers regroups (e.g. stacked experts) on load"
@@ -133,7 +133,8 @@ def say_not_streamed(mref: ModelRef, dtype: str) -> None:
         shape = skeleton(mref)
         dt = getattr(shape.config, "dtype", None) or getattr(shape.config, "torch_dtype", None)
         size = dt.itemsize if isinstance(dt, torch.dtype) and not is_gguf(mref) else 4
-        size = 2 if dtype in ("auto", "bfloat16", "float16") and size == 4 else size  # fp32 read as bf16
+        # fp32 read as bf16: asked for, or by a command that writes where bf16 pays (loading.working_dtype)
+        size = 2 if size == 4 and (dtype in ("bfloat16", "float16") or (dtype == "auto" and writes)) else size
         nbytes = sum(p.numel() for p in shape.parameters()) * size
         need = f"about {nbytes / 2**30:.1f} GiB of host memory"
     except UsageError:
@@ -215,7 +216,7 @@ def _in_memory(model: nn.Module | None, mref: ModelRef | None, dtype: str, warn:
     if mref is None:
         return model, None, getattr(model, "name_or_path", "") or "in-memory", "memory"
     if warn:
-        say_not_streamed(mref, dtype)
+        say_not_streamed(mref, dtype, writes)
     loaded, tokenizer = load_whole(mref, dtype, writes=writes)
     return loaded, tokenizer, mref.ref, mref.origin
 
