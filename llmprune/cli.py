@@ -618,12 +618,14 @@ def demo(out: str | None, nsamples: int, seqlen: int, max_windows: int, overwrit
     """Offline end to end: load the built-in SmolLM2-135M, measure its perplexity on held-out Shakespeare, prune
     it 50% by SparseGPT calibrated on the rest, save the checkpoint, and print both perplexities."""
     from llmprune import api
+    from llmprune.loading import bf16_pays
 
     path = demo_out(out)
     recipe = Recipe(calib="shakespeare", nsamples=nsamples, seqlen=seqlen, device=device)
     api.check_output_dir(path, overwrite, None)  # before the model loads
     click.echo(f"the pruned checkpoint goes to {path}")
-    model, tok = api.load("smollm2-135m", dtype="bfloat16")  # as compress writes a GGUF (half of fp32's size)
+    # in the dtype compress writes a GGUF in: bf16 (half of fp32's size) where it is native, else fp32
+    model, tok = api.load("smollm2-135m", dtype="bfloat16" if bf16_pays(device) else "float32")
     click.echo("evaluating the dense model ...")
     evaluate = dict(tokenizer=tok, seqlen=seqlen, device=device, batch_size=8, max_windows=max_windows)
     before = api.evaluate(model, "shakespeare", **evaluate)
